@@ -1,0 +1,76 @@
+"""The Python API, mirroring the CLI: `quantize`, `load`, `evaluate`, `generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import HarpqError
+from .eval import bits_per_weight, perplexity
+from .io.checkpoint import verify_manifest
+from .io.model import load_model, load_tokenizer, read_config
+from .io.text import read_text
+from .pipeline import quantize, quantize_model
+from .pipeline.calibration import tokenize_text
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True) -> nn.Module:
+    """Load a model directory, quantized by harpq or not. A harpq checkpoint is checked against its
+    manifest first (set `verify=False` to skip hashing very large checkpoints)."""
+    config = read_config(path)
+    if verify and (config.get("quantization_config") or {}).get("quant_method") == "harpq":
+        verify_manifest(path)
+    return load_model(path, dtype=dtype or default_dtype(device), device=device)
+
+
+def evaluate(
+    model: str | Path | nn.Module,
+    ppl: list[str | Path] | tuple[str | Path, ...] = (),
+    ctx: int = 512,
+    device: str = "cpu",
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    json_out: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity on each text file -> {"model", "ctx", "ppl": {stem: value}, "bits_per_weight"}."""
+    if ctx < 2:
+        raise HarpqError(f"context length must be at least 2, not {ctx}")
+    name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
+    if not isinstance(model, nn.Module):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load(model, device=device)
+    if tokenizer is None:
+        raise HarpqError("evaluate() of an in-memory model needs its tokenizer")
+    texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
+    result = {"model": name, "ctx": ctx, "ppl": {}, "bits_per_weight": round(bits_per_weight(model), 5)}
+    for stem, text in texts.items():
+        tokens = tokenize_text(tokenizer, text)
+        result["ppl"][stem] = perplexity(model, tokens, ctx, batch_size, progress, desc=stem)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@torch.no_grad()
+def generate(model: str | Path | nn.Module, prompt: str, max_new_tokens: int = 64, device: str = "cpu",
+             tokenizer: Any = None) -> str:
+    """Greedy continuation of `prompt`."""
+    if not isinstance(model, nn.Module):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load(model, device=device)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+__all__ = ["evaluate", "generate", "load", "quantize", "quantize_model"]

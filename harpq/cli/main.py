@@ -1,0 +1,101 @@
+"""`harpq quantize | eval | generate`: the command line over the Python API."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from ..errors import HarpqError
+from ..recipe import METHODS, Recipe
+
+
+def _fail(message: str) -> None:
+    click.echo(f"harpq: error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="harpq")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (damping retries, timings).")
+def cli(verbose: bool) -> None:
+    """Quantize Hugging Face causal LMs to 2-4 bits, evaluate them and run them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("out")
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="0: one group per row.")
+@click.option("--ragged-groups", is_flag=True,
+              help="Let the last group of a row be shorter where the group size does not divide in_features.")
+@click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
+@click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration text (.txt or .jsonl with a text field).")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where each decoder layer is quantized.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize(model, out, method, bits, group_size, ragged_groups, act_order, damp, calib, nsamples, seqlen,
+             device, seed, overwrite) -> None:
+    """Quantize MODEL (a Hugging Face model directory) into the new directory OUT."""
+    from ..api import quantize as run
+
+    try:
+        recipe = Recipe.preset(method, bits=bits, group_size=group_size, ragged_groups=ragged_groups,
+                               act_order=act_order, damp=damp, seed=seed)
+        start = time.perf_counter()
+        path = run(model, out, recipe, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
+                   seed=seed, overwrite=overwrite)
+    except HarpqError as e:
+        _fail(str(e))
+    click.echo(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--ppl", "ppl_files", multiple=True, required=True, type=click.Path(), help="Text file (repeatable).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Context length of each window.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
+def evaluate(model, ppl_files, ctx, device, batch_size, json_out) -> None:
+    """Perplexity of MODEL on each --ppl file (non-overlapping windows of --ctx tokens)."""
+    from ..api import evaluate as run
+
+    try:
+        result = run(model, ppl_files, ctx=ctx, device=device, batch_size=batch_size, json_out=json_out)
+    except HarpqError as e:
+        _fail(str(e))
+    click.echo(f"{'text':<24} {'ctx':>6} {'ppl':>10}   bits/weight {result['bits_per_weight']:.3f}")
+    for stem, value in result["ppl"].items():
+        click.echo(f"{stem:<24} {ctx:>6} {value:>10.3f}")
+    if json_out:
+        click.echo(f"wrote {json_out}")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def generate(model, prompt, max_new_tokens, device) -> None:
+    """Greedy continuation of PROMPT by MODEL."""
+    from ..api import generate as run
+
+    try:
+        click.echo(prompt + run(model, prompt, max_new_tokens=max_new_tokens, device=device))
+    except HarpqError as e:
+        _fail(str(e))
+
+
+def main() -> None:
+    cli(prog_name="harpq")
+
+
+__all__ = ["cli", "main"]

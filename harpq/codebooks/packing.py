@@ -1,0 +1,51 @@
+"""Dense bit packing of b-bit integer codes into int32 words.
+
+Every run of 32 codes becomes exactly b words (a little-endian bit stream), so a row of n codes takes
+b * ceil(n / 32) words: b·n/8 bytes, any b from 1 to 8 (3-bit codes straddle word boundaries).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = (1 << 32) - 1
+
+
+def packed_words(n: int, bits: int) -> int:
+    """Number of int32 words holding n codes of `bits` bits."""
+    return bits * ((n + 31) // 32)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2^bits) along the last dim into int32 words."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"can pack 1 to 8 bits per code, not {bits}")
+    *lead, n = codes.shape
+    chunks = (n + 31) // 32
+    c = torch.zeros(*lead, chunks * 32, dtype=torch.int64, device=codes.device)
+    c[..., :n] = codes.to(torch.int64)
+    c = c.view(*lead, chunks, 32)
+    words = torch.zeros(*lead, chunks, bits, dtype=torch.int64, device=codes.device)
+    for i in range(32):
+        word, offset = divmod(i * bits, 32)
+        words[..., word] |= (c[..., i] << offset) & _MASK32
+        if offset + bits > 32:
+            words[..., word + 1] |= c[..., i] >> (32 - offset)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32).reshape(*lead, chunks * bits)
+
+
+def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: int32 words -> int64 codes, the last dim cut to n."""
+    *lead, total = words.shape
+    chunks = total // bits
+    w = words.to(torch.int64).view(*lead, chunks, bits) & _MASK32
+    mask = (1 << bits) - 1
+    codes = torch.empty(*lead, chunks, 32, dtype=torch.int64, device=words.device)
+    for i in range(32):
+        word, offset = divmod(i * bits, 32)
+        v = w[..., word] >> offset
+        if offset + bits > 32:
+            v = v | (w[..., word + 1] << (32 - offset))
+        codes[..., i] = v & mask
+    return codes.reshape(*lead, chunks * 32)[..., :n]

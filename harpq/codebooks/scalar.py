@@ -1,0 +1,118 @@
+"""Uniform scalar grids with per-group scale and zero-point (the RTN/GPTQ/HQQ family).
+
+Groups are runs of `group_size` consecutive input columns of a row (0: one group per row). Scales are
+rounded to fp16 *before* rounding the weights, so the grid the rounding algorithm sees is exactly the
+grid that is stored and decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import HarpqError
+from .base import BufferSpec, Codebook
+from .packing import pack_bits, packed_words, unpack_bits
+
+SCALAR_BITS = (2, 3, 4, 8)
+
+
+class ScalarGrid(Codebook):
+    """Asymmetric min-max grid: w ≈ scale · (q − zero), q in [0, 2^bits), integer zero per group."""
+
+    name = "scalar"
+    dim = 1
+
+    def __init__(self, bits: int, group_size: int = 128, ragged_groups: bool = False):
+        if bits not in SCALAR_BITS:
+            raise HarpqError(f"the scalar codebook offers {', '.join(map(str, SCALAR_BITS))} bits, not {bits}")
+        if group_size < 0 or 0 < group_size < 8:
+            raise HarpqError(f"group size must be 0 (one group per row) or at least 8, not {group_size}")
+        self.bits = bits
+        self.group_size = group_size
+        self.ragged_groups = ragged_groups
+        self.maxq = (1 << bits) - 1
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "ragged_groups": self.ragged_groups,
+        }
+
+    def group_len(self, in_features: int) -> int:
+        return self.group_size if self.group_size else in_features
+
+    def num_groups(self, in_features: int) -> int:
+        g = self.group_len(in_features)
+        return (in_features + g - 1) // g
+
+    def check_shape(self, out_features: int, in_features: int, name: str) -> None:
+        g = self.group_size
+        if g == 0:
+            return
+        if g > in_features:
+            raise HarpqError(f"group size {g} exceeds in_features {in_features} of {name}")
+        if in_features % g and not self.ragged_groups:
+            divisors = [d for d in range(8, in_features + 1) if in_features % d == 0][:6]
+            raise HarpqError(
+                f"group size {g} does not divide in_features {in_features} of {name} "
+                f"(divisors: {', '.join(map(str, divisors))}; or allow a shorter last group with --ragged-groups)"
+            )
+
+    def prepare(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        m, n = weight.shape
+        g = self.group_len(n)
+        groups = self.num_groups(n)
+        w = torch.nn.functional.pad(weight.float(), (0, groups * g - n))
+        w = w.view(m, groups, g)
+        if groups * g != n:  # padding of a ragged last group must not widen its range
+            last = weight[:, (groups - 1) * g :].float()
+            lo = torch.cat([w[:, :-1].amin(-1), last.amin(-1, keepdim=True)], 1)
+            hi = torch.cat([w[:, :-1].amax(-1), last.amax(-1, keepdim=True)], 1)
+        else:
+            lo, hi = w.amin(-1), w.amax(-1)
+        lo = lo.clamp(max=0)
+        hi = hi.clamp(min=0)
+        flat = hi == lo
+        lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
+        hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
+        scale = ((hi - lo) / self.maxq).half().float()
+        zero = torch.round(-lo / scale).clamp(0, self.maxq)
+        group_index = torch.arange(n, device=weight.device) // g
+        return {"scale": scale, "zero": zero, "group_index": group_index}
+
+    def round(
+        self, x: torch.Tensor, cols: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        gidx = state["group_index"][cols]
+        scale = state["scale"][:, gidx].to(x.dtype)
+        zero = state["zero"][:, gidx].to(x.dtype)
+        q = torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
+        return q.to(torch.uint8), scale * (q - zero)
+
+    def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        zero = state["zero"].to(torch.int64)
+        return {
+            "codes": pack_bits(codes, self.bits),
+            "scales": state["scale"].half(),
+            "zeros": pack_bits(zero.reshape(1, -1), self.bits).view(-1),
+        }
+
+    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+        m, n = out_features, in_features
+        groups = self.num_groups(n)
+        q = unpack_bits(buffers["codes"], self.bits, n).float()
+        zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
+        gidx = torch.arange(n, device=q.device) // self.group_len(n)
+        return buffers["scales"].float()[:, gidx] * (q - zero[:, gidx])
+
+    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        groups = self.num_groups(in_features)
+        return {
+            "codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
+            "scales": ((out_features, groups), torch.float16),
+            "zeros": ((packed_words(out_features * groups, self.bits),), torch.int32),
+        }

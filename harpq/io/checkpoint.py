@@ -1,0 +1,130 @@
+"""Quantized model directories: sharded safetensors, config with `quantization_config`, a manifest.
+
+Everything is written into a temporary sibling directory and renamed into place only when complete,
+so an interrupted or failed run never leaves an output that looks finished. `harpq_manifest.json`
+holds the SHA-256 of every file; loading checks it and refuses a corrupt or modified checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import HarpqError
+
+MANIFEST = "harpq_manifest.json"
+SHARD_BYTES = 2 * 1024**3
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `out` on success and vanishes on any failure."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise HarpqError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.harpq-partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without second names of shared tensors (tied embeddings are re-tied on load)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_weights(model: nn.Module, directory: Path) -> list[str]:
+    """Sharded safetensors (with an index when there is more than one shard); returns the file names."""
+    tensors = _untied_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for fname, shard in zip(names, shards, strict=True):
+        save_file(shard, directory / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return [*names, "model.safetensors.index.json"]
+
+
+def save_quantized(model: nn.Module, source: str | Path, directory: Path, quantization_config: dict) -> None:
+    """Write weights, config (with `quantization_config`), tokenizer files and the manifest."""
+    save_weights(model, directory)
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for name in AUX_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, directory / name)
+    write_manifest(directory)
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"format_version": 1, "sha256": {name: sha256(directory / name) for name in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def verify_manifest(directory: str | Path) -> None:
+    """Raise `HarpqError` unless every file listed in the manifest is present and unchanged."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise HarpqError(f"{d} has no {MANIFEST}: not a complete harpq checkpoint")
+    try:
+        listed = json.loads(path.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError):
+        raise HarpqError(f"{path} is damaged") from None
+    for name, digest in listed.items():
+        f = d / name
+        if not f.is_file():
+            raise HarpqError(f"{f} is missing from the checkpoint")
+        if sha256(f) != digest:
+            raise HarpqError(f"checksum mismatch for {f}: the file is corrupt or was modified")

@@ -1,0 +1,81 @@
+"""Registers `quant_method: "harpq"` with transformers, so `from_pretrained(path)` loads our models.
+
+Before weights load, every module listed in `quantization_config["modules"]` is swapped for an empty
+`QuantLinear` of the right storage shapes; transformers then fills its buffers from the safetensors
+files like any other weights, keeping their dtypes (int32 codes, fp16 scales).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..nn import QuantLinear
+
+QUANT_METHOD = "harpq"
+
+
+class HarpqConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a harpq checkpoint: format, recipe and one spec per module."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, Any]] | None = None,
+        recipe: dict[str, Any] | None = None,
+        format_version: int = 1,
+        harpq_version: str | None = None,
+        **kwargs: Any,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.harpq_version = harpq_version
+        self.recipe = recipe or {}
+        self.modules = modules or {}
+        for key, value in kwargs.items():
+            if key != "quant_method":
+                setattr(self, key, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class HarpqHfQuantizer(HfQuantizer):
+    """Load-only: harpq checkpoints are made by `harpq quantize`, never on the fly."""
+
+    requires_calibration = True
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        version = getattr(self.quantization_config, "format_version", 1)
+        if version != 1:
+            raise ValueError(f"harpq checkpoint format {version} is newer than this harpq reads (1)")
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        install_quant_linears(model, self.quantization_config.modules, device="meta")
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def install_quant_linears(model: nn.Module, modules: dict[str, dict[str, Any]], device: str | None = None) -> None:
+    """Replace each named linear of `model` by an empty QuantLinear built from its spec."""
+    for name, spec in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_spec(spec, device=device))
+
+
+def register() -> None:
+    """Idempotent registration with transformers' quantizer registry."""
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, HarpqConfig)
+    AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, HarpqHfQuantizer)

@@ -1,0 +1,94 @@
+"""Loading Hugging Face causal LMs and finding their decoder layers, generically.
+
+Llama, Mistral and Qwen2/3 share one shape: `model.layers` is a ModuleList of identical decoder
+layers whose linears are the weights to quantize. Nothing here imports a model-specific class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import HarpqError
+from ..nn import QuantLinear
+
+LINEAR_TYPES = (nn.Linear, QuantLinear)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory, with clear errors for anything that is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise HarpqError(f"model path not found: {p}")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise HarpqError(f"not a model directory (no config.json): {p}")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HarpqError(f"{p / 'config.json'} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForCausalLM") for a in archs):
+        raise HarpqError(
+            f"unsupported architecture {', '.join(archs) or config.get('model_type', '?')} in {p}: "
+            "harpq quantizes decoder-only *ForCausalLM models"
+        )
+    if not list(p.glob("*.safetensors")):
+        raise HarpqError(f"no *.safetensors weights in {p} (harpq loads only safetensors, never pickle)")
+    return config
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str = "auto", device: str = "cpu") -> nn.Module:
+    """A *ForCausalLM from a local directory: safetensors only, no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    read_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, device_map=device if device != "cpu" else None,
+            use_safetensors=True, trust_remote_code=False, local_files_only=True,
+        )
+    except (ValueError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HarpqError(f"cannot load {path}: {first}") from None
+    model.eval()
+    find_decoder_layers(model)
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except (ValueError, OSError) as e:
+        raise HarpqError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(prefix, layers): the longest ModuleList of same-class blocks that contain linear layers."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(m) for m in module}
+        if len(kinds) != 1 or not any(isinstance(m, LINEAR_TYPES) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise HarpqError(f"unsupported architecture {type(model).__name__}: no list of decoder layers found")
+    return best
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear sublayers of a decoder layer, by relative name, in execution-like order."""
+    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise HarpqError(f"{name} has {bad} NaN/Inf values: the checkpoint is damaged")

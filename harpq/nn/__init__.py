@@ -1,0 +1,5 @@
+"""Run-time modules."""
+
+from .quant_linear import QuantLinear
+
+__all__ = ["QuantLinear"]

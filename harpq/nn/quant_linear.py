@@ -1,0 +1,117 @@
+"""QuantLinear: a drop-in nn.Linear whose weight is stored as packed codes plus processor parameters.
+
+Its storage format is fixed at construction, so `.to(dtype)` / `.half()` move it between devices but
+never recast its buffers (a bf16 cast of fp16 scales would silently change the model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codebooks import Codebook, make_codebook, stored_bits
+from ..processors import Processor, make_processor
+
+
+class QuantLinear(nn.Module):
+    """y = U · decode(codes) · (Vᵀ x) + b, with U, V from the processor."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        codebook: Codebook,
+        processor: Processor,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.codebook = codebook
+        self.processor = processor
+        self._codebook_names = list(codebook.buffer_specs(out_features, in_features))
+        self._processor_names = list(processor.buffer_specs(out_features, in_features))
+        for name, (shape, dtype) in self._specs().items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
+        """Build an empty module from the per-module entry of a saved `quantization_config`."""
+        return cls(
+            spec["in_features"],
+            spec["out_features"],
+            make_codebook(spec["codebook"]),
+            make_processor(spec["processor"]),
+            bias=spec.get("bias", False),
+            device=device,
+        )
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "codebook": self.codebook.config(),
+            "processor": self.processor.config(),
+        }
+
+    def load_quantized(self, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
+        for name, tensor in buffers.items():
+            current = getattr(self, name)
+            if current.shape != tensor.shape or current.dtype != tensor.dtype:
+                raise ValueError(f"buffer {name}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                                 f"expected {tuple(current.shape)} {current.dtype}")
+            current.copy_(tensor)
+        if bias is not None:
+            self.bias.data.copy_(bias)
+        return self
+
+    def _buffers_of(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in names}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The processed-domain weight Ŵ̃ in float32."""
+        return self.codebook.decode(self._buffers_of(self._codebook_names), self.out_features, self.in_features)
+
+    def effective_weight(self) -> torch.Tensor:
+        """U Ŵ̃ Vᵀ: the dense weight this module applies, in float32 (for tests and export)."""
+        pb = self._buffers_of(self._processor_names)
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.codes_device())
+        rows = self.processor.apply_input(pb, eye) @ self.dequantized_weight().T  # row i: (Ŵ̃ Vᵀ e_i)ᵀ
+        return self.processor.apply_output(pb, rows).T
+
+    def codes_device(self) -> torch.device:
+        return next(iter(self._buffers.values())).device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pb = self._buffers_of(self._processor_names)
+        w = self.dequantized_weight().to(x.dtype)
+        y = self.processor.apply_output(pb, self.processor.apply_input(pb, x) @ w.T)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def stored_bits(self) -> int:
+        """Every stored bit: codes, scales, zero-points and processor parameters (bias excluded)."""
+        return stored_bits(self._specs())
+
+    def _specs(self):
+        m, n = self.out_features, self.in_features
+        return {**self.codebook.buffer_specs(m, n), **self.processor.buffer_specs(m, n)}
+
+    def _apply(self, fn, recurse=True):
+        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        cb = self.codebook.config()
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"codebook={cb}, processor={self.processor.config()['name']}")

@@ -1,0 +1,59 @@
+"""One linear layer through processor → codebook → rounding → QuantLinear."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..codebooks import make_codebook
+from ..io.model import check_finite
+from ..nn import QuantLinear
+from ..processors import make_processor
+from ..recipe import LayerRecipe
+from ..rounding import proxy_loss, round_weight
+
+
+@dataclass
+class LinearReport:
+    module: str
+    shape: tuple[int, int]
+    proxy_loss: float | None
+    seconds: float
+    bits_per_weight: float
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "shape": list(self.shape), "proxy_loss": self.proxy_loss,
+                "seconds": round(self.seconds, 4), "bits_per_weight": round(self.bits_per_weight, 5)}
+
+
+def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe) -> None:
+    """Fail before any work if the recipe cannot store this layer (bits, group size, shape)."""
+    make_codebook(recipe.codebook_config()).check_shape(linear.out_features, linear.in_features, name)
+    make_processor(recipe.processor_config())
+
+
+def quantize_linear(
+    name: str, linear: nn.Linear, hessian: torch.Tensor | None, recipe: LayerRecipe
+) -> tuple[QuantLinear, LinearReport]:
+    """Quantize `linear` (on its current device) with its layer recipe and input Hessian (or None)."""
+    start = time.perf_counter()
+    weight = linear.weight.detach().float()
+    check_finite(name, weight)
+    m, n = weight.shape
+    codebook = make_codebook(recipe.codebook_config())
+    processor = make_processor(recipe.processor_config())
+    pbuf = {k: v.to(weight.device) for k, v in processor.init_buffers(m, n).items()}
+    pbuf = processor.fit(pbuf, weight, hessian, codebook)
+    w_proc = processor.transform_weight(pbuf, weight)
+    h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
+    state = codebook.prepare(w_proc)
+    codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp, recipe.act_order)
+    module = QuantLinear(n, m, codebook, processor, bias=linear.bias is not None, device=weight.device)
+    module.load_quantized({**codebook.encode(codes, state), **pbuf},
+                          linear.bias.detach().float() if linear.bias is not None else None)
+    loss = proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None
+    report = LinearReport(name, (m, n), loss, time.perf_counter() - start, module.stored_bits() / (m * n))
+    return module, report

@@ -1,0 +1,204 @@
+"""The layer-wise pipeline: one decoder layer on the device at a time.
+
+Capture layer 0's inputs for the calibration windows; then per layer: accumulate Hessians while the
+calibration inputs run through it, quantize each linear, run the (now quantized) layer again to make
+the next layer's inputs. Peak memory: one layer, its Hessians and the calibration activations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import HarpqError
+from ..io.checkpoint import save_quantized, staging_dir
+from ..io.hf_integration import QUANT_METHOD
+from ..io.model import find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
+from ..recipe import LayerRecipe, Recipe
+from .calibration import calibration_windows
+from .hessian import HessianCollector
+from .linear import check_recipe_fits, quantize_linear
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, first_layer: nn.Module, tokens: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Hidden states entering the first decoder layer (float32, on `device`) and its other kwargs."""
+    inputs: list[torch.Tensor] = []
+    layer_kwargs: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.append(hidden.detach().to(device, torch.float32))
+        layer_kwargs.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    embed = model.get_input_embeddings()
+    embed_dtype = embed.weight.dtype
+    embed.float()  # so rotary tables and the first hidden states are made in float32
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in tokens:
+            try:
+                model(row[None], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        embed.to(embed_dtype)
+    return torch.cat(inputs), _to_device(layer_kwargs, device)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, torch.float32) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], batch: int,
+              on_batch=None) -> torch.Tensor:
+    outputs = torch.empty_like(inputs)
+    for i in range(0, inputs.shape[0], batch):
+        out = layer(inputs[i : i + batch], **kwargs)
+        outputs[i : i + batch] = out[0] if isinstance(out, tuple) else out
+        if on_batch is not None:
+            on_batch()
+    return outputs
+
+
+def plan_modules(layers: nn.ModuleList, prefix: str, recipe: Recipe) -> list[dict[str, LayerRecipe]]:
+    """Per decoder layer: relative linear name -> its recipe; checks every layer before any work."""
+    plan = []
+    for i, layer in enumerate(layers):
+        chosen = {}
+        for rel, linear in layer_linears(layer).items():
+            full = f"{prefix}.{i}.{rel}"
+            layer_recipe = recipe.for_module(full)
+            if layer_recipe is not None:
+                check_recipe_fits(full, linear, layer_recipe)
+                chosen[rel] = layer_recipe
+        plan.append(chosen)
+    return plan
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    tokens: torch.Tensor | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    log_path: Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Quantize `model` in place, one decoder layer at a time; returns the spec of every QuantLinear.
+
+    `tokens` (nsamples, seqlen) are the calibration windows, needed by recipes that use Hessians.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HarpqError("--device cuda asked for, but no CUDA GPU is visible")
+    prefix, layers = find_decoder_layers(model)
+    plan = plan_modules(layers, prefix, recipe)
+    if tokens is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
+        raise HarpqError(f"method {recipe.method} needs calibration text: pass --calib FILE (.txt or .jsonl)")
+    inputs = kwargs = None
+    if tokens is not None:
+        inputs, kwargs = capture_layer_inputs(model, layers[0], tokens, dev)
+
+    specs: dict[str, dict] = {}
+    for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", disable=not progress)):
+        layer_dtype = next(layer.parameters()).dtype
+        layer.to(dev, torch.float32)
+        linears = layer_linears(layer)
+        collector = None
+        if inputs is not None:
+            collector = HessianCollector({k: linears[k] for k in plan[i]})
+            run_layer(layer, inputs, kwargs, batch_size, on_batch=collector.end_pass)
+            collector.remove()
+        for rel, layer_recipe in plan[i].items():
+            full = f"{prefix}.{i}.{rel}"
+            hessian = collector.hessian(rel) if collector is not None else None
+            module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
+            _set_submodule(layer, rel, module)
+            specs[full] = module.spec()
+            if log_path is not None:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({**report.to_dict(), "layer": i, "rounding": layer_recipe.rounding,
+                                        "processor": layer_recipe.processor,
+                                        "codebook": module.codebook.config()}) + "\n")
+        del collector
+        if inputs is not None:
+            inputs = run_layer(layer, inputs, kwargs, batch_size)
+        layer.to("cpu", layer_dtype)
+    return specs
+
+
+def quantize(
+    model: str | Path,
+    out: str | Path,
+    recipe: Recipe | None = None,
+    *,
+    calib: str | Path | None = None,
+    nsamples: int = 128,
+    seqlen: int = 512,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Quantize the model directory `model` into the new directory `out`; returns `out`."""
+    from .. import __version__
+
+    recipe = recipe or Recipe.preset("rtn")
+    read_config(model)
+    with staging_dir(out, overwrite) as tmp:
+        lm = load_model(model)
+        prefix, layers = find_decoder_layers(lm)
+        plan = plan_modules(layers, prefix, recipe)  # every bad setting fails here, before any work
+        if calib is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
+            raise HarpqError(f"method {recipe.method} needs calibration text: pass --calib FILE (.txt or .jsonl)")
+        started = time.perf_counter()
+        tokens = None
+        if calib is not None:
+            tokens = calibration_windows(load_tokenizer(model), calib, nsamples, seqlen, seed)
+        specs = quantize_model(lm, recipe, tokens, device=device, batch_size=batch_size,
+                               log_path=tmp / "quant_log.jsonl", progress=progress)
+        quantization_config = {
+            "quant_method": QUANT_METHOD,
+            "format_version": 1,
+            "harpq_version": __version__,
+            "recipe": recipe.to_dict(),
+            "calibration": None if calib is None else
+            {"file": Path(calib).name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+            "seconds": round(time.perf_counter() - started, 2),
+            "modules": specs,
+        }
+        save_quantized(lm, model, tmp, quantization_config)
+    return Path(out)

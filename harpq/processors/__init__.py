@@ -1,0 +1,23 @@
+"""Incoherence processors: orthogonal transforms applied on both sides of a weight matrix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import HarpqError
+from .base import Processor
+from .identity import Identity
+
+PROCESSORS: dict[str, type[Processor]] = {"none": Identity}
+
+
+def make_processor(config: dict[str, Any]) -> Processor:
+    """Build a processor from its `config()` dict."""
+    cfg = dict(config)
+    name = cfg.pop("name")
+    if name not in PROCESSORS:
+        raise HarpqError(f"unknown processor {name!r} (offered: {', '.join(PROCESSORS)})")
+    return PROCESSORS[name](**cfg)
+
+
+__all__ = ["PROCESSORS", "Identity", "Processor", "make_processor"]

@@ -1,0 +1,58 @@
+"""The processor interface: an orthogonal pair (U on outputs, V on inputs) around the quantized matrix.
+
+Quantization sees W̃ = Uᵀ W V and H̃ = Vᵀ H V; at run time y = U · Ŵ̃ · (Vᵀ x). Without quantization this
+is exactly the original layer, which the tests check in float64.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from ..codebooks.base import BufferSpec, Codebook
+
+
+class Processor(ABC):
+    """A two-sided orthogonal transform with its parameters stored as tensors."""
+
+    name: str
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Everything `make_processor` needs to rebuild this processor (JSON-serialisable)."""
+
+    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        """Name -> (shape, dtype) of the tensors the processor stores in a `QuantLinear`."""
+        return {}
+
+    def init_buffers(self, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+        """Fresh (e.g. seeded random) parameters for a new layer."""
+        return {}
+
+    def fit(
+        self,
+        buffers: dict[str, torch.Tensor],
+        weight: torch.Tensor,
+        hessian: torch.Tensor | None,
+        codebook: Codebook,
+    ) -> dict[str, torch.Tensor]:
+        """Learnable processors tune their parameters here; fixed ones return them unchanged."""
+        return buffers
+
+    @abstractmethod
+    def transform_weight(self, buffers: dict[str, torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        """W -> Uᵀ W V."""
+
+    @abstractmethod
+    def transform_hessian(self, buffers: dict[str, torch.Tensor], hessian: torch.Tensor) -> torch.Tensor:
+        """H -> Vᵀ H V."""
+
+    @abstractmethod
+    def apply_input(self, buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """x -> Vᵀ x over the last dim."""
+
+    @abstractmethod
+    def apply_output(self, buffers: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """y -> U y over the last dim."""
