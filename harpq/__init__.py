@@ -16,4 +16,6 @@ from .api import evaluate, generate, load, quantize, quantize_model  # noqa: E40
 from .errors import HarpqError  # noqa: E402
 from .recipe import METHODS, LayerRecipe, Recipe  # noqa: E402
 
-__all__ = ["METHODS", "HarpqError", "LayerRecipe", "Recipe", "evaluate", "generate", "load", "quantize", "quantize_model"]
+__all__ = [
+    "METHODS", "HarpqError", "LayerRecipe", "Recipe", "evaluate", "generate", "load", "quantize", "quantize_model",
+]

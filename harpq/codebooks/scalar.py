@@ -18,6 +18,13 @@ from .packing import pack_bits, packed_words, unpack_bits
 SCALAR_BITS = (2, 3, 4, 8)
 
 
+def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value ≥ x (as float32): a stored scale never shrinks the grid below the range."""
+    h = x.half()
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.float() < x, up, h).float()
+
+
 class ScalarGrid(Codebook):
     """Asymmetric min-max grid: w ≈ scale · (q − zero), q in [0, 2^bits), integer zero per group."""
 
@@ -79,7 +86,7 @@ class ScalarGrid(Codebook):
         flat = hi == lo
         lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
         hi = torch.where(flat, torch.full_like(hi, 1.0), hi)
-        scale = ((hi - lo) / self.maxq).half().float()
+        scale = fp16_ceil((hi - lo) / self.maxq)
         zero = torch.round(-lo / scale).clamp(0, self.maxq)
         group_index = torch.arange(n, device=weight.device) // g
         return {"scale": scale, "zero": zero, "group_index": group_index}

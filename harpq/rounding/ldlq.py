@@ -28,7 +28,7 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, retries: int = 6
     mean_diag = torch.diagonal(h).mean().clamp(min=1e-12)
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for attempt in range(retries):
-        lam = damp * (10**attempt)
+        lam = damp if attempt == 0 else max(damp, 1e-4) * 10**attempt
         chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
         if info == 0:
             inv = torch.cholesky_inverse(chol)
