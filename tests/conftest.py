@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 import harpq
 
@@ -26,3 +25,11 @@ def tiny_gptq(tmp_path_factory, tiny_path) -> Path:
     harpq.quantize(tiny_path, out, harpq.Recipe.preset("gptq", bits=4, group_size=0), calib=CALIB,
                    nsamples=8, seqlen=128, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """The first 60 kB of the held-out test text: enough windows for a quick, stable perplexity."""
+    path = tmp_path_factory.mktemp("text") / "gutenberg_small.txt"
+    path.write_text(TEST_TEXT.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path

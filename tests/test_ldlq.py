@@ -1,10 +1,9 @@
 import pytest
 import torch
+from helpers import random_hessian
 
 from harpq.codebooks import ScalarGrid
 from harpq.rounding import block_ldlq, damped_inverse_cholesky, nearest, proxy_loss
-
-from helpers import random_hessian
 
 
 def gptq_reference(w, h, codebook, state, damp=0.01, perm=None):

@@ -104,11 +104,14 @@ class QuantLinear(nn.Module):
         return {**self.codebook.buffer_specs(m, n), **self.processor.buffer_specs(m, n)}
 
     def _apply(self, fn, recurse=True):
-        dtypes = {name: b.dtype for name, b in self._buffers.items() if b is not None}
+        # Buffers follow device moves only: fn is probed on an empty tensor to learn the target device.
+        stored = {k: b for k, b in self._buffers.items() if b is not None}
+        for k in stored:
+            self._buffers[k] = None
         super()._apply(fn, recurse)
-        for name, dtype in dtypes.items():
-            if self._buffers[name].dtype != dtype:
-                self._buffers[name] = self._buffers[name].to(dtype)
+        for k, b in stored.items():
+            device = fn(torch.empty(0, dtype=b.dtype, device=b.device)).device
+            self._buffers[k] = b.to(device)
         return self
 
     def extra_repr(self) -> str:
