@@ -46,8 +46,8 @@ def evaluate(
         raise HarpqError(f"context length must be at least 2, not {ctx}")
     name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load(model, device=device)
+        path, model = model, load(model, device=device)
+        tokenizer = tokenizer or load_tokenizer(path)
     if tokenizer is None:
         raise HarpqError("evaluate() of an in-memory model needs its tokenizer")
     texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
@@ -65,8 +65,8 @@ def generate(model: str | Path | nn.Module, prompt: str, max_new_tokens: int = 6
              tokenizer: Any = None) -> str:
     """Greedy continuation of `prompt`."""
     if not isinstance(model, nn.Module):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load(model, device=device)
+        path, model = model, load(model, device=device)
+        tokenizer = tokenizer or load_tokenizer(path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -50,7 +50,7 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto", device: str 
             str(path), dtype=dtype, device_map=device if device != "cpu" else None,
             use_safetensors=True, trust_remote_code=False, local_files_only=True,
         )
-    except (ValueError, KeyError, OSError) as e:
+    except Exception as e:  # any failure inside transformers/safetensors is a bad checkpoint to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HarpqError(f"cannot load {path}: {first}") from None
     model.eval()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..codebooks import make_codebook
+from ..errors import HarpqError
 from ..io.model import check_finite
 from ..nn import QuantLinear
 from ..processors import make_processor
-from ..recipe import LayerRecipe
-from ..rounding import proxy_loss, round_weight
+from ..recipe import LayerRecipe, Recipe
+from ..rounding import ROUNDINGS, proxy_loss, round_weight
 
 
 @dataclass
@@ -29,8 +30,20 @@ class LinearReport:
                 "seconds": round(self.seconds, 4), "bits_per_weight": round(self.bits_per_weight, 5)}
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Fail fast on settings no layer could use (bits, group size, part names), before loading a model."""
+    for layer in [recipe.layer, *(replace(recipe.layer, **changes) for _, changes in recipe.overrides)]:
+        make_codebook(layer.codebook_config())
+        make_processor(layer.processor_config())
+        if layer.rounding not in ROUNDINGS:
+            raise HarpqError(f"unknown rounding {layer.rounding!r} (offered: {', '.join(ROUNDINGS)})")
+        if not 0 <= layer.damp < 10:
+            raise HarpqError(f"damping must be in [0, 10), not {layer.damp}")
+
+
 def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe) -> None:
-    """Fail before any work if the recipe cannot store this layer (bits, group size, shape)."""
+    """Fail before any work if the recipe cannot store this layer (bits, group size, shape, NaN/Inf)."""
+    check_finite(name, linear.weight.detach())
     make_codebook(recipe.codebook_config()).check_shape(linear.out_features, linear.in_features, name)
     make_processor(recipe.processor_config())
 
@@ -41,7 +54,6 @@ def quantize_linear(
     """Quantize `linear` (on its current device) with its layer recipe and input Hessian (or None)."""
     start = time.perf_counter()
     weight = linear.weight.detach().float()
-    check_finite(name, weight)
     m, n = weight.shape
     codebook = make_codebook(recipe.codebook_config())
     processor = make_processor(recipe.processor_config())

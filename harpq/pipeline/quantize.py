@@ -24,7 +24,7 @@ from ..io.model import find_decoder_layers, layer_linears, load_model, load_toke
 from ..recipe import LayerRecipe, Recipe
 from .calibration import calibration_windows
 from .hessian import HessianCollector
-from .linear import check_recipe_fits, quantize_linear
+from .linear import check_recipe, check_recipe_fits, quantize_linear
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], ba
     return outputs
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HarpqError(f"unknown device {device!r} (use cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HarpqError("--device cuda asked for, but no CUDA GPU is visible")
+    return dev
+
+
 def plan_modules(layers: nn.ModuleList, prefix: str, recipe: Recipe) -> list[dict[str, LayerRecipe]]:
     """Per decoder layer: relative linear name -> its recipe; checks every layer before any work."""
     plan = []
@@ -120,9 +130,7 @@ def quantize_model(
 
     `tokens` (nsamples, seqlen) are the calibration windows, needed by recipes that use Hessians.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HarpqError("--device cuda asked for, but no CUDA GPU is visible")
+    dev = resolve_device(device)
     prefix, layers = find_decoder_layers(model)
     plan = plan_modules(layers, prefix, recipe)
     if tokens is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
@@ -177,7 +185,11 @@ def quantize(
     from .. import __version__
 
     recipe = recipe or Recipe.preset("rtn")
+    check_recipe(recipe)
+    resolve_device(device)
     read_config(model)
+    if calib is not None and not Path(calib).is_file():
+        raise HarpqError(f"calibration file not found: {calib}")
     with staging_dir(out, overwrite) as tmp:
         lm = load_model(model)
         prefix, layers = find_decoder_layers(lm)
