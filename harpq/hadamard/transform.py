@@ -1,0 +1,60 @@
+"""Fast orthonormal Hadamard transforms for n = K · 2^k: FWHT over the 2^k axis, dense K×K over the other.
+
+The matrix applied is H_n = (H_K ⊗ H_{2^k}) / √n, K the slow index (as QuIP#). Cost O(n log n + nK)
+per vector; the n×n matrix is never built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import HarpqError
+from .construct import hadamard_matrix, split_order
+
+_DENSE: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def supports(n: int) -> bool:
+    return split_order(n) is not None
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Sylvester–Walsh–Hadamard transform over the last dim (a power of two)."""
+    n = x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"FWHT needs a power of two, not {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return x.reshape(*lead, n)
+
+
+def dense_factor(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (k, dtype, device)
+    if key not in _DENSE:
+        _DENSE[key] = torch.from_numpy(hadamard_matrix(k).copy()).to(device=device, dtype=dtype)
+    return _DENSE[key]
+
+
+def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """H_n x (or H_nᵀ x) for every vector x along the last dim of `x`."""
+    n = x.shape[-1]
+    split = split_order(n)
+    if split is None:
+        raise HarpqError(f"no Hadamard matrix of order {n} = K·2^k is known here (use the FFT processor)")
+    k, p = split
+    y = fwht(x.reshape(*x.shape[:-1], k, p))
+    if k > 1:
+        h = dense_factor(k, x.dtype, x.device)
+        y = torch.einsum("ji,...jp->...ip" if transpose else "ij,...jp->...ip", h, y)
+    return y.reshape(x.shape) / math.sqrt(n)
+
+
+def hadamard_matrix_tensor(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The dense orthonormal H_n (for tests and references only)."""
+    return hadamard_transform(torch.eye(n, dtype=dtype)).T
