@@ -17,7 +17,13 @@ from .errors import HarpqError
 METHODS: dict[str, dict[str, Any]] = {
     "rtn": {"processor": "none", "codebook": "scalar", "rounding": "nearest"},
     "gptq": {"processor": "none", "codebook": "scalar", "rounding": "ldlq"},
+    "quip": {"processor": "kron", "codebook": "scalar", "rounding": "ldlq", "scale": "rms", "group_size": 0},
 }
+
+
+def derive_seed(seed: int, name: str) -> int:
+    """A per-module seed: stable across runs and machines, different for every module name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
 
 
 @dataclass(frozen=True)
@@ -27,23 +33,25 @@ class LayerRecipe:
     bits: int = 4
     group_size: int = 128
     ragged_groups: bool = False
+    scale: str = "minmax"
     processor: str = "none"
     codebook: str = "scalar"
     rounding: str = "nearest"
     damp: float = 0.01
     act_order: bool = False
     seed: int = 0
+    input_seed: int | None = None
 
     def codebook_config(self) -> dict[str, Any]:
         if self.codebook == "scalar":
             return {"name": "scalar", "bits": self.bits, "group_size": self.group_size,
-                    "ragged_groups": self.ragged_groups}
+                    "ragged_groups": self.ragged_groups, "scale": self.scale}
         return {"name": self.codebook, "bits": self.bits}
 
     def processor_config(self) -> dict[str, Any]:
         if self.processor == "none":
             return {"name": "none"}
-        return {"name": self.processor, "seed": self.seed}
+        return {"name": self.processor, "seed": self.seed, "input_seed": self.input_seed}
 
     @property
     def needs_hessian(self) -> bool:
@@ -79,7 +87,7 @@ class Recipe:
         for pattern, changes in self.overrides:
             if re.search(pattern, name):
                 layer = replace(layer, **changes)
-        return replace(layer, seed=(layer.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31)
+        return replace(layer, seed=derive_seed(layer.seed, name))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -25,17 +25,30 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, up, h).float()
 
 
+SCALE_RULES = ("minmax", "rms")
+RMS_RANGE = 2.4  # QuIP's grid: 2^b points on ±2.4·RMS(W̃), one scale per matrix
+
+
 class ScalarGrid(Codebook):
-    """Asymmetric min-max grid: w ≈ scale · (q − zero), q in [0, 2^bits), integer zero per group."""
+    """Uniform grid w ≈ scale · (q − zero), q in [0, 2^bits).
+
+    `minmax`: asymmetric, an fp16 scale and an integer zero per group (RTN/GPTQ).
+    `rms`: symmetric on ±2.4·RMS of the whole matrix, one fp16 scale, zero = (2^b − 1)/2 (QuIP).
+    """
 
     name = "scalar"
     dim = 1
 
-    def __init__(self, bits: int, group_size: int = 128, ragged_groups: bool = False):
+    def __init__(self, bits: int, group_size: int = 128, ragged_groups: bool = False, scale: str = "minmax"):
         if bits not in SCALAR_BITS:
             raise HarpqError(f"the scalar codebook offers {', '.join(map(str, SCALAR_BITS))} bits, not {bits}")
         if group_size < 0 or 0 < group_size < 8:
             raise HarpqError(f"group size must be 0 (one group per row) or at least 8, not {group_size}")
+        if scale not in SCALE_RULES:
+            raise HarpqError(f"unknown scale rule {scale!r} (offered: {', '.join(SCALE_RULES)})")
+        self.scale_rule = scale
+        if scale == "rms":
+            group_size = 0
         self.bits = bits
         self.group_size = group_size
         self.ragged_groups = ragged_groups
@@ -47,6 +60,7 @@ class ScalarGrid(Codebook):
             "bits": self.bits,
             "group_size": self.group_size,
             "ragged_groups": self.ragged_groups,
+            "scale": self.scale_rule,
         }
 
     def group_len(self, in_features: int) -> int:
@@ -71,6 +85,11 @@ class ScalarGrid(Codebook):
 
     def prepare(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         m, n = weight.shape
+        if self.scale_rule == "rms":
+            rms = weight.float().pow(2).mean().sqrt().clamp(min=1e-12)
+            scale = fp16_ceil(2 * RMS_RANGE * rms / self.maxq).expand(m, 1)
+            zero = torch.full((m, 1), self.maxq / 2, device=weight.device)
+            return {"scale": scale, "zero": zero, "group_index": torch.zeros(n, dtype=torch.long, device=weight.device)}
         g = self.group_len(n)
         groups = self.num_groups(n)
         w = torch.nn.functional.pad(weight.float(), (0, groups * g - n))
@@ -97,10 +116,12 @@ class ScalarGrid(Codebook):
         gidx = state["group_index"][cols]
         scale = state["scale"][:, gidx].to(x.dtype)
         zero = state["zero"][:, gidx].to(x.dtype)
-        q = torch.clamp(torch.round(x / scale) + zero, 0, self.maxq)
+        q = torch.clamp(torch.round(x / scale + zero), 0, self.maxq)
         return q.to(torch.uint8), scale * (q - zero)
 
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.scale_rule == "rms":
+            return {"codes": pack_bits(codes, self.bits), "scales": state["scale"][:1, :1].half()}
         zero = state["zero"].to(torch.int64)
         return {
             "codes": pack_bits(codes, self.bits),
@@ -112,11 +133,16 @@ class ScalarGrid(Codebook):
         m, n = out_features, in_features
         groups = self.num_groups(n)
         q = unpack_bits(buffers["codes"], self.bits, n).float()
+        if self.scale_rule == "rms":
+            return buffers["scales"].float() * (q - self.maxq / 2)
         zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
         gidx = torch.arange(n, device=q.device) // self.group_len(n)
         return buffers["scales"].float()[:, gidx] * (q - zero[:, gidx])
 
     def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        if self.scale_rule == "rms":
+            return {"codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
+                    "scales": ((1, 1), torch.float16)}
         groups = self.num_groups(in_features)
         return {
             "codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),

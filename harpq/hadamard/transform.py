@@ -41,13 +41,17 @@ def dense_factor(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return _DENSE[key]
 
 
-def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """H_n x (or H_nᵀ x) for every vector x along the last dim of `x`."""
+def hadamard_transform(x: torch.Tensor, transpose: bool = False, k: int | None = None) -> torch.Tensor:
+    """H_n x (or H_nᵀ x) for every vector x along the last dim; `k` pins the dense factor's order."""
     n = x.shape[-1]
-    split = split_order(n)
-    if split is None:
-        raise HarpqError(f"no Hadamard matrix of order {n} = K·2^k is known here (use the FFT processor)")
-    k, p = split
+    if k is None:
+        split = split_order(n)
+        if split is None:
+            raise HarpqError(f"no Hadamard matrix of order {n} = K·2^k is known here (use the FFT processor)")
+        k = split[0]
+    p = n // k
+    if k * p != n or p & (p - 1) or hadamard_matrix(k) is None:
+        raise HarpqError(f"cannot split {n} as {k}·2^j with a known Hadamard matrix of order {k}")
     y = fwht(x.reshape(*x.shape[:-1], k, p))
     if k > 1:
         h = dense_factor(k, x.dtype, x.device)

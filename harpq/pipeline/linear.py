@@ -13,6 +13,7 @@ from ..errors import HarpqError
 from ..io.model import check_finite
 from ..nn import QuantLinear
 from ..processors import make_processor
+from ..processors.incoherence import hessian_incoherence, weight_incoherence
 from ..recipe import LayerRecipe, Recipe
 from ..rounding import ROUNDINGS, proxy_loss, round_weight
 
@@ -24,10 +25,12 @@ class LinearReport:
     proxy_loss: float | None
     seconds: float
     bits_per_weight: float
+    incoherence: dict[str, float | None]
 
     def to_dict(self) -> dict:
         return {"module": self.module, "shape": list(self.shape), "proxy_loss": self.proxy_loss,
-                "seconds": round(self.seconds, 4), "bits_per_weight": round(self.bits_per_weight, 5)}
+                "seconds": round(self.seconds, 4), "bits_per_weight": round(self.bits_per_weight, 5),
+                "incoherence": {k: None if v is None else round(v, 3) for k, v in self.incoherence.items()}}
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -67,5 +70,9 @@ def quantize_linear(
     module.load_quantized({**codebook.encode(codes, state), **pbuf},
                           linear.bias.detach().float() if linear.bias is not None else None)
     loss = proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None
-    report = LinearReport(name, (m, n), loss, time.perf_counter() - start, module.stored_bits() / (m * n))
+    seconds = time.perf_counter() - start
+    mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(w_proc)}
+    if hessian is not None and recipe.processor != "none":
+        mu.update(h_before=hessian_incoherence(hessian), h_after=hessian_incoherence(h_proc))
+    report = LinearReport(name, (m, n), loss, seconds, module.stored_bits() / (m * n), mu)
     return module, report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..errors import HarpqError
 from ..io.checkpoint import save_quantized, staging_dir
 from ..io.hf_integration import QUANT_METHOD
 from ..io.model import find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
-from ..recipe import LayerRecipe, Recipe
+from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .hessian import HessianCollector
 from .linear import check_recipe, check_recipe_fits, quantize_linear
@@ -151,7 +152,11 @@ def quantize_model(
             collector.remove()
         for rel, layer_recipe in plan[i].items():
             full = f"{prefix}.{i}.{rel}"
-            hessian = collector.hessian(rel) if collector is not None else None
+            hessian = None
+            if collector is not None:  # linears reading the same input share its transform and Hessian
+                hessian = collector.hessian(rel)
+                group = f"{prefix}.{i}.{collector.group_of[rel]}"
+                layer_recipe = replace(layer_recipe, input_seed=derive_seed(recipe.layer.seed, group))
             module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
             _set_submodule(layer, rel, module)
             specs[full] = module.spec()

@@ -7,8 +7,13 @@ from typing import Any
 from ..errors import HarpqError
 from .base import Processor
 from .identity import Identity
+from .rotations import KroneckerOrthogonal, RandomizedHadamard
 
-PROCESSORS: dict[str, type[Processor]] = {"none": Identity}
+PROCESSORS: dict[str, type[Processor]] = {
+    "none": Identity,
+    "rht": RandomizedHadamard,
+    "kron": KroneckerOrthogonal,
+}
 
 
 def make_processor(config: dict[str, Any]) -> Processor:
@@ -20,4 +25,4 @@ def make_processor(config: dict[str, Any]) -> Processor:
     return PROCESSORS[name](**cfg)
 
 
-__all__ = ["PROCESSORS", "Identity", "Processor", "make_processor"]
+__all__ = ["PROCESSORS", "Identity", "KroneckerOrthogonal", "Processor", "RandomizedHadamard", "make_processor"]

@@ -1,0 +1,82 @@
+"""Fixed random incoherence processors: the randomized Hadamard transform and QuIP's Kronecker rotations.
+
+Both are a Side on each dimension: Q_out = Uᵀ on the m outputs, Q_in = Vᵀ on the n inputs, so
+W̃ = Q_out W Q_inᵀ, H̃ = Q_in H Q_inᵀ and y = Q_outᵀ Ŵ̃ Q_in x. The output side is seeded per
+module; the input side by `input_seed`, which the pipeline sets per distinct layer input, so that
+q/k/v (and gate/up) share one input transform that run time can apply once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Processor
+from .sides import Buffers, KroneckerSide, Side, hadamard_or_fft, side_from_spec
+
+
+class TwoSided(Processor):
+    def __init__(self, seed: int = 0, input_seed: int | None = None, sides: dict[str, dict] | None = None):
+        self.seed = seed
+        self.input_seed = seed if input_seed is None else input_seed
+        self.sides = dict(sides or {})
+        self._bound: dict[str, Side] = {}
+
+    def new_side(self, n: int) -> Side:
+        raise NotImplementedError
+
+    def side(self, which: str, n: int) -> Side:
+        bound = self._bound.get(which)
+        if bound is None or bound.n != n:
+            bound = side_from_spec(n, self.sides[which]) if which in self.sides else self.new_side(n)
+            self._bound[which] = bound
+            self.sides[which] = bound.spec()
+        return bound
+
+    def config(self) -> dict[str, Any]:
+        cfg = {"name": self.name, "seed": self.seed, "input_seed": self.input_seed}
+        if self.sides:
+            cfg["sides"] = dict(self.sides)
+        return cfg
+
+    def buffer_specs(self, out_features: int, in_features: int):
+        return {**self.side("out", out_features).buffer_specs("u_"), **self.side("in", in_features).buffer_specs("v_")}
+
+    def init_buffers(self, out_features: int, in_features: int) -> Buffers:
+        out = self.side("out", out_features).init("u_", torch.Generator().manual_seed(self.seed))
+        inp = self.side("in", in_features).init("v_", torch.Generator().manual_seed(self.input_seed))
+        return {**out, **inp}
+
+    def transform_weight(self, buffers: Buffers, weight: torch.Tensor) -> torch.Tensor:
+        m, n = weight.shape
+        cols = self.side("out", m).forward(buffers, "u_", weight.T).T  # Q_out W
+        return self.side("in", n).forward(buffers, "v_", cols)  # (Q_out W) Q_inᵀ, row by row
+
+    def transform_hessian(self, buffers: Buffers, hessian: torch.Tensor) -> torch.Tensor:
+        side = self.side("in", hessian.shape[0])
+        return side.forward(buffers, "v_", side.forward(buffers, "v_", hessian).T)
+
+    def apply_input(self, buffers: Buffers, x: torch.Tensor) -> torch.Tensor:
+        return self.side("in", x.shape[-1]).forward(buffers, "v_", x)
+
+    def apply_output(self, buffers: Buffers, y: torch.Tensor) -> torch.Tensor:
+        return self.side("out", y.shape[-1]).backward(buffers, "u_", y)
+
+
+class RandomizedHadamard(TwoSided):
+    """QuIP#'s RHT: random signs then H_K ⊗ H_{2^k}; the randomized FFT where no Hadamard order fits."""
+
+    name = "rht"
+
+    def new_side(self, n: int) -> Side:
+        return hadamard_or_fft(n)
+
+
+class KroneckerOrthogonal(TwoSided):
+    """QuIP's incoherence processing: (A ⊗ B)·P with Haar-random A, B of near-square sizes."""
+
+    name = "kron"
+
+    def new_side(self, n: int) -> Side:
+        return KroneckerSide(n)

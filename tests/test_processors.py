@@ -1,0 +1,118 @@
+import json
+import logging
+
+import pytest
+import torch
+from conftest import CALIB
+from helpers import random_hessian
+from torch import nn
+
+import harpq
+from harpq import HarpqError
+from harpq.io.model import find_decoder_layers, layer_linears, load_model
+from harpq.processors import make_processor
+from harpq.processors.incoherence import hessian_incoherence, weight_incoherence
+from harpq.processors.sides import hadamard_or_fft
+
+SHAPES = [(128, 128), (344, 128), (512, 1376), (172, 156 * 2), (30, 50)]  # last: randomized-FFT fallback
+
+
+class ProcessedLinear(nn.Module):
+    """y = U · W̃ · (Vᵀ x) with the processed weight kept unquantized."""
+
+    def __init__(self, linear: nn.Linear, processor):
+        super().__init__()
+        m, n = linear.weight.shape
+        self.p = processor
+        self.b = {k: v for k, v in processor.init_buffers(m, n).items()}
+        self.w = processor.transform_weight(self.b, linear.weight.detach())
+
+    def forward(self, x):
+        return self.p.apply_output(self.b, self.p.apply_input(self.b, x) @ self.w.T)
+
+
+@pytest.mark.parametrize("name", ["rht", "kron"])
+def test_processed_model_equals_original_in_float64(tiny_path, name):
+    model = load_model(tiny_path, dtype=torch.float64)
+    x = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    prefix, layers = find_decoder_layers(model)
+    for i, layer in enumerate(layers):
+        for rel, lin in layer_linears(layer).items():
+            proc = make_processor({"name": name, "seed": i, "input_seed": 7 * i})
+            parent, _, child = rel.rpartition(".")
+            setattr(layer.get_submodule(parent), child, ProcessedLinear(lin, proc))
+    with torch.no_grad():
+        got = model(x).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["rht", "kron"])
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_function_and_proxy_preserved(name, m, n):
+    proc = make_processor({"name": name, "seed": 1, "input_seed": 2})
+    b = proc.init_buffers(m, n)
+    w = torch.randn(m, n, dtype=torch.float64)
+    x = torch.randn(6, n, dtype=torch.float64)
+    y = proc.apply_output(b, proc.apply_input(b, x) @ proc.transform_weight(b, w).T)
+    assert float((y - x @ w.T).abs().max() / (x @ w.T).abs().max()) < 1e-10
+    h = random_hessian(n, tokens=2 * n)
+    wt, ht = proc.transform_weight(b, w), proc.transform_hessian(b, h)
+    assert torch.allclose(torch.trace(wt @ ht @ wt.T), torch.trace(w @ h @ w.T), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["rht", "kron"])
+def test_seeds_reproduce_and_differ(name):
+    a = make_processor({"name": name, "seed": 5, "input_seed": 9}).init_buffers(344, 128)
+    b = make_processor({"name": name, "seed": 5, "input_seed": 9}).init_buffers(344, 128)
+    c = make_processor({"name": name, "seed": 6, "input_seed": 9}).init_buffers(344, 128)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a[next(k for k in a if k.startswith("u_"))], c[next(k for k in c if k.startswith("u_"))])
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("v_"))  # same input seed, same input side
+
+
+def test_fft_fallback_is_logged_and_odd_sizes_rejected(caplog):
+    with caplog.at_level(logging.WARNING):
+        side = hadamard_or_fft(50, "layer.x")
+    assert side.kind == "fft" and "randomized FFT" in caplog.text
+    with pytest.raises(HarpqError, match="size 43 of layer.x is odd"):
+        hadamard_or_fft(43, "layer.x")
+
+
+def test_rht_spreads_outliers():
+    w = torch.randn(256, 512, dtype=torch.float64) * 0.02
+    w[3, 7] = 5.0
+    proc = make_processor({"name": "rht", "seed": 0})
+    b = proc.init_buffers(256, 512)
+    assert weight_incoherence(proc.transform_weight(b, w)) < weight_incoherence(w) / 10
+    hd = torch.diag(torch.linspace(1, 100, 512, dtype=torch.float64))  # eigenvectors = coordinate axes
+    assert hessian_incoherence(proc.transform_hessian(b, hd)) < hessian_incoherence(hd) / 3
+
+
+def test_quip_method_end_to_end(tiny_path, tmp_path, small_text):
+    out = tmp_path / "quip"
+    harpq.quantize(tiny_path, out, harpq.Recipe.preset("quip", bits=2), calib=CALIB, nsamples=8, seqlen=128,
+                   progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    spec = qc["modules"]["model.layers.0.mlp.down_proj"]
+    assert spec["processor"]["name"] == "kron" and spec["codebook"]["scale"] == "rms"
+    model = harpq.load(out)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.u_left.dtype == torch.float16 and down.scales.shape == (1, 1)
+    # q, k and v read one input: they share one input-side transform; o_proj has its own
+    attn = model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.v_perm, attn.k_proj.v_perm) and torch.equal(attn.q_proj.v_perm, attn.v_proj.v_perm)
+    assert not torch.equal(attn.q_proj.u_perm, attn.k_proj.u_perm[: attn.q_proj.u_perm.numel()])
+    ppl = harpq.evaluate(model, [small_text], ctx=128, tokenizer=harpq.io.model.load_tokenizer(out), progress=False)
+    assert 50 < ppl["ppl"]["gutenberg_small"] < 2000
+
+
+def test_rht_override_on_the_cli_recipe(tiny_path, tmp_path):
+    out = tmp_path / "rht"
+    recipe = harpq.Recipe.preset("gptq", bits=3, group_size=0, processor="rht")
+    harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=8, seqlen=128, progress=False)
+    log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    assert all(e["processor"] == "rht" and e["incoherence"]["w_after"] is not None for e in log)
+    spec = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert spec["model.layers.0.mlp.down_proj"]["processor"]["sides"]["in"] == {"kind": "hadamard", "k": 172}
