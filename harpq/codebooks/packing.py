@@ -6,6 +6,8 @@ b * ceil(n / 32) words: b·n/8 bytes, any b from 1 to 8 (3-bit codes straddle wo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _MASK32 = (1 << 32) - 1
@@ -35,17 +37,25 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32).reshape(*lead, chunks * bits)
 
 
+@functools.cache
+def _slot_layout(bits: int) -> tuple[list[int], list[int], list[int]]:
+    """For each of the 32 codes of a run: its word, its bit offset, and the word holding its spill-over."""
+    word = [i * bits // 32 for i in range(32)]
+    offset = [i * bits % 32 for i in range(32)]
+    spill = [w + 1 if o + bits > 32 else w for w, o in zip(word, offset, strict=True)]
+    return word, offset, spill
+
+
 def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: int32 words -> int64 codes, the last dim cut to n."""
+    """Inverse of `pack_bits`: int32 words -> int32 codes, the last dim cut to n.
+
+    Works in int32 throughout: the mask after each shift discards sign extension and overflow.
+    """
     *lead, total = words.shape
     chunks = total // bits
-    w = words.to(torch.int64).view(*lead, chunks, bits) & _MASK32
-    mask = (1 << bits) - 1
-    codes = torch.empty(*lead, chunks, 32, dtype=torch.int64, device=words.device)
-    for i in range(32):
-        word, offset = divmod(i * bits, 32)
-        v = w[..., word] >> offset
-        if offset + bits > 32:
-            v = v | (w[..., word + 1] << (32 - offset))
-        codes[..., i] = v & mask
+    w = words.view(*lead, chunks, bits)
+    word, offset, spill = (torch.tensor(t, device=words.device, dtype=torch.int32) for t in _slot_layout(bits))
+    low = (w[..., word.long()] >> offset) & ((1 << (32 - offset).clamp(max=bits)) - 1)  # drop sign extension
+    high = torch.where(spill != word, w[..., spill.long()] << (32 - offset), 0)
+    codes = (low | high) & ((1 << bits) - 1)
     return codes.reshape(*lead, chunks * 32)[..., :n]

@@ -136,8 +136,12 @@ class ScalarGrid(Codebook):
         if self.scale_rule == "rms":
             return buffers["scales"].float() * (q - self.maxq / 2)
         zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
-        gidx = torch.arange(n, device=q.device) // self.group_len(n)
-        return buffers["scales"].float()[:, gidx] * (q - zero[:, gidx])
+        scale = buffers["scales"].float()
+        g = self.group_len(n)
+        if groups * g == n:  # whole groups: broadcast per group instead of gathering per column
+            return ((q.view(m, groups, g) - zero[..., None]) * scale[..., None]).view(m, n)
+        gidx = torch.arange(n, device=q.device) // g
+        return scale[:, gidx] * (q - zero[:, gidx])
 
     def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
         if self.scale_rule == "rms":
