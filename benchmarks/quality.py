@@ -3,7 +3,8 @@
     python benchmarks/quality.py --model ../shared/models/llama-small \
         --configs rtn:4:128 gptq:4:128 rtn:3:128 gptq:3:128 rtn:2:64 gptq:2:64 rtn:2:0 gptq:2:0
 
-Each config is METHOD:BITS:GROUP (GROUP 0 = one group per row). Every model is quantized to a
+Each config is METHOD:BITS:GROUP (GROUP 0 = one group per row), optionally followed by recipe
+overrides, e.g. gptq:2:0:processor=rht:rounding=nearest. Every model is quantized to a
 checkpoint, loaded back from disk and evaluated, so the numbers are those of the saved files. The FP
 baseline is measured in the same run. One JSON line per config goes to --out; a Markdown table is
 printed last.
@@ -32,10 +33,17 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--configs", nargs="+", required=True, help="METHOD:BITS:GROUP, e.g. gptq:4:128")
+    ap.add_argument("--configs", nargs="+", required=True, help="METHOD:BITS:GROUP[:key=value...], e.g. gptq:4:128")
     ap.add_argument("--ppl", default="../shared/data/gutenberg_test.txt")
     ap.add_argument("--calib", default="../shared/data/gutenberg_valid.txt")
     ap.add_argument("--ctx", type=int, default=512)
@@ -59,8 +67,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     extra = json.loads(args.extra)
     for config in args.configs:
-        method, bits, group = config.split(":")
-        recipe = harpq.Recipe.preset(method, bits=int(bits), group_size=int(group), ragged_groups=True, **extra)
+        method, bits, group, *pairs = config.split(":")
+        settings = {**extra, **{k: parse_value(v) for k, v in (p.split("=", 1) for p in pairs)}}
+        recipe = harpq.Recipe.preset(method, bits=int(bits), group_size=int(group), ragged_groups=True, **settings)
         with tempfile.TemporaryDirectory() as d:
             out = Path(d) / "q"
             t = time.perf_counter()
@@ -74,8 +83,9 @@ def main() -> None:
         rows.append({**stamp, "config": config, "extra": extra, "bits_per_weight": r["bits_per_weight"],
                      "ppl": r["ppl"][Path(args.ppl).stem], "quant_seconds": round(qsec, 1),
                      "eval_seconds": round(time.perf_counter() - t, 1),
-                     "median_proxy_loss": statistics.median(losses) if losses else None})
-        print(json.dumps(rows[-1]), flush=True)
+                     "median_proxy_loss": statistics.median(losses) if losses else None,
+                     "proxy_loss": {e["module"]: e["proxy_loss"] for e in log}})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "proxy_loss"}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         for row in rows:
