@@ -43,8 +43,8 @@ def main() -> None:
         k, p = split_order(n)
         x = torch.randn(args.rows, n, device=device)
         dense = hadamard_matrix_tensor(n, torch.float32).to(device)
-        fast_s = timed(lambda: hadamard_transform(x), args.repeat)
-        dense_s = timed(lambda: x @ dense.T, args.repeat)
+        fast_s = timed(lambda x=x: hadamard_transform(x), args.repeat)
+        dense_s = timed(lambda x=x, dense=dense: x @ dense.T, args.repeat)
         diff = float((hadamard_transform(x) - x @ dense.T).abs().max())
         print(f"| {n} | {k}·{p} | {fast_s:.4f} | {dense_s:.4f} | {dense_s / fast_s:.1f}× | {diff:.1e} |")
 
