@@ -50,18 +50,21 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of the evaluations")
     ap.add_argument("--extra", default="{}", help="JSON dict of extra recipe settings for every config")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/quality.jsonl")
     args = ap.parse_args()
 
     tok = load_tokenizer(args.model)
+    dtype = getattr(torch, args.dtype)
     stamp = {"date": datetime.date.today().isoformat(), "machine": machine(), "model": Path(args.model).name,
-             "ppl_file": Path(args.ppl).name, "ctx": args.ctx}
+             "ppl_file": Path(args.ppl).name, "ctx": args.ctx, "dtype": args.dtype,
+             "calib": f"{Path(args.calib).name} {args.nsamples}x{args.seqlen}"}
     rows = []
     if not args.no_baseline:
         t = time.perf_counter()
-        r = harpq.evaluate(args.model, [args.ppl], ctx=args.ctx, device=args.device)
+        r = harpq.evaluate(args.model, [args.ppl], ctx=args.ctx, device=args.device, dtype=dtype)
         rows.append({**stamp, "config": "fp", "bits_per_weight": 16.0, "ppl": r["ppl"][Path(args.ppl).stem],
                      "quant_seconds": 0.0, "eval_seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
@@ -79,7 +82,8 @@ def main() -> None:
             log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
             losses = [e["proxy_loss"] for e in log if e["proxy_loss"] is not None]
             t = time.perf_counter()
-            r = harpq.evaluate(harpq.load(out, device=args.device), [args.ppl], ctx=args.ctx, tokenizer=tok)
+            model = harpq.load(out, device=args.device, dtype=dtype)
+            r = harpq.evaluate(model, [args.ppl], ctx=args.ctx, tokenizer=tok, progress=False)
         rows.append({**stamp, "config": config, "extra": extra, "bits_per_weight": r["bits_per_weight"],
                      "ppl": r["ppl"][Path(args.ppl).stem], "quant_seconds": round(qsec, 1),
                      "eval_seconds": round(time.perf_counter() - t, 1),

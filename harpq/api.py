@@ -40,13 +40,14 @@ def evaluate(
     batch_size: int = 8,
     json_out: str | Path | None = None,
     progress: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Perplexity on each text file -> {"model", "ctx", "ppl": {stem: value}, "bits_per_weight"}."""
     if ctx < 2:
         raise HarpqError(f"context length must be at least 2, not {ctx}")
     name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
-        path, model = model, load(model, device=device)
+        path, model = model, load(model, device=device, dtype=dtype)
         tokenizer = tokenizer or load_tokenizer(path)
     if tokenizer is None:
         raise HarpqError("evaluate() of an in-memory model needs its tokenizer")

@@ -7,6 +7,7 @@ import sys
 import time
 
 import click
+import torch
 
 from ..errors import HarpqError
 from ..recipe import METHODS, Recipe
@@ -71,13 +72,16 @@ def quantize(model, out, method, bits, group_size, ragged_groups, processor, cod
 @click.option("--ctx", type=int, default=512, show_default=True, help="Context length of each window.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Compute dtype [default: float32 on cpu, float16 on cuda].")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
-def evaluate(model, ppl_files, ctx, device, batch_size, json_out) -> None:
+def evaluate(model, ppl_files, ctx, device, batch_size, dtype, json_out) -> None:
     """Perplexity of MODEL on each --ppl file (non-overlapping windows of --ctx tokens)."""
     from ..api import evaluate as run
 
     try:
-        result = run(model, ppl_files, ctx=ctx, device=device, batch_size=batch_size, json_out=json_out)
+        result = run(model, ppl_files, ctx=ctx, device=device, batch_size=batch_size, json_out=json_out,
+                     dtype=getattr(torch, dtype) if dtype else None)
     except HarpqError as e:
         _fail(str(e))
     click.echo(f"{'text':<24} {'ctx':>6} {'ppl':>10}   bits/weight {result['bits_per_weight']:.3f}")
