@@ -18,6 +18,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "rtn": {"processor": "none", "codebook": "scalar", "rounding": "nearest"},
     "gptq": {"processor": "none", "codebook": "scalar", "rounding": "ldlq"},
     "quip": {"processor": "kron", "codebook": "scalar", "rounding": "ldlq", "scale": "rms", "group_size": 0},
+    "quipsharp": {"processor": "rht", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
 }
 
 
@@ -34,11 +35,13 @@ class LayerRecipe:
     group_size: int = 128
     ragged_groups: bool = False
     scale: str = "minmax"
+    e8p_scale: float | None = None
     processor: str = "none"
     codebook: str = "scalar"
     rounding: str = "nearest"
     damp: float = 0.01
     act_order: bool = False
+    tune_passes: int = 0
     seed: int = 0
     input_seed: int | None = None
 
@@ -46,6 +49,8 @@ class LayerRecipe:
         if self.codebook == "scalar":
             return {"name": "scalar", "bits": self.bits, "group_size": self.group_size,
                     "ragged_groups": self.ragged_groups, "scale": self.scale}
+        if self.codebook == "e8p":
+            return {"name": "e8p", "bits": self.bits, "scale": self.e8p_scale}
         return {"name": self.codebook, "bits": self.bits}
 
     def processor_config(self) -> dict[str, Any]:
@@ -67,9 +72,11 @@ class Recipe:
     layer: LayerRecipe = field(default_factory=LayerRecipe)
     ignore: list[str] = field(default_factory=lambda: [r"(^|\.)lm_head$"])
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: pick the e8p scale per model on the first layer's proxy loss (the chosen value lands in `layer`)
+    scale_sweep: bool = False
 
     @classmethod
-    def preset(cls, method: str, **settings: Any) -> Recipe:
+    def preset(cls, method: str, scale_sweep: bool = False, **settings: Any) -> Recipe:
         """A method's preset with any layer fields changed, e.g. `Recipe.preset("gptq", bits=3)`."""
         if method not in METHODS:
             raise HarpqError(f"unknown method {method!r} (offered: {', '.join(METHODS)})")
@@ -77,7 +84,7 @@ class Recipe:
         if unknown:
             raise HarpqError(f"unknown recipe setting(s): {', '.join(sorted(unknown))}")
         chosen = {k: v for k, v in settings.items() if v is not None}
-        return cls(method=method, layer=LayerRecipe(**{**METHODS[method], **chosen}))
+        return cls(method=method, layer=LayerRecipe(**{**METHODS[method], **chosen}), scale_sweep=scale_sweep)
 
     def for_module(self, name: str) -> LayerRecipe | None:
         """The resolved settings of one module, or None if it stays unquantized."""
@@ -101,4 +108,5 @@ class Recipe:
             layer=LayerRecipe(**d["layer"]),
             ignore=list(d["ignore"]),
             overrides=[(p, dict(c)) for p, c in d.get("overrides", [])],
+            scale_sweep=d.get("scale_sweep", False),
         )

@@ -30,17 +30,20 @@ def cli(verbose: bool) -> None:
 @click.argument("model")
 @click.argument("out")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
-@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--bits", type=int, default=None, help="[default: 4; quipsharp: 2]")
 @click.option("--group-size", type=int, default=None, help="0: one group per row. [default: 128; quip: 0]")
 @click.option("--ragged-groups", is_flag=True,
               help="Let the last group of a row be shorter where the group size does not divide in_features.")
 @click.option("--processor", type=click.Choice(["none", "kron", "rht"]), default=None,
               help="Override the method's incoherence processor.")
-@click.option("--codebook", type=click.Choice(["scalar"]), default=None, help="Override the method's codebook.")
+@click.option("--codebook", type=click.Choice(["scalar", "e8p"]), default=None, help="Override the method's codebook.")
 @click.option("--rounding", type=click.Choice(["nearest", "ldlq"]), default=None,
               help="Override the method's rounding.")
 @click.option("--scale", "scale_rule", type=click.Choice(["minmax", "rms"]), default=None,
               help="Scalar grid: per-group min-max (default) or QuIP's ±2.4·RMS per matrix.")
+@click.option("--tune-passes", type=int, default=0, show_default=True,
+              help="LDLQ: block coordinate descent passes after rounding (QuIP#'s tune iterations).")
+@click.option("--scale-sweep", is_flag=True, help="e8p: choose the codebook scale per model on the proxy loss.")
 @click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text (.txt or .jsonl with a text field).")
@@ -50,14 +53,15 @@ def cli(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model, out, method, bits, group_size, ragged_groups, processor, codebook, rounding, scale_rule,
-             act_order, damp, calib, nsamples, seqlen, device, seed, overwrite) -> None:
+             tune_passes, scale_sweep, act_order, damp, calib, nsamples, seqlen, device, seed, overwrite) -> None:
     """Quantize MODEL (a Hugging Face model directory) into the new directory OUT."""
     from ..api import quantize as run
 
     try:
         recipe = Recipe.preset(method, bits=bits, group_size=group_size, ragged_groups=ragged_groups,
                                processor=processor, codebook=codebook, rounding=rounding, scale=scale_rule,
-                               act_order=act_order, damp=damp, seed=seed)
+                               act_order=act_order, damp=damp, seed=seed, tune_passes=tune_passes,
+                               scale_sweep=scale_sweep)
         start = time.perf_counter()
         path = run(model, out, recipe, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
                    seed=seed, overwrite=overwrite)

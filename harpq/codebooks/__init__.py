@@ -6,9 +6,10 @@ from typing import Any
 
 from ..errors import HarpqError
 from .base import Codebook, stored_bits
+from .quipsharp import E8PCodebook
 from .scalar import SCALAR_BITS, ScalarGrid
 
-CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid}
+CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid, "e8p": E8PCodebook}
 
 
 def make_codebook(config: dict[str, Any]) -> Codebook:
@@ -20,4 +21,4 @@ def make_codebook(config: dict[str, Any]) -> Codebook:
     return CODEBOOKS[name](**cfg)
 
 
-__all__ = ["CODEBOOKS", "Codebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]
+__all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]

@@ -42,6 +42,8 @@ def check_recipe(recipe: Recipe) -> None:
             raise HarpqError(f"unknown rounding {layer.rounding!r} (offered: {', '.join(ROUNDINGS)})")
         if not 0 <= layer.damp < 10:
             raise HarpqError(f"damping must be in [0, 10), not {layer.damp}")
+        if layer.tune_passes < 0:
+            raise HarpqError(f"tune passes must be 0 or more, not {layer.tune_passes}")
 
 
 def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe) -> None:
@@ -65,7 +67,8 @@ def quantize_linear(
     w_proc = processor.transform_weight(pbuf, weight)
     h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
     state = codebook.prepare(w_proc)
-    codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp, recipe.act_order)
+    codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp, recipe.act_order,
+                                recipe.tune_passes)
     module = QuantLinear(n, m, codebook, processor, bias=linear.bias is not None, device=weight.device)
     module.load_quantized({**codebook.encode(codes, state), **pbuf},
                           linear.bias.detach().float() if linear.bias is not None else None)

@@ -7,6 +7,7 @@ the next layer's inputs. Peak memory: one layer, its Hessians and the calibratio
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..codebooks import make_codebook
 from ..errors import HarpqError
 from ..io.checkpoint import save_quantized, staging_dir
 from ..io.hf_integration import QUANT_METHOD
@@ -28,6 +30,7 @@ from .hessian import HessianCollector
 from .linear import check_recipe, check_recipe_fits, quantize_linear
 
 log = logging.getLogger(__name__)
+SWEEP_FACTORS = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
 
 
 class _StopForward(Exception):
@@ -111,6 +114,37 @@ def plan_modules(layers: nn.ModuleList, prefix: str, recipe: Recipe) -> list[dic
     return plan
 
 
+def _with_input_seed(layer_recipe: LayerRecipe, rel: str, collector: HessianCollector, where: str,
+                     base_seed: int) -> LayerRecipe:
+    """Linears that read the same input tensor get the same input-side transform (seeded by the group)."""
+    return replace(layer_recipe, input_seed=derive_seed(base_seed, where + collector.group_of[rel]))
+
+
+def _apply_scale_sweep(
+    recipe: Recipe, plan: list[dict[str, LayerRecipe]], prefix: str, linears: dict[str, nn.Linear],
+    collector: HessianCollector | None,
+) -> list[dict[str, LayerRecipe]]:
+    """Pick the e8p stage-one scale ρ on the first decoder layer's summed proxy loss; use it everywhere."""
+    if collector is None:
+        raise HarpqError("--scale-sweep needs calibration text (it compares proxy losses)")
+    e8p = {rel: r for rel, r in plan[0].items() if r.codebook == "e8p"}
+    if not e8p:
+        raise HarpqError("--scale-sweep applies to the e8p codebook only")
+    default = make_codebook(next(iter(e8p.values())).codebook_config()).rho
+    scores = {}
+    for factor in SWEEP_FACTORS:
+        rho = round(default * factor, 4)
+        scores[rho] = 0.0
+        for rel, r in e8p.items():
+            trial = _with_input_seed(replace(r, e8p_scale=rho), rel, collector, f"{prefix}.0.", recipe.layer.seed)
+            scores[rho] += quantize_linear(rel, linears[rel], collector.hessian(rel), trial)[1].proxy_loss
+    best = min(scores, key=scores.get)
+    log.info("scale sweep (rho: summed proxy loss of layer 0): %s -> %s", scores, best)
+    recipe.layer = replace(recipe.layer, e8p_scale=best)
+    return [{rel: replace(r, e8p_scale=best) if r.codebook == "e8p" else r for rel, r in chosen.items()}
+            for chosen in plan]
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -150,13 +184,14 @@ def quantize_model(
             collector = HessianCollector({k: linears[k] for k in plan[i]})
             run_layer(layer, inputs, kwargs, batch_size, on_batch=collector.end_pass)
             collector.remove()
+        if i == 0 and recipe.scale_sweep:
+            plan = _apply_scale_sweep(recipe, plan, prefix, linears, collector)
         for rel, layer_recipe in plan[i].items():
             full = f"{prefix}.{i}.{rel}"
             hessian = None
             if collector is not None:  # linears reading the same input share its transform and Hessian
                 hessian = collector.hessian(rel)
-                group = f"{prefix}.{i}.{collector.group_of[rel]}"
-                layer_recipe = replace(layer_recipe, input_seed=derive_seed(recipe.layer.seed, group))
+                layer_recipe = _with_input_seed(layer_recipe, rel, collector, f"{prefix}.{i}.", recipe.layer.seed)
             module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
             _set_submodule(layer, rel, module)
             specs[full] = module.spec()
@@ -189,7 +224,7 @@ def quantize(
     """Quantize the model directory `model` into the new directory `out`; returns `out`."""
     from .. import __version__
 
-    recipe = recipe or Recipe.preset("rtn")
+    recipe = copy.deepcopy(recipe or Recipe.preset("rtn"))  # a scale sweep records its choice in it
     check_recipe(recipe)
     resolve_device(device)
     read_config(model)

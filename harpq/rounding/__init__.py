@@ -20,6 +20,7 @@ def round_weight(
     state: dict[str, torch.Tensor],
     damp: float = 0.01,
     act_order: bool = False,
+    tune_passes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (codes, reconstruction) of a processed weight matrix."""
     if rounding == "nearest":
@@ -27,7 +28,8 @@ def round_weight(
     if rounding == "ldlq":
         if hessian is None:
             raise HarpqError("ldlq rounding needs calibration data (a Hessian)")
-        codes, recon, _ = block_ldlq(weight, hessian, codebook, state, damp=damp, act_order=act_order)
+        codes, recon, _ = block_ldlq(weight, hessian, codebook, state, damp=damp, act_order=act_order,
+                                     tune_passes=tune_passes)
         return codes, recon
     raise HarpqError(f"unknown rounding {rounding!r} (offered: {', '.join(ROUNDINGS)})")
 

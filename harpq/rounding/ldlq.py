@@ -58,11 +58,14 @@ def block_ldlq(
     damp: float = 0.01,
     act_order: bool = False,
     batch: int = 128,
+    tune_passes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Round `weight` (m, n) against `hessian` (n, n) -> (codes, reconstruction, damping used).
 
     Works in weight.dtype (float32 normally, float64 for exact tests). Columns whose Hessian diagonal
-    is zero (inputs that never fire) are quantized from zero feedback, as GPTQ does.
+    is zero (inputs that never fire) are quantized from zero feedback, as GPTQ does. `tune_passes`
+    sweeps of block coordinate descent follow (QuIP#'s tune iterations):
+    ŵ_k ← Q(ŵ_k + (W − Ŵ) H[:, k] H[k, k]⁻¹), a block kept only if the proxy loss drops.
     """
     m, n = weight.shape
     g = codebook.dim
@@ -77,8 +80,10 @@ def block_ldlq(
 
     perm = block_order(h, g, act_order)
     w = w[:, perm]
-    upper, used = damped_inverse_cholesky(h[perm][:, perm], damp)
+    h = h[perm][:, perm]
+    upper, used = damped_inverse_cholesky(h, damp)
     upper = upper.to(w.dtype)
+    original = w.clone() if tune_passes else None
 
     recon = torch.empty_like(w)
     codes_by_block: list[torch.Tensor] = []
@@ -98,6 +103,29 @@ def block_ldlq(
             w1[:, k + g :] -= err @ upper[b0 + k : b0 + k + g, b0 + k + g : b1]
         w[:, b1:] -= err1 @ upper[b0:b1, b1:]
 
+    if tune_passes:
+        h = (h + used * torch.diagonal(h).mean() * torch.eye(n, dtype=h.dtype, device=h.device)).to(w.dtype)
+        _tune(original, recon, codes_by_block, h, codebook, state, perm, g, tune_passes)
+
     block_inverse = torch.argsort(perm.reshape(-1, g)[:, 0] // g)
     codes = torch.stack(codes_by_block, dim=1)[:, block_inverse].reshape(m, -1)
     return codes, recon[:, torch.argsort(perm)], used
+
+
+def _tune(w, recon, codes_by_block, h, codebook, state, perm, g, passes) -> None:
+    """Block coordinate descent on tr((Ŵ − W) H (Ŵ − W)ᵀ), in place, in the rounding order."""
+    n = w.shape[1]
+    for _ in range(passes):
+        for b, k in enumerate(range(0, n, g)):
+            blk = slice(k, k + g)
+            h_kk = h[blk, blk]
+            target = recon[:, blk] + torch.linalg.solve(h_kk, ((w - recon) @ h[:, blk]).T).T
+            codes, xhat = codebook.round(target, perm[blk], state)
+            old = recon[:, blk] - w[:, blk]
+            new = xhat - w[:, blk]
+            # change of the proxy loss when only block k moves: Δ = (new−old)·(2·E·H[:,k]ₒₜₕₑᵣ) + quadratic terms
+            rest = (recon - w) @ h[:, blk] - old @ h_kk  # E_{−k} H[−k, k]
+            gain = (2 * ((old - new) * rest).sum(1) + ((old @ h_kk) * old).sum(1) - ((new @ h_kk) * new).sum(1))
+            keep = gain > 0  # per row: accept only improvements
+            recon[keep, blk] = xhat[keep]
+            codes_by_block[b][keep] = codes[keep]

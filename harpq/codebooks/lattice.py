@@ -1,0 +1,63 @@
+"""E8-lattice point sets for QuIP#'s codebooks, built from first principles.
+
+E8P (2 bits/weight, 16 bits per 8 weights): codewords s ⊙ σ + ε/4 with s one of 256 absolute-value
+vectors of D̂8 = {x ∈ (Z + ½)^8 : Σx even}, σ a sign pattern keeping Σ(s ⊙ σ) even (7 free bits), ε = ±1.
+The 256 are the 227 vectors with ‖s‖² ≤ 10 and 29 of the 56 with ‖s‖² = 12 made of five 3/2 and three
+1/2 (QuIP# pads with 29 such vectors; which 29 only matters for bit-compatibility with their files, so
+harpq takes the first 29 in lexicographic order of the positions of the 1/2 entries).
+
+E8-1bit (the second stage of 3-bit RVQ): 256 points of E8: the origin, the 240 roots and 15 of the 16
+vectors ±2e_i (−2e_8 dropped).
+"""
+
+from __future__ import annotations
+
+import itertools
+from functools import cache
+
+import torch
+
+
+@cache
+def e8p_abs_table() -> torch.Tensor:
+    """(256, 8) float64: the absolute-value source vectors, ordered by norm, then lexicographically."""
+    small = []
+    for levels in itertools.product((0.5, 1.5, 2.5), repeat=8):
+        if sum(v * v for v in levels) <= 10:
+            small.append(levels)
+    small.sort(key=lambda s: (sum(v * v for v in s), s))
+    padding = []
+    for halves in itertools.combinations(range(8), 3):
+        padding.append(tuple(0.5 if i in halves else 1.5 for i in range(8)))
+    table = small + padding[:29]
+    assert len(small) == 227 and len(table) == 256
+    return torch.tensor(table, dtype=torch.float64)
+
+
+@cache
+def e8_one_bit_points() -> torch.Tensor:
+    """(256, 8) float64: origin, the 240 roots of E8, and ±2e_i except −2e_8."""
+    pts = [(0.0,) * 8]
+    for i, j in itertools.combinations(range(8), 2):
+        for si, sj in itertools.product((1.0, -1.0), repeat=2):
+            v = [0.0] * 8
+            v[i], v[j] = si, sj
+            pts.append(tuple(v))
+    for signs in itertools.product((0.5, -0.5), repeat=8):
+        if sum(1 for s in signs if s < 0) % 2 == 0:
+            pts.append(signs)
+    for i in range(8):
+        for s in (2.0, -2.0):
+            if not (i == 7 and s < 0):
+                v = [0.0] * 8
+                v[i] = s
+                pts.append(tuple(v))
+    assert len(pts) == 256
+    return torch.tensor(pts, dtype=torch.float64)
+
+
+def e8p_all_codewords() -> torch.Tensor:
+    """All 2^16 E8P codewords in code order (for tests and brute-force references)."""
+    from .e8p import e8p_decode
+
+    return e8p_decode(torch.arange(1 << 16, dtype=torch.int64), torch.float64)
