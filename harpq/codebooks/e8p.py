@@ -44,7 +44,8 @@ def _nearest_chunk(x: torch.Tensor) -> torch.Tensor:
         a = y.abs()
         score = a @ s.T  # (N, 256)
         # parity of Σ s_i σ_i: with σ_i = −1 on `neg`, Σ 2 s_i σ_i ≡ Σ 2 s_i − 2·Σ_neg 2 s_i; parity via mod 4
-        total = twice.sum(1)[None, :] - 2 * (neg.to(torch.int64) @ twice.T)
+        negated = (neg.to(x.dtype) @ twice.T.to(x.dtype)).round().to(torch.int64)  # small integers: exact
+        total = twice.sum(1)[None, :] - 2 * negated
         odd = (total % 4) != 0  # Σ s_i σ_i is odd
         cost, flip_at = (a[:, None, :] * s[None, :, :]).min(-1)  # cheapest coordinate to flip, per entry
         score = score - odd * 2 * cost
