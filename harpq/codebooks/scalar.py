@@ -116,7 +116,8 @@ class ScalarGrid(Codebook):
         gidx = state["group_index"][cols]
         scale = state["scale"][:, gidx].to(x.dtype)
         zero = state["zero"][:, gidx].to(x.dtype)
-        q = torch.clamp(torch.round(x / scale + zero), 0, self.maxq)
+        whole = zero.floor()  # GPTQ's round(x/s) + z for integer zeros; QuIP's half-integer zero rounds x/s + ½
+        q = torch.clamp(torch.round(x / scale + (zero - whole)) + whole, 0, self.maxq)
         return q.to(torch.uint8), scale * (q - zero)
 
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
