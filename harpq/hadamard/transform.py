@@ -11,7 +11,7 @@ import math
 import torch
 
 from ..errors import HarpqError
-from .construct import hadamard_matrix, split_order
+from .construct import hadamard_matrix, split_order, sylvester
 
 _DENSE: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
@@ -20,18 +20,29 @@ def supports(n: int) -> bool:
     return split_order(n) is not None
 
 
+FWHT_RADIX = 64  # Sylvester H_{2^k} = H_64 ⊗ H_64 ⊗ …: one small matmul per stage, few passes over memory
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Sylvester–Walsh–Hadamard transform over the last dim (a power of two)."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"FWHT needs a power of two, not {n}")
     lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
-        h *= 2
+    stride = 1
+    while stride < n:
+        radix = min(FWHT_RADIX, n // stride)
+        h = _sylvester(radix, x.dtype, x.device)
+        x = torch.matmul(h, x.reshape(*lead, n // (radix * stride), radix, stride))
+        stride *= radix
     return x.reshape(*lead, n)
+
+
+def _sylvester(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (-k, dtype, device)  # negative keys: Sylvester factors, beside the dense K×K factors
+    if key not in _DENSE:
+        _DENSE[key] = torch.from_numpy(sylvester(k)).to(device=device, dtype=dtype)
+    return _DENSE[key]
 
 
 def dense_factor(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
