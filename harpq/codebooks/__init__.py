@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import HarpqError
+from ..registry import build
 from .base import Codebook, stored_bits
 from .quipsharp import E8PCodebook
 from .scalar import SCALAR_BITS, ScalarGrid
@@ -14,11 +14,7 @@ CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid, "e8p": E8PCodebook
 
 def make_codebook(config: dict[str, Any]) -> Codebook:
     """Build a codebook from its `config()` dict."""
-    cfg = dict(config)
-    name = cfg.pop("name")
-    if name not in CODEBOOKS:
-        raise HarpqError(f"unknown codebook {name!r} (offered: {', '.join(CODEBOOKS)})")
-    return CODEBOOKS[name](**cfg)
+    return build(CODEBOOKS, config, "codebook")
 
 
 __all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]

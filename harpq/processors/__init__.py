@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import HarpqError
+from ..registry import build
 from .base import Processor
 from .identity import Identity
 from .rotations import KroneckerOrthogonal, RandomizedHadamard
@@ -18,11 +18,7 @@ PROCESSORS: dict[str, type[Processor]] = {
 
 def make_processor(config: dict[str, Any]) -> Processor:
     """Build a processor from its `config()` dict."""
-    cfg = dict(config)
-    name = cfg.pop("name")
-    if name not in PROCESSORS:
-        raise HarpqError(f"unknown processor {name!r} (offered: {', '.join(PROCESSORS)})")
-    return PROCESSORS[name](**cfg)
+    return build(PROCESSORS, config, "processor")
 
 
 __all__ = ["PROCESSORS", "Identity", "KroneckerOrthogonal", "Processor", "RandomizedHadamard", "make_processor"]
