@@ -165,11 +165,18 @@ def quantize_model(
 
     `tokens` (nsamples, seqlen) are the calibration windows, needed by recipes that use Hessians.
     """
-    dev = resolve_device(device)
     prefix, layers = find_decoder_layers(model)
     plan = plan_modules(layers, prefix, recipe)
     if tokens is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
         raise HarpqError(f"method {recipe.method} needs calibration text: pass --calib FILE (.txt or .jsonl)")
+    return _quantize_planned(model, recipe, plan, tokens, resolve_device(device), batch_size, log_path, progress)
+
+
+def _quantize_planned(
+    model: nn.Module, recipe: Recipe, plan: list[dict[str, LayerRecipe]], tokens: torch.Tensor | None,
+    dev: torch.device, batch_size: int, log_path: Path | None, progress: bool,
+) -> dict[str, dict]:
+    prefix, layers = find_decoder_layers(model)
     inputs = kwargs = None
     if tokens is not None:
         inputs, kwargs = capture_layer_inputs(model, layers[0], tokens, dev)
@@ -240,8 +247,8 @@ def quantize(
         tokens = None
         if calib is not None:
             tokens = calibration_windows(load_tokenizer(model), calib, nsamples, seqlen, seed)
-        specs = quantize_model(lm, recipe, tokens, device=device, batch_size=batch_size,
-                               log_path=tmp / "quant_log.jsonl", progress=progress)
+        specs = _quantize_planned(lm, recipe, plan, tokens, resolve_device(device), batch_size,
+                                  tmp / "quant_log.jsonl", progress)
         quantization_config = {
             "quant_method": QUANT_METHOD,
             "format_version": 1,
