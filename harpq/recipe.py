@@ -19,6 +19,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "gptq": {"processor": "none", "codebook": "scalar", "rounding": "ldlq"},
     "quip": {"processor": "kron", "codebook": "scalar", "rounding": "ldlq", "scale": "rms", "group_size": 0},
     "quipsharp": {"processor": "rht", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
+    "hqq": {"processor": "none", "codebook": "hqq", "rounding": "nearest", "group_size": 64},
 }
 
 
@@ -46,9 +47,9 @@ class LayerRecipe:
     input_seed: int | None = None
 
     def codebook_config(self) -> dict[str, Any]:
-        if self.codebook == "scalar":
+        if self.codebook in ("scalar", "hqq"):  # hqq is the scalar grid with HQQ's zero-point solver
             return {"name": "scalar", "bits": self.bits, "group_size": self.group_size,
-                    "ragged_groups": self.ragged_groups, "scale": self.scale}
+                    "ragged_groups": self.ragged_groups, "scale": "hqq" if self.codebook == "hqq" else self.scale}
         if self.codebook == "e8p":
             return {"name": "e8p", "bits": self.bits, "scale": self.e8p_scale}
         return {"name": self.codebook, "bits": self.bits}

@@ -31,12 +31,13 @@ def cli(verbose: bool) -> None:
 @click.argument("out")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
 @click.option("--bits", type=int, default=None, help="[default: 4; quipsharp: 2]")
-@click.option("--group-size", type=int, default=None, help="0: one group per row. [default: 128; quip: 0]")
+@click.option("--group-size", type=int, default=None, help="0: one group per row. [default: 128; hqq: 64; quip: 0]")
 @click.option("--ragged-groups", is_flag=True,
               help="Let the last group of a row be shorter where the group size does not divide in_features.")
 @click.option("--processor", type=click.Choice(["none", "kron", "rht"]), default=None,
               help="Override the method's incoherence processor.")
-@click.option("--codebook", type=click.Choice(["scalar", "e8p"]), default=None, help="Override the method's codebook.")
+@click.option("--codebook", type=click.Choice(["scalar", "e8p", "hqq"]), default=None,
+              help="Override the method's codebook (hqq: scalar grid with HQQ's zero-point solver).")
 @click.option("--rounding", type=click.Choice(["nearest", "ldlq"]), default=None,
               help="Override the method's rounding.")
 @click.option("--scale", "scale_rule", type=click.Choice(["minmax", "rms"]), default=None,

@@ -13,9 +13,10 @@ import torch
 
 from ..errors import HarpqError
 from .base import BufferSpec, Codebook
+from .hqq import hqq_solve
 from .packing import pack_bits, packed_words, unpack_bits
 
-SCALAR_BITS = (2, 3, 4, 8)
+SCALAR_BITS = (1, 2, 3, 4, 8)
 
 
 def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,7 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, up, h).float()
 
 
-SCALE_RULES = ("minmax", "rms")
+SCALE_RULES = ("minmax", "rms", "hqq")
 RMS_RANGE = 2.4  # QuIP's grid: 2^b points on ±2.4·RMS(W̃), one scale per matrix
 
 
@@ -34,6 +35,7 @@ class ScalarGrid(Codebook):
 
     `minmax`: asymmetric, an fp16 scale and an integer zero per group (RTN/GPTQ).
     `rms`: symmetric on ±2.4·RMS of the whole matrix, one fp16 scale, zero = (2^b − 1)/2 (QuIP).
+    `hqq`: min–max scale, fractional fp16 zero per group fitted by HQQ's half-quadratic solver (no data).
     """
 
     name = "scalar"
@@ -85,6 +87,8 @@ class ScalarGrid(Codebook):
 
     def prepare(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         m, n = weight.shape
+        if self.scale_rule == "hqq":
+            return self._prepare_hqq(weight)
         if self.scale_rule == "rms":
             rms = weight.float().pow(2).mean().sqrt().clamp(min=1e-12)
             scale = fp16_ceil(2 * RMS_RANGE * rms / self.maxq).expand(m, 1)
@@ -110,6 +114,23 @@ class ScalarGrid(Codebook):
         group_index = torch.arange(n, device=weight.device) // g
         return {"scale": scale, "zero": zero, "group_index": group_index}
 
+    def _prepare_hqq(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        m, n = weight.shape
+        g = self.group_len(n)
+        whole = n // g * g
+        scales, zeros = [], []
+        if whole:
+            sc, z = hqq_solve(weight[:, :whole].reshape(-1, g), self.bits)
+            scales.append(sc.view(m, -1))
+            zeros.append(z.view(m, -1))
+        if whole < n:  # a ragged last group is solved on its own
+            sc, z = hqq_solve(weight[:, whole:], self.bits)
+            scales.append(sc.view(m, 1))
+            zeros.append(z.view(m, 1))
+        scale = fp16_ceil(torch.cat(scales, 1))
+        zero = torch.cat(zeros, 1).half().float()
+        return {"scale": scale, "zero": zero, "group_index": torch.arange(n, device=weight.device) // g}
+
     def round(
         self, x: torch.Tensor, cols: torch.Tensor, state: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +144,9 @@ class ScalarGrid(Codebook):
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.scale_rule == "rms":
             return {"codes": pack_bits(codes, self.bits), "scales": state["scale"][:1, :1].half()}
+        if self.scale_rule == "hqq":
+            return {"codes": pack_bits(codes, self.bits), "scales": state["scale"].half(),
+                    "zeros": state["zero"].half()}
         zero = state["zero"].to(torch.int64)
         return {
             "codes": pack_bits(codes, self.bits),
@@ -136,7 +160,10 @@ class ScalarGrid(Codebook):
         q = unpack_bits(buffers["codes"], self.bits, n).float()
         if self.scale_rule == "rms":
             return buffers["scales"].float() * (q - self.maxq / 2)
-        zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
+        if self.scale_rule == "hqq":
+            zero = buffers["zeros"].float()
+        else:
+            zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
         scale = buffers["scales"].float()
         g = self.group_len(n)
         if groups * g == n:  # whole groups: broadcast per group instead of gathering per column
@@ -149,8 +176,10 @@ class ScalarGrid(Codebook):
             return {"codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
                     "scales": ((1, 1), torch.float16)}
         groups = self.num_groups(in_features)
+        zeros = ((out_features, groups), torch.float16) if self.scale_rule == "hqq" else \
+            ((packed_words(out_features * groups, self.bits),), torch.int32)
         return {
             "codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
             "scales": ((out_features, groups), torch.float16),
-            "zeros": ((packed_words(out_features * groups, self.bits),), torch.int32),
+            "zeros": zeros,
         }

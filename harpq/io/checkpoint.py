@@ -68,37 +68,68 @@ def _untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class ShardWriter:
+    """Writes tensors into ~2 GiB safetensors shards as they come, so a streamed model never sits in
+    memory whole; `close()` names the shards model-0000i-of-0000N (or model.safetensors) and indexes them."""
+
+    def __init__(self, directory: Path, shard_bytes: int = SHARD_BYTES):
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self.written)}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        if self.pending or not self.written:
+            self._flush()
+        count = len(self.written)
+        if count == 1:
+            self.written[0][0].rename(self.directory / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map = {}
+        names = []
+        for i, (path, keys) in enumerate(self.written):
+            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update({k: name for k in keys})
+            names.append(name)
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return [*names, "model.safetensors.index.json"]
+
+
 def save_weights(model: nn.Module, directory: Path) -> list[str]:
     """Sharded safetensors (with an index when there is more than one shard); returns the file names."""
-    tensors = _untied_state_dict(model)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-        return ["model.safetensors"]
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards, strict=True):
-        save_file(shard, directory / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return [*names, "model.safetensors.index.json"]
+    writer = ShardWriter(directory)
+    for name, tensor in _untied_state_dict(model).items():
+        writer.add(name, tensor)
+    return writer.close()
 
 
 def save_quantized(model: nn.Module, source: str | Path, directory: Path, quantization_config: dict) -> None:
     """Write weights, config (with `quantization_config`), tokenizer files and the manifest."""
     save_weights(model, directory)
-    config = model.config.to_dict()
-    config["quantization_config"] = quantization_config
+    finish_checkpoint(directory, model.config.to_dict(), source, quantization_config)
+
+
+def finish_checkpoint(directory: Path, config: dict, source: str | Path, quantization_config: dict) -> None:
+    """Everything after the weights: config.json, tokenizer and generation files, the manifest."""
+    config = {**config, "quantization_config": quantization_config}
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in AUX_FILES:
         if (Path(source) / name).is_file():

@@ -46,19 +46,23 @@ def check_recipe(recipe: Recipe) -> None:
             raise HarpqError(f"tune passes must be 0 or more, not {layer.tune_passes}")
 
 
-def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe) -> None:
+def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe, check_values: bool = True) -> None:
     """Fail before any work if the recipe cannot store this layer (bits, group size, shape, NaN/Inf)."""
-    check_finite(name, linear.weight.detach())
+    if check_values:
+        check_finite(name, linear.weight.detach())
     make_codebook(recipe.codebook_config()).check_shape(linear.out_features, linear.in_features, name)
     make_processor(recipe.processor_config())
 
 
 def quantize_linear(
-    name: str, linear: nn.Linear, hessian: torch.Tensor | None, recipe: LayerRecipe
+    name: str, linear: nn.Linear | torch.Tensor, hessian: torch.Tensor | None, recipe: LayerRecipe,
+    bias: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LinearReport]:
-    """Quantize `linear` (on its current device) with its layer recipe and input Hessian (or None)."""
+    """Quantize a linear layer (or its weight tensor, with `bias`) on its current device."""
     start = time.perf_counter()
-    weight = linear.weight.detach().float()
+    if isinstance(linear, nn.Linear):
+        linear, bias = linear.weight, linear.bias
+    weight = linear.detach().float()
     m, n = weight.shape
     codebook = make_codebook(recipe.codebook_config())
     processor = make_processor(recipe.processor_config())
@@ -69,9 +73,9 @@ def quantize_linear(
     state = codebook.prepare(w_proc)
     codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp, recipe.act_order,
                                 recipe.tune_passes)
-    module = QuantLinear(n, m, codebook, processor, bias=linear.bias is not None, device=weight.device)
+    module = QuantLinear(n, m, codebook, processor, bias=bias is not None, device=weight.device)
     module.load_quantized({**codebook.encode(codes, state), **pbuf},
-                          linear.bias.detach().float() if linear.bias is not None else None)
+                          bias.detach().float() if bias is not None else None)
     loss = proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None
     seconds = time.perf_counter() - start
     mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(w_proc)}

@@ -21,13 +21,14 @@ from tqdm.auto import tqdm
 
 from ..codebooks import make_codebook
 from ..errors import HarpqError
-from ..io.checkpoint import save_quantized, staging_dir
+from ..io.checkpoint import finish_checkpoint, save_quantized, staging_dir
 from ..io.hf_integration import QUANT_METHOD
 from ..io.model import find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
 from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .hessian import HessianCollector
 from .linear import check_recipe, check_recipe_fits, quantize_linear
+from .stream import meta_skeleton, quantize_streaming
 
 log = logging.getLogger(__name__)
 SWEEP_FACTORS = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
@@ -99,7 +100,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def plan_modules(layers: nn.ModuleList, prefix: str, recipe: Recipe) -> list[dict[str, LayerRecipe]]:
+def plan_modules(
+    layers: nn.ModuleList, prefix: str, recipe: Recipe, check_values: bool = True
+) -> list[dict[str, LayerRecipe]]:
     """Per decoder layer: relative linear name -> its recipe; checks every layer before any work."""
     plan = []
     for i, layer in enumerate(layers):
@@ -108,7 +111,7 @@ def plan_modules(layers: nn.ModuleList, prefix: str, recipe: Recipe) -> list[dic
             full = f"{prefix}.{i}.{rel}"
             layer_recipe = recipe.for_module(full)
             if layer_recipe is not None:
-                check_recipe_fits(full, linear, layer_recipe)
+                check_recipe_fits(full, linear, layer_recipe, check_values)
                 chosen[rel] = layer_recipe
         plan.append(chosen)
     return plan
@@ -238,17 +241,27 @@ def quantize(
     if calib is not None and not Path(calib).is_file():
         raise HarpqError(f"calibration file not found: {calib}")
     with staging_dir(out, overwrite) as tmp:
-        lm = load_model(model)
-        prefix, layers = find_decoder_layers(lm)
-        plan = plan_modules(layers, prefix, recipe)  # every bad setting fails here, before any work
-        if calib is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
-            raise HarpqError(f"method {recipe.method} needs calibration text: pass --calib FILE (.txt or .jsonl)")
         started = time.perf_counter()
-        tokens = None
-        if calib is not None:
-            tokens = calibration_windows(load_tokenizer(model), calib, nsamples, seqlen, seed)
-        specs = _quantize_planned(lm, recipe, plan, tokens, resolve_device(device), batch_size,
-                                  tmp / "quant_log.jsonl", progress)
+        stream = calib is None and not any(r.needs_hessian for r in _all_layer_recipes(recipe))
+        if stream:  # no data needed: quantize tensor by tensor from the files, never loading the model
+            skeleton = meta_skeleton(model)
+            prefix, layers = find_decoder_layers(skeleton)
+            plan = plan_modules(layers, prefix, recipe, check_values=False)  # values are checked as read
+            specs = quantize_streaming(model, tmp, recipe, plan, prefix, resolve_device(device), progress)
+            config = json.loads((Path(model) / "config.json").read_text())
+            config.pop("quantization_config", None)
+        else:
+            lm = load_model(model)
+            prefix, layers = find_decoder_layers(lm)
+            plan = plan_modules(layers, prefix, recipe)  # every bad setting fails here, before any work
+            if calib is None and any(r.needs_hessian for chosen in plan for r in chosen.values()):
+                raise HarpqError(f"method {recipe.method} needs calibration text: pass --calib FILE (.txt or .jsonl)")
+            tokens = None
+            if calib is not None:
+                tokens = calibration_windows(load_tokenizer(model), calib, nsamples, seqlen, seed)
+            specs = _quantize_planned(lm, recipe, plan, tokens, resolve_device(device), batch_size,
+                                      tmp / "quant_log.jsonl", progress)
+            config = lm.config.to_dict()
         quantization_config = {
             "quant_method": QUANT_METHOD,
             "format_version": 1,
@@ -259,5 +272,12 @@ def quantize(
             "seconds": round(time.perf_counter() - started, 2),
             "modules": specs,
         }
-        save_quantized(lm, model, tmp, quantization_config)
+        if stream:
+            finish_checkpoint(tmp, config, model, quantization_config)
+        else:
+            save_quantized(lm, model, tmp, quantization_config)
     return Path(out)
+
+
+def _all_layer_recipes(recipe: Recipe) -> list[LayerRecipe]:
+    return [recipe.layer, *(replace(recipe.layer, **changes) for _, changes in recipe.overrides)]

@@ -1,0 +1,81 @@
+"""Calibration-free quantization straight from the checkpoint files, one tensor at a time.
+
+Recipes that need no Hessian (RTN, HQQ) need no forward passes either: the model is built on the meta
+device only to find its decoder layers and linears (generically, as the layer-wise pipeline does),
+then every tensor is read from the safetensors shards, quantized on the device if it is a planned
+linear weight, and written to the output shards as it goes. Peak memory: one tensor and its codes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..io.checkpoint import ShardWriter
+from ..io.model import check_finite, find_decoder_layers, layer_linears
+from ..recipe import LayerRecipe, Recipe
+from .linear import quantize_linear
+
+
+def meta_skeleton(model_path: str | Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str) -> dict:
+    """Checkpoint key of each planned linear's weight -> (module name, recipe, has bias)."""
+    _, layers = find_decoder_layers(skeleton)
+    out = {}
+    for i, chosen in enumerate(plan):
+        linears = layer_linears(layers[i])
+        for rel, recipe in chosen.items():
+            name = f"{prefix}.{i}.{rel}"
+            out[f"{name}.weight"] = (name, recipe, linears[rel].bias is not None)
+    return out
+
+
+@torch.no_grad()
+def quantize_streaming(
+    model_path: str | Path, tmp: Path, recipe: Recipe, plan: list[dict[str, LayerRecipe]], prefix: str,
+    device: torch.device, progress: bool = True,
+) -> dict[str, dict]:
+    """Quantize every planned linear of the checkpoint into `tmp`; returns the module specs."""
+    skeleton = meta_skeleton(model_path)
+    targets = planned_weights(skeleton, plan, prefix)
+    writer = ShardWriter(tmp)
+    specs: dict[str, dict] = {}
+    shards = sorted(Path(model_path).glob("*.safetensors"))
+    total = sum(len(safe_open(str(s), "pt").keys()) for s in shards)
+    bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
+    with (tmp / "quant_log.jsonl").open("a") as log:
+        for shard in shards:
+            with safe_open(str(shard), "pt") as f:
+                for key in f.keys():
+                    bar.update(1)
+                    tensor = f.get_tensor(key)
+                    if key not in targets:
+                        writer.add(key, tensor)
+                        continue
+                    name, layer_recipe, has_bias = targets[key]
+                    check_finite(name, tensor)
+                    start = time.perf_counter()
+                    module, report = quantize_linear(name, tensor.to(device), None, layer_recipe)
+                    specs[name] = {**module.spec(), "bias": has_bias}
+                    for buf, value in module.state_dict().items():
+                        if buf != "bias":
+                            writer.add(f"{name}.{buf}", value)
+                    report.seconds = time.perf_counter() - start
+                    log.write(json.dumps({**report.to_dict(), "rounding": layer_recipe.rounding,
+                                          "processor": layer_recipe.processor,
+                                          "codebook": module.codebook.config()}) + "\n")
+    bar.close()
+    writer.close()
+    return specs
