@@ -27,7 +27,7 @@ class HQQSettings:
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """sign(x) · max(|x| − |x|^(p−1)/β, 0)."""
     a = x.abs()
-    return torch.sign(x) * torch.relu(a - a.clamp(min=1e-12).pow(p - 1) / beta)
+    return torch.copysign(torch.relu(a - a.clamp(min=1e-12).pow(p - 1) / beta), x)
 
 
 @torch.no_grad()
@@ -39,18 +39,23 @@ def hqq_solve(
     maxq = (1 << bits) - 1
     lo, hi = w.amin(1), w.amax(1)
     span = hi - lo
-    inv = torch.where(span > 1e-4, maxq / span.clamp(min=1e-12), torch.ones_like(span)).clamp(max=2e4)
-    zero = -lo * inv
+    inv = torch.where(span > 1e-4, maxq / span.clamp(min=1e-12), torch.ones_like(span)).clamp(max=2e4)[:, None]
+    scaled = w * inv  # w/s: fixed, since only the zero-point moves
+    zero = -lo[:, None] * inv
     beta = settings.beta
     best_err, best_zero = None, zero
     for _ in range(settings.iters):
-        q = torch.clamp(torch.round(w * inv[:, None] + zero[:, None]), 0, maxq)
-        recon = (q - zero[:, None]) / inv[:, None]
-        err = float((w - recon).abs().mean())
-        if best_err is not None and err >= best_err:
+        q = (scaled + zero).round_().clamp_(0, maxq)
+        err_scaled = scaled - q + zero  # (w − ŵ)/s
+        err = err_scaled / inv
+        a = err.abs()
+        mean_abs = float(a.mean())
+        if best_err is not None and mean_abs >= best_err:
             break
-        best_err, best_zero = err, zero
-        w_e = shrink_lp(w - recon, beta, settings.lp_norm)
-        zero = (q - (w - w_e) * inv[:, None]).mean(1)
+        best_err, best_zero = mean_abs, zero
+        # W_e = shrink_p(w − ŵ); z ← mean(q − (w − W_e)/s)
+        shrink = a.clamp(min=1e-12).pow_(settings.lp_norm - 1).div_(beta)  # a new tensor: `a` stays |err|
+        w_e = torch.copysign(torch.relu_(a.sub_(shrink)), err)
+        zero = (q - scaled + w_e * inv).mean(1, keepdim=True)
         beta *= settings.kappa
-    return 1.0 / inv, best_zero
+    return (1.0 / inv).view(-1), best_zero.view(-1)
