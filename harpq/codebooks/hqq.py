@@ -5,8 +5,9 @@ few outliers may keep a large error instead of dragging the whole group) by half
     W_e ← shrink_p(W − Ŵ(z), β)            (generalised soft-thresholding)
     z   ← mean_group(W_q − (W − W_e)/s)     (closed form)
     β   ← κ·β
-for at most `iters` steps, stopping when the mean |W − Ŵ| stops improving and keeping the best z (HQQ
-keeps the last one, an off-by-one). Fully vectorised over all groups of a matrix.
+for at most `iters` steps. Like HQQ it stops once the mean |W − Ŵ| stops improving, after also trying the
+zero-point computed from that last state (which HQQ keeps without checking); harpq keeps the best z it
+evaluated. Fully vectorised over all groups of a matrix.
 """
 
 from __future__ import annotations
@@ -43,16 +44,21 @@ def hqq_solve(
     scaled = w * inv  # w/s: fixed, since only the zero-point moves
     zero = -lo[:, None] * inv
     beta = settings.beta
-    best_err, best_zero = None, zero
-    for _ in range(settings.iters):
+    best_err, best_zero = float("inf"), zero
+    stopping = False
+    for step in range(settings.iters + 1):
         q = (scaled + zero).round_().clamp_(0, maxq)
-        err_scaled = scaled - q + zero  # (w − ŵ)/s
-        err = err_scaled / inv
+        err = (scaled - q + zero) / inv  # w − ŵ
         a = err.abs()
         mean_abs = float(a.mean())
-        if best_err is not None and mean_abs >= best_err:
+        improved = mean_abs < best_err
+        if improved:
+            best_err, best_zero = mean_abs, zero
+        elif stopping:  # the step after the first non-improvement was tried too (HQQ keeps it blindly)
             break
-        best_err, best_zero = mean_abs, zero
+        if step == settings.iters:
+            break
+        stopping = not improved
         # W_e = shrink_p(w − ŵ); z ← mean(q − (w − W_e)/s)
         shrink = a.clamp(min=1e-12).pow_(settings.lp_norm - 1).div_(beta)  # a new tensor: `a` stays |err|
         w_e = torch.copysign(torch.relu_(a.sub_(shrink)), err)

@@ -127,7 +127,7 @@ class ScalarGrid(Codebook):
             sc, z = hqq_solve(weight[:, whole:], self.bits)
             scales.append(sc.view(m, 1))
             zeros.append(z.view(m, 1))
-        scale = fp16_ceil(torch.cat(scales, 1))
+        scale = torch.cat(scales, 1).half().float()  # nearest fp16: HQQ's grid may clip, no need to round up
         zero = torch.cat(zeros, 1).half().float()
         return {"scale": scale, "zero": zero, "group_index": torch.arange(n, device=weight.device) // g}
 
