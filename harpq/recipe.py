@@ -87,6 +87,10 @@ class Recipe:
         chosen = {k: v for k, v in settings.items() if v is not None}
         return cls(method=method, layer=LayerRecipe(**{**METHODS[method], **chosen}), scale_sweep=scale_sweep)
 
+    def layer_variants(self) -> list[LayerRecipe]:
+        """The default layer settings and each override applied to them (for checks before any work)."""
+        return [self.layer, *(replace(self.layer, **changes) for _, changes in self.overrides)]
+
     def for_module(self, name: str) -> LayerRecipe | None:
         """The resolved settings of one module, or None if it stays unquantized."""
         if any(re.search(p, name) for p in self.ignore):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,16 +27,19 @@ class LinearReport:
     seconds: float
     bits_per_weight: float
     incoherence: dict[str, float | None]
+    parts: dict[str, Any]
 
     def to_dict(self) -> dict:
+        """One line of quant_log.jsonl."""
         return {"module": self.module, "shape": list(self.shape), "proxy_loss": self.proxy_loss,
                 "seconds": round(self.seconds, 4), "bits_per_weight": round(self.bits_per_weight, 5),
-                "incoherence": {k: None if v is None else round(v, 3) for k, v in self.incoherence.items()}}
+                "incoherence": {k: None if v is None else round(v, 3) for k, v in self.incoherence.items()},
+                **self.parts}
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Fail fast on settings no layer could use (bits, group size, part names), before loading a model."""
-    for layer in [recipe.layer, *(replace(recipe.layer, **changes) for _, changes in recipe.overrides)]:
+    for layer in recipe.layer_variants():
         make_codebook(layer.codebook_config())
         make_processor(layer.processor_config())
         if layer.rounding not in ROUNDINGS:
@@ -81,5 +85,6 @@ def quantize_linear(
     mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(w_proc)}
     if hessian is not None and recipe.processor != "none":
         mu.update(h_before=hessian_incoherence(hessian), h_after=hessian_incoherence(h_proc))
-    report = LinearReport(name, (m, n), loss, seconds, module.stored_bits() / (m * n), mu)
+    parts = {"rounding": recipe.rounding, "processor": recipe.processor, "codebook": codebook.config()}
+    report = LinearReport(name, (m, n), loss, seconds, module.stored_bits() / (m * n), mu, parts)
     return module, report

@@ -207,9 +207,7 @@ def _quantize_planned(
             specs[full] = module.spec()
             if log_path is not None:
                 with log_path.open("a") as f:
-                    f.write(json.dumps({**report.to_dict(), "layer": i, "rounding": layer_recipe.rounding,
-                                        "processor": layer_recipe.processor,
-                                        "codebook": module.codebook.config()}) + "\n")
+                    f.write(json.dumps({**report.to_dict(), "layer": i}) + "\n")
         del collector
         if inputs is not None:
             inputs = run_layer(layer, inputs, kwargs, batch_size)
@@ -242,12 +240,12 @@ def quantize(
         raise HarpqError(f"calibration file not found: {calib}")
     with staging_dir(out, overwrite) as tmp:
         started = time.perf_counter()
-        stream = calib is None and not any(r.needs_hessian for r in _all_layer_recipes(recipe))
+        stream = calib is None and not any(r.needs_hessian for r in recipe.layer_variants())
         if stream:  # no data needed: quantize tensor by tensor from the files, never loading the model
             skeleton = meta_skeleton(model)
             prefix, layers = find_decoder_layers(skeleton)
             plan = plan_modules(layers, prefix, recipe, check_values=False)  # values are checked as read
-            specs = quantize_streaming(model, tmp, recipe, plan, prefix, resolve_device(device), progress)
+            specs = quantize_streaming(model, tmp, skeleton, plan, prefix, resolve_device(device), progress)
             config = json.loads((Path(model) / "config.json").read_text())
             config.pop("quantization_config", None)
         else:
@@ -277,7 +275,3 @@ def quantize(
         else:
             save_quantized(lm, model, tmp, quantization_config)
     return Path(out)
-
-
-def _all_layer_recipes(recipe: Recipe) -> list[LayerRecipe]:
-    return [recipe.layer, *(replace(recipe.layer, **changes) for _, changes in recipe.overrides)]

@@ -9,7 +9,6 @@ linear weight, and written to the output shards as it goes. Peak memory: one ten
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..io.checkpoint import ShardWriter
 from ..io.model import check_finite, find_decoder_layers, layer_linears
-from ..recipe import LayerRecipe, Recipe
+from ..recipe import LayerRecipe
 from .linear import quantize_linear
 
 
@@ -44,16 +43,21 @@ def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]
 
 @torch.no_grad()
 def quantize_streaming(
-    model_path: str | Path, tmp: Path, recipe: Recipe, plan: list[dict[str, LayerRecipe]], prefix: str,
-    device: torch.device, progress: bool = True,
+    model_path: str | Path, tmp: Path, skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]],
+    prefix: str, device: torch.device, progress: bool = True,
 ) -> dict[str, dict]:
-    """Quantize every planned linear of the checkpoint into `tmp`; returns the module specs."""
-    skeleton = meta_skeleton(model_path)
+    """Quantize every planned linear of the checkpoint into `tmp`; returns the module specs.
+
+    `skeleton` is the model on the meta device that `plan` was made from.
+    """
     targets = planned_weights(skeleton, plan, prefix)
     writer = ShardWriter(tmp)
     specs: dict[str, dict] = {}
     shards = sorted(Path(model_path).glob("*.safetensors"))
-    total = sum(len(safe_open(str(s), "pt").keys()) for s in shards)
+    total = 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            total += len(f.keys())
     bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
     with (tmp / "quant_log.jsonl").open("a") as log:
         for shard in shards:
@@ -66,16 +70,11 @@ def quantize_streaming(
                         continue
                     name, layer_recipe, has_bias = targets[key]
                     check_finite(name, tensor)
-                    start = time.perf_counter()
                     module, report = quantize_linear(name, tensor.to(device), None, layer_recipe)
-                    specs[name] = {**module.spec(), "bias": has_bias}
+                    specs[name] = {**module.spec(), "bias": has_bias}  # the bias is copied as it stands
                     for buf, value in module.state_dict().items():
-                        if buf != "bias":
-                            writer.add(f"{name}.{buf}", value)
-                    report.seconds = time.perf_counter() - start
-                    log.write(json.dumps({**report.to_dict(), "rounding": layer_recipe.rounding,
-                                          "processor": layer_recipe.processor,
-                                          "codebook": module.codebook.config()}) + "\n")
+                        writer.add(f"{name}.{buf}", value)
+                    log.write(json.dumps(report.to_dict()) + "\n")
     bar.close()
     writer.close()
     return specs
