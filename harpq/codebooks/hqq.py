@@ -1,13 +1,17 @@
 """HQQ's half-quadratic solver for the zero-points of a min–max scalar grid (calibration-free).
 
-Per group, with the scale fixed at its min–max value, minimise ‖W − (W_q − z)·s‖_p^p (p = 0.7 < 1: a
+Per group, with the scale s fixed at its min–max value, minimise ‖W − (W_q − z)·s‖_p^p (p = 0.7 < 1: a
 few outliers may keep a large error instead of dragging the whole group) by half-quadratic splitting:
-    W_e ← shrink_p(W − Ŵ(z), β)            (generalised soft-thresholding)
-    z   ← mean_group(W_q − (W − W_e)/s)     (closed form)
+    W_e ← shrink_p(W − Ŵ(z), β) = sign·max(|·| − |·|^(p−1)/β, 0)     (generalised soft-thresholding)
+    z   ← mean_group(W_q − (W − W_e)/s)                                (closed form)
     β   ← κ·β
 for at most `iters` steps. Like HQQ it stops once the mean |W − Ŵ| stops improving, after also trying the
 zero-point computed from that last state (which HQQ keeps without checking); harpq keeps the best z it
 evaluated. Fully vectorised over all groups of a matrix.
+
+The iteration runs in grid units (e = W/s + z − W_q), where the two steps fold into one clamp:
+    z ← z − mean_group(clamp(e, −t, t)),   t = |e|^(p−1) · s^(p−2) / β,
+so each step makes about ten passes over the matrix instead of twenty.
 """
 
 from __future__ import annotations
@@ -25,12 +29,6 @@ class HQQSettings:
     iters: int = 20
 
 
-def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """sign(x) · max(|x| − |x|^(p−1)/β, 0)."""
-    a = x.abs()
-    return torch.copysign(torch.relu(a - a.clamp(min=1e-12).pow(p - 1) / beta), x)
-
-
 @torch.no_grad()
 def hqq_solve(
     groups: torch.Tensor, bits: int, settings: HQQSettings = HQQSettings()
@@ -41,16 +39,20 @@ def hqq_solve(
     lo, hi = w.amin(1), w.amax(1)
     span = hi - lo
     inv = torch.where(span > 1e-4, maxq / span.clamp(min=1e-12), torch.ones_like(span)).clamp(max=2e4)[:, None]
+    scale = 1.0 / inv
     scaled = w * inv  # w/s: fixed, since only the zero-point moves
     zero = -lo[:, None] * inv
-    beta = settings.beta
+    # |e·s|^(p−1)/β in grid units: |e|^(p−1) · s^(p−2)/β, the per-group factor grows with β
+    factor = scale.pow(settings.lp_norm - 2) / settings.beta
+    weight = scale.view(-1) / scale.numel()  # mean |w − ŵ| = Σ_groups s · mean|e| / G
     best_err, best_zero = float("inf"), zero
+    e, q, a = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)  # reused: small groups are alloc-bound
     stopping = False
     for step in range(settings.iters + 1):
-        q = (scaled + zero).round_().clamp_(0, maxq)
-        err = (scaled - q + zero) / inv  # w − ŵ
-        a = err.abs()
-        mean_abs = float(a.mean())
+        torch.add(scaled, zero, out=e)
+        e.sub_(torch.round(e, out=q).clamp_(0, maxq))  # grid-unit error w/s + z − q
+        torch.abs(e, out=a)
+        mean_abs = float(a.mean(1) @ weight)
         improved = mean_abs < best_err
         if improved:
             best_err, best_zero = mean_abs, zero
@@ -59,9 +61,9 @@ def hqq_solve(
         if step == settings.iters:
             break
         stopping = not improved
-        # W_e = shrink_p(w − ŵ); z ← mean(q − (w − W_e)/s)
-        shrink = a.clamp(min=1e-12).pow_(settings.lp_norm - 1).div_(beta)  # a new tensor: `a` stays |err|
-        w_e = torch.copysign(torch.relu_(a.sub_(shrink)), err)
-        zero = (q - scaled + w_e * inv).mean(1, keepdim=True)
-        beta *= settings.kappa
-    return (1.0 / inv).view(-1), best_zero.view(-1)
+        # |e|^(p−1) via exp/log: several times faster than pow on the CPU; |e| = 0 gives t = inf, no clamp
+        t = a.log_().mul_(settings.lp_norm - 1).exp_().mul_(factor)
+        t = torch.minimum(torch.abs(e, out=q), t, out=t)
+        zero = zero - t.copysign_(e).mean(1, keepdim=True)
+        factor = factor / settings.kappa
+    return scale.view(-1), best_zero.view(-1)
