@@ -115,3 +115,15 @@ def test_hqq_codebook_with_ldlq_and_a_processor(tiny_path, tmp_path):
     harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
     log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
     assert all(e["codebook"]["scale"] == "hqq" and e["rounding"] == "ldlq" and e["proxy_loss"] < 0.1 for e in log)
+
+
+def test_float16_solve_is_as_good_as_float32():
+    torch.manual_seed(3)
+    groups = (heavy_tailed(256, 256) * 0.02).reshape(-1, 64)
+
+    def error(scale, zero):
+        q = torch.round(groups / scale[:, None] + zero[:, None]).clamp(0, 7)
+        return float(((q - zero[:, None]) * scale[:, None] - groups).abs().mean())
+
+    e32, e16 = error(*hqq_solve(groups, 3)), error(*hqq_solve(groups.half(), 3))
+    assert e16 == pytest.approx(e32, rel=5e-3) and e16 < float((plain_minmax(groups, 3) - groups).abs().mean())
