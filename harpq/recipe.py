@@ -20,6 +20,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "quip": {"processor": "kron", "codebook": "scalar", "rounding": "ldlq", "scale": "rms", "group_size": 0},
     "quipsharp": {"processor": "rht", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
     "hqq": {"processor": "none", "codebook": "hqq", "rounding": "nearest", "group_size": 64},
+    "harp": {"processor": "harp", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
 }
 
 
@@ -45,6 +46,9 @@ class LayerRecipe:
     tune_passes: int = 0
     seed: int = 0
     input_seed: int | None = None
+    harp_steps: int = 1200
+    harp_schedule: str = "greedy"
+    harp_store: str = "fp16"
 
     def codebook_config(self) -> dict[str, Any]:
         if self.codebook in ("scalar", "hqq"):  # hqq is the scalar grid with HQQ's zero-point solver
@@ -57,11 +61,14 @@ class LayerRecipe:
     def processor_config(self) -> dict[str, Any]:
         if self.processor == "none":
             return {"name": "none"}
-        return {"name": self.processor, "seed": self.seed, "input_seed": self.input_seed}
+        cfg = {"name": self.processor, "seed": self.seed, "input_seed": self.input_seed}
+        if self.processor == "harp":
+            cfg.update(schedule=self.harp_schedule, store=self.harp_store, steps=self.harp_steps)
+        return cfg
 
     @property
     def needs_hessian(self) -> bool:
-        return self.rounding != "nearest"
+        return self.rounding != "nearest" or self.processor == "harp"
 
 
 _LAYER_FIELDS = {f.name for f in fields(LayerRecipe)}

@@ -70,21 +70,33 @@ def quantize_linear(
     m, n = weight.shape
     codebook = make_codebook(recipe.codebook_config())
     processor = make_processor(recipe.processor_config())
-    pbuf = {k: v.to(weight.device) for k, v in processor.init_buffers(m, n).items()}
-    pbuf = processor.fit(pbuf, weight, hessian, codebook)
-    w_proc = processor.transform_weight(pbuf, weight)
-    h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
-    state = codebook.prepare(w_proc)
-    codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp, recipe.act_order,
-                                recipe.tune_passes)
+    start_buffers = {k: v.to(weight.device) for k, v in processor.init_buffers(m, n).items()}
+    candidates = [processor.fit(start_buffers, weight, hessian, codebook)]
+    if processor.learnable and candidates[0] is not start_buffers:  # fitting must never end worse than its start
+        candidates.append(start_buffers)
+    losses, best = [], None
+    for pbuf in candidates:
+        w_proc = processor.transform_weight(pbuf, weight)
+        h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
+        state = codebook.prepare(w_proc)
+        codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp,
+                                    recipe.act_order, recipe.tune_passes)
+        losses.append(proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None)
+        if best is None or losses[-1] < losses[best[0]]:
+            best = (len(losses) - 1, pbuf, w_proc, h_proc, state, codes)
+    chosen, pbuf, w_proc, h_proc, state, codes = best
     module = QuantLinear(n, m, codebook, processor, bias=bias is not None, device=weight.device)
     module.load_quantized({**codebook.encode(codes, state), **pbuf},
                           bias.detach().float() if bias is not None else None)
-    loss = proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None
     seconds = time.perf_counter() - start
     mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(w_proc)}
     if hessian is not None and recipe.processor != "none":
         mu.update(h_before=hessian_incoherence(hessian), h_after=hessian_incoherence(h_proc))
     parts = {"rounding": recipe.rounding, "processor": recipe.processor, "codebook": codebook.config()}
-    report = LinearReport(name, (m, n), loss, seconds, module.stored_bits() / (m * n), mu, parts)
+    if processor.learnable:
+        fit = dict(getattr(processor, "last_fit", {}))
+        if len(losses) > 1:
+            fit.update(proxy_loss_start=losses[1], kept="fitted" if chosen == 0 else "start")
+        parts["fit"] = fit
+    report = LinearReport(name, (m, n), losses[chosen], seconds, module.stored_bits() / (m * n), mu, parts)
     return module, report

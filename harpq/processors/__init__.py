@@ -6,6 +6,7 @@ from typing import Any
 
 from ..registry import build
 from .base import Processor
+from .harp import HARP
 from .identity import Identity
 from .rotations import KroneckerOrthogonal, RandomizedHadamard
 
@@ -13,6 +14,7 @@ PROCESSORS: dict[str, type[Processor]] = {
     "none": Identity,
     "rht": RandomizedHadamard,
     "kron": KroneckerOrthogonal,
+    "harp": HARP,
 }
 
 
@@ -21,4 +23,4 @@ def make_processor(config: dict[str, Any]) -> Processor:
     return build(PROCESSORS, config, "processor")
 
 
-__all__ = ["PROCESSORS", "Identity", "KroneckerOrthogonal", "Processor", "RandomizedHadamard", "make_processor"]
+__all__ = ["HARP", "PROCESSORS", "Identity", "KroneckerOrthogonal", "Processor", "RandomizedHadamard", "make_processor"]

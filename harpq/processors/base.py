@@ -18,6 +18,8 @@ class Processor(ABC):
     """A two-sided orthogonal transform with its parameters stored as tensors."""
 
     name: str
+    #: fitted per module: the pipeline then rounds both the start and the fitted parameters, keeps the better
+    learnable: bool = False
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

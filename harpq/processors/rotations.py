@@ -26,10 +26,13 @@ class TwoSided(Processor):
     def new_side(self, n: int) -> Side:
         raise NotImplementedError
 
+    def side_from_spec(self, n: int, spec: dict[str, Any]) -> Side:
+        return side_from_spec(n, spec)
+
     def side(self, which: str, n: int) -> Side:
         bound = self._bound.get(which)
         if bound is None or bound.n != n:
-            bound = side_from_spec(n, self.sides[which]) if which in self.sides else self.new_side(n)
+            bound = self.side_from_spec(n, self.sides[which]) if which in self.sides else self.new_side(n)
             self._bound[which] = bound
             self.sides[which] = bound.spec()
         return bound
