@@ -30,11 +30,11 @@ def cli(verbose: bool) -> None:
 @click.argument("model")
 @click.argument("out")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="gptq", show_default=True)
-@click.option("--bits", type=int, default=None, help="[default: 4; quipsharp: 2]")
+@click.option("--bits", type=int, default=None, help="[default: 4; quipsharp, harp: 2]")
 @click.option("--group-size", type=int, default=None, help="0: one group per row. [default: 128; hqq: 64; quip: 0]")
 @click.option("--ragged-groups", is_flag=True,
               help="Let the last group of a row be shorter where the group size does not divide in_features.")
-@click.option("--processor", type=click.Choice(["none", "kron", "rht"]), default=None,
+@click.option("--processor", type=click.Choice(["none", "kron", "rht", "harp"]), default=None,
               help="Override the method's incoherence processor.")
 @click.option("--codebook", type=click.Choice(["scalar", "e8p", "hqq"]), default=None,
               help="Override the method's codebook (hqq: scalar grid with HQQ's zero-point solver).")
@@ -47,6 +47,12 @@ def cli(verbose: bool) -> None:
 @click.option("--scale-sweep", is_flag=True, help="e8p: choose the codebook scale per model on the proxy loss.")
 @click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
+@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 1200]")
+@click.option("--harp-schedule", type=click.Choice(["greedy", "kron"]), default=None,
+              help="HARP: mixed-radix stages over all of n (greedy), or over 2^j of n = K·2^j times the fixed "
+                   "H_K (kron: starts exactly at the RHT). [default: greedy]")
+@click.option("--harp-store", type=click.Choice(["fp16", "int8"]), default=None,
+              help="HARP: storage of the learned parameters (int8: one fp16 scale per block). [default: fp16]")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text (.txt or .jsonl with a text field).")
 @click.option("--nsamples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
@@ -54,7 +60,8 @@ def cli(verbose: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model, out, method, bits, group_size, ragged_groups, processor, codebook, rounding, scale_rule,
-             tune_passes, scale_sweep, act_order, damp, calib, nsamples, seqlen, device, seed, overwrite) -> None:
+             tune_passes, scale_sweep, act_order, damp, harp_steps, harp_schedule, harp_store, calib, nsamples, seqlen,
+             device, seed, overwrite) -> None:
     """Quantize MODEL (a Hugging Face model directory) into the new directory OUT."""
     from ..api import quantize as run
 
@@ -62,7 +69,8 @@ def quantize(model, out, method, bits, group_size, ragged_groups, processor, cod
         recipe = Recipe.preset(method, bits=bits, group_size=group_size, ragged_groups=ragged_groups,
                                processor=processor, codebook=codebook, rounding=rounding, scale=scale_rule,
                                act_order=act_order, damp=damp, seed=seed, tune_passes=tune_passes,
-                               scale_sweep=scale_sweep)
+                               scale_sweep=scale_sweep, harp_steps=harp_steps, harp_schedule=harp_schedule,
+                               harp_store=harp_store)
         start = time.perf_counter()
         path = run(model, out, recipe, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
                    seed=seed, overwrite=overwrite)

@@ -1,0 +1,163 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import CALIB
+from helpers import random_hessian
+from safetensors.torch import load_file, save_file
+from test_processors import ProcessedLinear
+
+import harpq
+from harpq import HarpqError
+from harpq.codebooks.quipsharp import E8PCodebook
+from harpq.hadamard.construct import sylvester
+from harpq.io.model import find_decoder_layers, layer_linears, load_model
+from harpq.nn import QuantLinear
+from harpq.pipeline.linear import quantize_linear
+from harpq.processors import make_processor
+from harpq.processors.butterfly import cayley, check_schedule, greedy_schedule, skew_from_upper
+from harpq.processors.harp import butterfly_side
+from harpq.processors.sides import hadamard_or_fft
+
+SIZES = [128, 344, 512, 1376, 4096, 11008, 14336]
+
+
+def random_params(side, scale=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(side.param_shape(t), generator=g, dtype=torch.float64) * scale for t in side.learned]
+
+
+def test_cayley_blocks_are_orthogonal_and_identity_at_zero():
+    s = skew_from_upper(torch.randn(5, 28, dtype=torch.float64) * 2, 8)
+    assert torch.equal(s, -s.transpose(1, 2))
+    q = cayley(s)
+    eye = torch.eye(8, dtype=torch.float64)
+    assert (q @ q.transpose(1, 2) - eye).abs().max() < 1e-13
+    assert torch.equal(cayley(torch.zeros(3, 8, 8, dtype=torch.float64)), eye.expand(3, 8, 8))
+
+
+@pytest.mark.parametrize("n", [2, 7, 8, 43, 128, 344, 1376, 3072, 5120, 11008, 14336, 28672, 2 * 4099])
+def test_schedule_products_equal_n(n):
+    schedule = greedy_schedule(n)
+    assert math.prod(schedule) == n
+    assert all(b <= 8 for b in schedule[:-1])
+
+
+def test_greedy_schedules_of_llama_sizes():
+    assert greedy_schedule(4096) == [8, 8, 8, 8]
+    assert greedy_schedule(11008) == [8, 8, 4, 43]
+    assert greedy_schedule(14336) == [8, 8, 8, 7, 4]
+    assert greedy_schedule(28672) == [8, 8, 8, 8, 7]
+    with pytest.raises(HarpqError, match="does not factor 96"):
+        check_schedule(96, [8, 8])
+
+
+@pytest.mark.parametrize("n", [128, 512, 4096])
+def test_greedy_at_zero_is_the_normalised_sylvester_hadamard(n):
+    side = butterfly_side(n, "greedy")
+    ks = side.kernels(random_params(side, scale=0.0), torch.device("cpu"), torch.float64)
+    q = side.apply(torch.eye(n, dtype=torch.float64), ks, torch.ones(n)).T
+    assert (q - torch.from_numpy(sylvester(n)).double() / math.sqrt(n)).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_kron_schedule_at_zero_is_the_rht(n):
+    harp = make_processor({"name": "harp", "seed": 4, "input_seed": 9, "schedule": "kron"})
+    rht = make_processor({"name": "rht", "seed": 4, "input_seed": 9})
+    hb, rb = harp.init_buffers(8, n), rht.init_buffers(8, n)
+    assert hadamard_or_fft(n).kind == "hadamard"
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert (harp.apply_input(hb, x) - rht.apply_input(rb, x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "kron"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("store", ["fp16", "int8"])
+def test_function_preserved_in_float64_at_zero_and_with_learned_parameters(schedule, n, store):
+    proc = make_processor({"name": "harp", "seed": 1, "input_seed": 2, "schedule": schedule, "store": store})
+    m = 24
+    start = proc.init_buffers(m, n)
+    learned = {**start, **proc.side("out", m).store_params("u_", random_params(proc.side("out", m), seed=1)),
+               **proc.side("in", n).store_params("v_", random_params(proc.side("in", n), seed=2))}
+    w = torch.randn(m, n, dtype=torch.float64)
+    x = torch.randn(5, n, dtype=torch.float64)
+    for b in (start, learned):
+        y = proc.apply_output(b, proc.apply_input(b, x) @ proc.transform_weight(b, w).T)
+        assert float((y - x @ w.T).abs().max() / (x @ w.T).abs().max()) < 1e-10
+    assert not torch.allclose(proc.transform_weight(start, w), proc.transform_weight(learned, w))
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "kron"])
+def test_fitted_model_equals_original_in_float64(tiny_path, schedule):
+    model = load_model(tiny_path, dtype=torch.float64)
+    x = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).logits
+    _, layers = find_decoder_layers(model)
+    fits = 0
+    for i, layer in enumerate(layers):
+        for rel, lin in layer_linears(layer).items():
+            proc = make_processor({"name": "harp", "seed": i, "schedule": schedule, "steps": 3})
+            wrapped = ProcessedLinear(lin, proc)
+            m, n = lin.weight.shape
+            wrapped.b = proc.fit(wrapped.b, lin.weight.detach(), random_hessian(n, tokens=n), E8PCodebook(2))
+            wrapped.w = proc.transform_weight(wrapped.b, lin.weight.detach())
+            fits += any(bool(v.any()) for k, v in wrapped.b.items() if "theta" in k)
+            parent, _, child = rel.rpartition(".")
+            setattr(layer.get_submodule(parent), child, wrapped)
+    assert fits > 0  # parameters really moved
+    with torch.no_grad():
+        got = model(x).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10
+
+
+def test_fitting_lowers_its_loss_and_never_ends_above_the_start():
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(torch.tensor(4.0)).sample((64, 128))
+    h = random_hessian(128, tokens=512)
+    recipe = harpq.Recipe.preset("harp", harp_steps=60).for_module("toy")
+    _, report = quantize_linear("toy", w, h, recipe)
+    fit = report.parts["fit"]
+    assert fit["loss_best"] < 0.9 * fit["loss_start"]
+    assert report.proxy_loss <= fit["proxy_loss_start"]
+    _, start = quantize_linear("toy", w, h, harpq.Recipe.preset("quipsharp").for_module("toy"))
+    assert start.proxy_loss == pytest.approx(fit["proxy_loss_start"], rel=1e-5)  # the start is QuIP#'s RHT
+
+
+@pytest.mark.parametrize("store", ["fp16", "int8"])
+def test_parameters_round_trip_through_save_and_load(tmp_path, store):
+    torch.manual_seed(0)
+    w, h = torch.randn(48, 344), random_hessian(344, tokens=1024)
+    recipe = harpq.Recipe.preset("harp", harp_steps=5, harp_store=store).for_module("m")
+    module, _ = quantize_linear("m", w, h, recipe)
+    save_file(module.state_dict(), tmp_path / "m.safetensors")
+    spec = json.loads(json.dumps(module.spec()))
+    loaded = QuantLinear.from_spec(spec).load_quantized(load_file(tmp_path / "m.safetensors"))
+    thetas = [k for k, _ in module.named_buffers() if "theta" in k]
+    assert thetas and any(bool(getattr(module, k).any()) for k in thetas)
+    assert all(torch.equal(getattr(module, k), getattr(loaded, k)) for k in thetas)
+    x = torch.randn(3, 344)
+    assert torch.equal(module(x), loaded(x))
+    assert torch.allclose(module.effective_weight(), loaded.effective_weight())
+
+
+def test_harp_method_end_to_end(tiny_path, tmp_path):
+    out = tmp_path / "harp"
+    recipe = harpq.Recipe.preset("harp", harp_steps=4, harp_schedule="kron", harp_store="int8")
+    harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
+    log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    assert len(log) == 14
+    assert all(e["processor"] == "harp" and e["proxy_loss"] <= e["fit"]["proxy_loss_start"] for e in log)
+    model = harpq.load(out)
+    thetas = [b for k, b in model.named_buffers() if "theta" in k and not k.endswith("_scale")]
+    assert thetas and all(b.dtype == torch.int8 for b in thetas) and any(bool(b.any()) for b in thetas)
+    result = harpq.evaluate(out, ppl=[CALIB], ctx=64)
+    assert math.isfinite(next(iter(result["ppl"].values())))
+
+
+def test_bad_harp_settings_fail_before_work(tiny_path, tmp_path):
+    with pytest.raises(HarpqError, match="unknown HARP schedule 'zigzag'"):
+        harpq.quantize(tiny_path, tmp_path / "x", harpq.Recipe.preset("harp", harp_schedule="zigzag"),
+                       calib=CALIB, nsamples=2, seqlen=32, progress=False)
+    assert not (tmp_path / "x").exists()
