@@ -88,8 +88,9 @@ def main() -> None:
                      "ppl": r["ppl"][Path(args.ppl).stem], "quant_seconds": round(qsec, 1),
                      "eval_seconds": round(time.perf_counter() - t, 1),
                      "median_proxy_loss": statistics.median(losses) if losses else None,
-                     "proxy_loss": {e["module"]: e["proxy_loss"] for e in log}})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "proxy_loss"}), flush=True)
+                     "proxy_loss": {e["module"]: e["proxy_loss"] for e in log},
+                     **({"fit": {e["module"]: e["fit"] for e in log}} if any("fit" in e for e in log) else {})})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("proxy_loss", "fit")}), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         for row in rows:
