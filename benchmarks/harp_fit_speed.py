@@ -2,6 +2,7 @@
 
     python benchmarks/harp_fit_speed.py --shape llama-2-7b --steps 1200
     python benchmarks/harp_fit_speed.py --shape llama-2-7b --steps 100 --modules q down   # quicker
+    python benchmarks/harp_fit_speed.py --shape llama-small --steps 20                    # CPU
 
 Random weights and a synthetic Hessian H = Q diag(λ) Qᵀ (λ_i ∝ i^−1.2, a few outlier channels ×50:
 a spectrum like a real layer input's) are made on the device. Each module is fitted as the pipeline
@@ -23,6 +24,7 @@ from harpq.processors.harp_fit import two_sided
 from harpq.rounding.nearest import nearest
 
 SHAPES = {  # hidden, mlp, layers, kv width
+    "llama-small": (512, 1376, 8, 256),
     "llama-2-7b": (4096, 11008, 32, 4096),
     "llama-2-70b": (8192, 28672, 80, 1024),
 }

@@ -62,10 +62,17 @@ def main() -> None:
              "ppl_file": Path(args.ppl).name, "ctx": args.ctx, "dtype": args.dtype,
              "calib": f"{Path(args.calib).name} {args.nsamples}x{args.seqlen}"}
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def record(row: dict) -> None:  # each row as soon as it is measured: a cut-short run keeps its rows
+        rows.append(row)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     if not args.no_baseline:
         t = time.perf_counter()
         r = harpq.evaluate(args.model, [args.ppl], ctx=args.ctx, device=args.device, dtype=dtype)
-        rows.append({**stamp, "config": "fp", "bits_per_weight": 16.0, "ppl": r["ppl"][Path(args.ppl).stem],
+        record({**stamp, "config": "fp", "bits_per_weight": 16.0, "ppl": r["ppl"][Path(args.ppl).stem],
                      "quant_seconds": 0.0, "eval_seconds": round(time.perf_counter() - t, 1)})
         print(json.dumps(rows[-1]), flush=True)
     extra = json.loads(args.extra)
@@ -84,17 +91,13 @@ def main() -> None:
             t = time.perf_counter()
             model = harpq.load(out, device=args.device, dtype=dtype)
             r = harpq.evaluate(model, [args.ppl], ctx=args.ctx, tokenizer=tok, progress=False)
-        rows.append({**stamp, "config": config, "extra": extra, "bits_per_weight": r["bits_per_weight"],
+        record({**stamp, "config": config, "extra": extra, "bits_per_weight": r["bits_per_weight"],
                      "ppl": r["ppl"][Path(args.ppl).stem], "quant_seconds": round(qsec, 1),
                      "eval_seconds": round(time.perf_counter() - t, 1),
                      "median_proxy_loss": statistics.median(losses) if losses else None,
                      "proxy_loss": {e["module"]: e["proxy_loss"] for e in log},
                      **({"fit": {e["module"]: e["fit"] for e in log}} if any("fit" in e for e in log) else {})})
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("proxy_loss", "fit")}), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
     print(f"\n| config | bits/weight | ppl ({stamp['ppl_file']}, ctx {args.ctx}) | quantize s | median proxy loss |")
     print("|---|---|---|---|---|")
     for row in rows:
