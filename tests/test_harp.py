@@ -142,7 +142,7 @@ def test_parameters_round_trip_through_save_and_load(tmp_path, store):
     assert torch.allclose(module.effective_weight(), loaded.effective_weight())
 
 
-def test_harp_method_end_to_end(tiny_path, tmp_path):
+def test_harp_method_end_to_end(tiny_path, tmp_path, small_text):
     out = tmp_path / "harp"
     recipe = harpq.Recipe.preset("harp", harp_steps=4, harp_schedule="kron", harp_store="int8")
     harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
@@ -152,7 +152,7 @@ def test_harp_method_end_to_end(tiny_path, tmp_path):
     model = harpq.load(out)
     thetas = [b for k, b in model.named_buffers() if "theta" in k and not k.endswith("_scale")]
     assert thetas and all(b.dtype == torch.int8 for b in thetas) and any(bool(b.any()) for b in thetas)
-    result = harpq.evaluate(out, ppl=[CALIB], ctx=64)
+    result = harpq.evaluate(out, ppl=[small_text], ctx=64)
     assert math.isfinite(next(iter(result["ppl"].values())))
 
 
@@ -161,3 +161,16 @@ def test_bad_harp_settings_fail_before_work(tiny_path, tmp_path):
         harpq.quantize(tiny_path, tmp_path / "x", harpq.Recipe.preset("harp", harp_schedule="zigzag"),
                        calib=CALIB, nsamples=2, seqlen=32, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("codebook,group", [("scalar", 64), ("hqq", 64), ("scalar", 0)])
+def test_harp_under_scalar_and_hqq_codebooks(codebook, group):
+    torch.manual_seed(1)
+    w = torch.distributions.StudentT(torch.tensor(4.0)).sample((64, 128))
+    h = random_hessian(128, tokens=512)
+    recipe = harpq.Recipe.preset("gptq", bits=3, group_size=group, processor="harp", codebook=codebook,
+                                 harp_steps=40).for_module("toy")
+    _, report = quantize_linear("toy", w, h, recipe)
+    fit = report.parts["fit"]
+    assert fit["loss_best"] < fit["loss_start"] and fit["hbd"] == (group == 64)
+    assert report.proxy_loss <= fit["proxy_loss_start"]
