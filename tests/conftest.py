@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-import harpq
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (read at import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import harpq  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = SHARED / "models" / "llama-tiny"

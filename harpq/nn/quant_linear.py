@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import kernels
 from ..codebooks import Codebook, make_codebook, stored_bits
+from ..kernels import dispatch
 from ..processors import Processor, make_processor
 
 
@@ -37,6 +39,10 @@ class QuantLinear(nn.Module):
         for name, (shape, dtype) in self._specs().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        #: Triton decode kernels for ≤ 8 rows: None = on CUDA only; True also forces them elsewhere
+        #: (on the CPU that needs TRITON_INTERPRET=1: tests); False = always the reference path
+        self.use_kernels: bool | None = None
+        self._kernel_meta: dict[torch.device, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
@@ -87,10 +93,30 @@ class QuantLinear(nn.Module):
     def codes_device(self) -> torch.device:
         return next(iter(self._buffers.values())).device
 
+    def _kernel_ok(self, rows: torch.Tensor) -> bool:
+        if self.use_kernels is False or rows.shape[0] > dispatch.MAX_DECODE_BATCH:
+            return False
+        if not dispatch.supports(self.codebook) or not kernels.available(rows):
+            return False
+        return self.use_kernels is True or rows.is_cuda
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pb = self._buffers_of(self._processor_names)
-        w = self.dequantized_weight().to(x.dtype)
-        y = self.processor.apply_output(pb, self.processor.apply_input(pb, x) @ w.T)
+        xin = self.processor.apply_input(pb, x)
+        rows = xin.reshape(-1, self.in_features)
+        if self._kernel_ok(rows):
+            cb = self._buffers_of(self._codebook_names)
+            version = tuple((t.data_ptr(), t._version) for t in cb.values())  # rebuilt if the buffers change
+            hit = self._kernel_meta.get(rows.device)
+            if hit is None or hit[0] != version:
+                hit = self._kernel_meta[rows.device] = (version, dispatch.kernel_meta(
+                    self.codebook, cb, self.out_features, self.in_features))
+            meta = hit[1]
+            z = dispatch.quantized_matmul(self.codebook, cb, meta, rows, self.out_features, self.in_features)
+            z = z.view(*x.shape[:-1], self.out_features)
+        else:
+            z = xin @ self.dequantized_weight().to(x.dtype).T
+        y = self.processor.apply_output(pb, z)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
