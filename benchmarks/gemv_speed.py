@@ -1,0 +1,59 @@
+"""Decode GEMV time (batch 1) of the Triton kernels against an FP16 matmul, Llama-2-7B linear shapes.
+
+    python benchmarks/gemv_speed.py
+
+Random codes (their values do not change the time); CUDA events over 200 calls after warm-up.
+Bandwidth = bytes of the stored weight (codes + scales) / time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from harpq.codebooks import ScalarGrid
+from harpq.codebooks.quipsharp import E8PCodebook
+from harpq.kernels.dispatch import kernel_meta, quantized_matmul
+from harpq.rounding import nearest
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+
+
+def cuda_time(fn, repeat: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat / 1e3
+
+
+def main() -> None:
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()}, batch 1")
+    print("| shape | format | µs | GB/s | vs fp16 |")
+    print("|---|---|---|---|---|")
+    for m, n in SHAPES:
+        w = torch.randn(m, n, device=dev) * 0.02
+        x = torch.randn(1, n, device=dev, dtype=torch.float16)
+        wh = w.half()
+        t16 = cuda_time(functools.partial(torch.matmul, x, wh.T))
+        print(f"| {m}×{n} | fp16 | {t16 * 1e6:.1f} | {m * n * 2 / t16 / 1e9:.0f} | 1.00 |")
+        for name, cb in (("scalar 4-bit g128", ScalarGrid(4, 128)), ("scalar 2-bit g128", ScalarGrid(2, 128)),
+                         ("hqq 4-bit g64", ScalarGrid(4, 64, scale="hqq")), ("e8p 2-bit", E8PCodebook(2)),
+                         ("e8p rvq 4-bit", E8PCodebook(4))):
+            state = cb.prepare(w)
+            codes, _ = nearest(w, cb, state)
+            buffers = cb.encode(codes, state)
+            meta = kernel_meta(cb, buffers, m, n)
+            t = cuda_time(functools.partial(quantized_matmul, cb, buffers, meta, x, m, n))
+            nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
+            print(f"| {m}×{n} | {name} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {t16 / t:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
