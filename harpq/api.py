@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .errors import HarpqError
-from .eval import bits_per_weight, perplexity
+from .eval import bits_per_weight, evaluate_tasks, perplexity
+from .eval.zeroshot import DEFAULT_TASKS_DIR, load_task
 from .io.checkpoint import verify_manifest
 from .io.model import load_model, load_tokenizer, read_config
 from .io.text import read_text
@@ -41,10 +42,18 @@ def evaluate(
     json_out: str | Path | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    tasks: list[str] | tuple[str, ...] = (),
+    tasks_dir: str | Path = DEFAULT_TASKS_DIR,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Perplexity on each text file -> {"model", "ctx", "ppl": {stem: value}, "bits_per_weight"}."""
+    """Perplexity on each text file and zero-shot tasks ->
+    {"model", "ctx", "ppl": {stem: value}, "tasks": {task: {"acc", ...}}, "bits_per_weight"}."""
     if ctx < 2:
         raise HarpqError(f"context length must be at least 2, not {ctx}")
+    if limit is not None and limit < 1:
+        raise HarpqError(f"--limit must be at least 1, not {limit}")
+    for task in tasks:  # fail on a bad task name or missing file before loading the model
+        load_task(task, tasks_dir, limit=1)
     name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
         path, model = model, load(model, device=device, dtype=dtype)
@@ -56,6 +65,8 @@ def evaluate(
     for stem, text in texts.items():
         tokens = tokenize_text(tokenizer, text)
         result["ppl"][stem] = perplexity(model, tokens, ctx, batch_size, progress, desc=stem)
+    if tasks:
+        result["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), tasks_dir, limit, batch_size, progress)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result

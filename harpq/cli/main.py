@@ -10,6 +10,7 @@ import click
 import torch
 
 from ..errors import HarpqError
+from ..eval.zeroshot import DEFAULT_TASKS_DIR, TASKS
 from ..recipe import METHODS, Recipe
 
 
@@ -81,25 +82,35 @@ def quantize(model, out, method, bits, group_size, ragged_groups, processor, cod
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--ppl", "ppl_files", multiple=True, required=True, type=click.Path(), help="Text file (repeatable).")
+@click.option("--ppl", "ppl_files", multiple=True, type=click.Path(), help="Text file (repeatable).")
+@click.option("--tasks", default=None, help=f"Comma-separated zero-shot tasks ({','.join(TASKS)}).")
+@click.option("--tasks-dir", type=click.Path(), default=str(DEFAULT_TASKS_DIR), show_default=True)
+@click.option("--limit", type=int, default=None, help="Score only the first N items of each task.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Context length of each window.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Compute dtype [default: float32 on cpu, float16 on cuda].")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
-def evaluate(model, ppl_files, ctx, device, batch_size, dtype, json_out) -> None:
-    """Perplexity of MODEL on each --ppl file (non-overlapping windows of --ctx tokens)."""
+def evaluate(model, ppl_files, tasks, tasks_dir, limit, ctx, device, batch_size, dtype, json_out) -> None:
+    """Perplexity of MODEL on each --ppl file (non-overlapping windows of --ctx tokens) and zero-shot --tasks."""
     from ..api import evaluate as run
 
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else []
+    if not ppl_files and not task_list:
+        _fail("nothing to evaluate: pass --ppl FILE and/or --tasks " + ",".join(TASKS))
     try:
         result = run(model, ppl_files, ctx=ctx, device=device, batch_size=batch_size, json_out=json_out,
-                     dtype=getattr(torch, dtype) if dtype else None)
+                     dtype=getattr(torch, dtype) if dtype else None, tasks=task_list, tasks_dir=tasks_dir,
+                     limit=limit)
     except HarpqError as e:
         _fail(str(e))
     click.echo(f"{'text':<24} {'ctx':>6} {'ppl':>10}   bits/weight {result['bits_per_weight']:.3f}")
     for stem, value in result["ppl"].items():
         click.echo(f"{stem:<24} {ctx:>6} {value:>10.3f}")
+    for task, r in result.get("tasks", {}).items():
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "n")
+        click.echo(f"{task:<24} n={r['n']:<6} {scores}")
     if json_out:
         click.echo(f"wrote {json_out}")
 

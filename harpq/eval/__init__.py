@@ -1,5 +1,6 @@
-"""Evaluation: perplexity (zero-shot tasks plug in here too)."""
+"""Evaluation: perplexity, zero-shot tasks, bits per weight."""
 
 from .perplexity import bits_per_weight, perplexity
+from .zeroshot import TASKS, evaluate_tasks
 
-__all__ = ["bits_per_weight", "perplexity"]
+__all__ = ["TASKS", "bits_per_weight", "evaluate_tasks", "perplexity"]
