@@ -15,6 +15,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY = SHARED / "models" / "llama-tiny"
 CALIB = SHARED / "data" / "gutenberg_valid.txt"
 TEST_TEXT = SHARED / "data" / "gutenberg_test.txt"
+TASKS_DIR = SHARED / "data" / "tasks"
 
 
 @pytest.fixture(scope="session")
