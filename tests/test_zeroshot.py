@@ -28,7 +28,8 @@ def hand_loglik(model, ctx, cont):
 def test_batched_loglikelihoods_equal_hand_computed_ones(tiny):
     model, tok = tiny
     items = [("Question: What is the sky?", " Blue, mostly."), ("A", " b"),
-             ("The quick brown fox jumps over", " the lazy dog"), ("Passage: tea is hot.\nQuestion: is tea hot?", " yes")]
+             ("The quick brown fox jumps over", " the lazy dog"),
+             ("Passage: tea is hot.\nQuestion: is tea hot?", " yes")]
     pairs = [encode_pair(tok, c, x) for c, x in items]
     got = loglikelihoods(model, pairs, batch_size=3)  # mixed lengths: padding inside a batch
     for (ctx, cont), (ll, greedy) in zip(pairs, got, strict=True):
