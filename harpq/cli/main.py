@@ -117,6 +117,38 @@ def evaluate(model, ppl_files, tasks, tasks_dir, limit, ctx, device, batch_size,
 
 @cli.command()
 @click.argument("model")
+@click.argument("out")
+@click.option("--methods", default="rtn,gptq,quip,quipsharp,hqq,harp", show_default=True)
+@click.option("--bits", "bits_list", default="2,3,4", show_default=True)
+@click.option("--ppl", "ppl_files", multiple=True, required=True, type=click.Path(), help="Text file (repeatable).")
+@click.option("--calib", type=click.Path(), default=None, help="Calibration text for the methods that need it.")
+@click.option("--tasks", default=None, help=f"Comma-separated zero-shot tasks ({','.join(TASKS)}).")
+@click.option("--tasks-dir", type=click.Path(), default=str(DEFAULT_TASKS_DIR), show_default=True)
+@click.option("--limit", type=int, default=None, help="Score only the first N items of each task.")
+@click.option("--ctx", type=int, default=512, show_default=True)
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 1200]")
+@click.option("--device", default="cpu", show_default=True)
+def compare(model, out, methods, bits_list, ppl_files, calib, tasks, tasks_dir, limit, ctx, nsamples, seqlen,
+            harp_steps, device) -> None:
+    """Quantize MODEL with each method and bit width, evaluate each, write OUT/report.md (resumable)."""
+    from ..eval.compare import compare as run
+
+    settings = {"harp": {"harp_steps": harp_steps}} if harp_steps is not None else {}
+    try:
+        path = run(model, out, [m.strip() for m in methods.split(",") if m.strip()],
+                   [int(b) for b in bits_list.split(",") if b.strip()], list(ppl_files), calib=calib,
+                   tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else [], tasks_dir=tasks_dir,
+                   limit=limit, ctx=ctx, nsamples=nsamples, seqlen=seqlen, device=device, settings=settings,
+                   echo=click.echo)
+    except (HarpqError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("model")
 @click.argument("prompt")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -1,0 +1,51 @@
+import importlib
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import CALIB, TASKS_DIR
+
+from harpq import HarpqError
+from harpq.cli.main import cli
+from harpq.eval.compare import compare, layer_medians
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_writes_a_report_and_resumes(tiny_path, tmp_path, small_text, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["compare", str(tiny_path), str(out), "--methods", "rtn,gptq", "--bits", "4,2", "--ppl", str(small_text),
+            "--calib", str(CALIB), "--nsamples", "4", "--seqlen", "64", "--ctx", "64", "--tasks", "arc_easy",
+            "--tasks-dir", str(TASKS_DIR), "--limit", "4"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {"fp", "rtn-4bit", "gptq-4bit", "rtn-2bit", "gptq-2bit"}
+    assert runs["gptq-2bit"]["tasks"]["arc_easy"]["n"] == 4 and runs["fp"]["bits_per_weight"] == 16.0
+    assert runs["gptq-2bit"]["bits_per_weight"] < runs["gptq-4bit"]["bits_per_weight"]
+    report = (out / "report.md").read_text()
+    assert "## 2 bits" in report and "| gptq |" in report and "ppl_vs_bits.png" in report
+    for png in ("ppl_vs_bits.png", "proxy_loss_by_layer.png"):
+        assert (out / png).read_bytes()[:8] == PNG and (out / png).stat().st_size > 10_000
+    assert not (out / "work").exists()
+
+    def refuse(*a, **k):
+        raise AssertionError("a finished run must not be quantized again")
+
+    monkeypatch.setattr(importlib.import_module("harpq.api"), "quantize", refuse)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0 and res.output.count("done before, kept") == 5
+
+
+def test_compare_checks_its_plan_before_any_work(tiny_path, tmp_path, small_text):
+    with pytest.raises(HarpqError, match="unknown method 'awq'"):
+        compare(tiny_path, tmp_path / "x", ["rtn", "awq"], [4], [small_text])
+    with pytest.raises(HarpqError, match="2, 3 and 4 bits, not 8"):
+        compare(tiny_path, tmp_path / "x", ["rtn"], [8], [small_text])
+    assert not (tmp_path / "x").exists()
+
+
+def test_layer_medians():
+    proxy = {"model.layers.0.a": 1.0, "model.layers.0.b": 3.0, "model.layers.1.a": 2.0, "lm_head": 9.0,
+             "model.layers.1.b": None}
+    assert layer_medians(proxy) == {0: 2.0, 1: 2.0}
