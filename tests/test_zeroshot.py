@@ -80,3 +80,10 @@ def test_bad_task_input_fails_in_one_line(tiny_path, tmp_path):
         harpq.evaluate(tiny_path, tasks=["arc_easy"], tasks_dir=tmp_path)
     res = CliRunner().invoke(cli, ["eval", str(tiny_path)])
     assert res.exit_code == 2 and "nothing to evaluate" in res.output
+
+
+def test_a_merge_across_the_boundary_still_scores_the_continuation(tiny):
+    _, tok = tiny
+    for ctx_text, cont_text in (("the cat", "s"), ("abc", "def"), ("hello", "world")):
+        ctx, cont = encode_pair(tok, ctx_text, cont_text)
+        assert cont and tok.decode(ctx) == ctx_text

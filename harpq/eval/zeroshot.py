@@ -34,6 +34,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> Pair:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
     ctx = tokenizer(context, add_special_tokens=False).input_ids
+    if whole[: len(ctx)] != ctx or len(whole) == len(ctx):  # a token merged across the boundary
+        return ctx, tokenizer(continuation, add_special_tokens=False).input_ids
     return ctx, whole[len(ctx):]
 
 
