@@ -53,6 +53,7 @@ def _plots(out: Path, records: list[dict], fp: dict | None, stem: str) -> list[s
                 ax.plot(list(med), list(med.values()), marker=MARKERS[k % len(MARKERS)], label=method)
         ax.set_yscale("log")
         ax.set_title(f"{b} bits")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)")
