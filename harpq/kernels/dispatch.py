@@ -44,8 +44,7 @@ def quantized_matmul(codebook: Codebook, buffers: dict[str, torch.Tensor], meta:
 
         stage2 = {2: 0, 3: 1, 4: 2}[codebook.bits]
         resid_inv = 1.0 / codebook.resid if codebook.resid else 0.0
-        return e8p_gemv(x, buffers["codes"], buffers.get("codes2"), stage2, float(buffers["scales"].float()),
-                        resid_inv)
+        return e8p_gemv(x, buffers["codes"], buffers.get("codes2"), stage2, buffers["scales"], resid_inv)
     from .scalar_gemv import scalar_gemv
 
     group = codebook.group_len(n) if codebook.scale_rule != "rms" else n

@@ -32,7 +32,7 @@ def _e8p_decode(code, j, table_ptr, parity_ptr, mask):
 
 
 @triton.jit
-def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, table_ptr, parity_ptr, table2_ptr, y_ptr, M, N, BATCH, scale,
+def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, table_ptr, parity_ptr, table2_ptr, scale_ptr, y_ptr, M, N, BATCH,
               resid_inv, STAGE2: tl.constexpr, BP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -55,6 +55,7 @@ def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, table_ptr, parity_ptr, table2_ptr, y
                     other=0.0).to(tl.float32)
         acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
     out = y_ptr + batch[None, :] * M + rows[:, None]
+    scale = tl.load(scale_ptr).to(tl.float32)  # read on the device: no host sync, safe under CUDA graphs
     tl.store(out, (acc * scale).to(y_ptr.dtype.element_ty), mask=rmask[:, None] & bmask[None, :])
 
 
@@ -70,9 +71,10 @@ def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
-def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, stage2: int, scale: float,
+def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, stage2: int, scale: torch.Tensor,
              resid_inv: float) -> torch.Tensor:
-    """x (B, n), codes (m, n/8) int16 [, codes2 (m, n/8)] -> (B, m) in x's dtype; stage2: 0 none, 1 E8, 2 E8P."""
+    """x (B, n), codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) -> (B, m) in x's dtype;
+    stage2: 0 none, 1 E8, 2 E8P."""
     x = x.contiguous()
     batch, n = x.shape
     m = codes.shape[0]
@@ -81,8 +83,8 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     bp = max(1, triton.next_power_of_2(batch))
     block_m = 32 if bp <= 2 else 16
     second = codes2.contiguous() if codes2 is not None else codes
-    _e8p_gemv[(triton.cdiv(m, block_m),)](x, codes.contiguous(), second, table, parity, table2, y, m, n, batch,
-                                          scale, resid_inv, STAGE2=stage2, BP=bp, BLOCK_M=block_m, BLOCK_K=128)
+    _e8p_gemv[(triton.cdiv(m, block_m),)](x, codes.contiguous(), second, table, parity, table2, scale, y, m, n,
+                                          batch, resid_inv, STAGE2=stage2, BP=bp, BLOCK_M=block_m, BLOCK_K=128)
     return y
 
 
