@@ -41,6 +41,22 @@ def test_scalar_gemv_matches_decode_then_matmul(bits, rule, group, batch):
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("rule,group", [("minmax", 128), ("hqq", 64), ("minmax", 32)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_whole_word_gemv_matches_decode_then_matmul(bits, rule, group, batch):
+    from harpq.kernels.scalar_gemv import grouped_ok
+
+    m, n = 40, 384  # whole groups of whole words: the fast kernel; 40 rows: a partial row block
+    assert grouped_ok(bits, group, n)
+    cb = ScalarGrid(bits, group, scale=rule)
+    buffers = quantized(cb, m, n, seed=bits + group)
+    x = torch.randn(batch, n, generator=torch.Generator().manual_seed(7 * batch)).to(DEVICE)
+    ref = x @ cb.decode(buffers, m, n).T
+    got = quantized_matmul(cb, buffers, scalar_meta(cb, buffers, m, n), x, m, n)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_e8p_gemv_matches_decode_then_matmul(bits, batch):
@@ -68,3 +84,39 @@ def test_quant_linear_kernel_path_equals_reference_path(method, bits, group):
     got = module(x)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6)
     assert module(torch.randn(9, 128, device=DEVICE)).shape == (9, 48)  # 9 rows: dequantize + matmul
+
+
+@pytest.mark.parametrize("processor,n", [("rht", 256), ("rht", 344), ("harp", 256), ("harp", 344)])
+def test_stage_kernels_match_the_sides(processor, n):
+    from harpq.kernels.stages import StagePlan, apply_plan
+    from harpq.processors import make_processor
+
+    proc = make_processor({"name": processor, "seed": 3, "schedule": "kron"} if processor == "harp"
+                          else {"name": processor, "seed": 3})
+    buffers = proc.init_buffers(n, n)
+    side = proc.side("in", n)
+    if processor == "harp":  # learned-looking blocks, not the S = 0 start
+        gen = torch.Generator().manual_seed(1)
+        buffers.update({k: (torch.randn(v.shape, generator=gen) * 0.3).half() for k, v in buffers.items()
+                        if "theta" in k})
+    buffers = {k: v.to(DEVICE) for k, v in buffers.items()}
+    plan = StagePlan.build(*side.stages(buffers, "v_"))
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(DEVICE)
+    for transpose, ref in [(False, side.forward(buffers, "v_", x)), (True, side.backward(buffers, "v_", x))]:
+        got = apply_plan(plan, x, transpose)
+        assert got.dtype == x.dtype
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (transpose, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("method", ["quipsharp", "harp"])
+def test_quant_linear_kernel_path_with_transforms(method):
+    torch.manual_seed(0)
+    w, h = torch.randn(64, 344) * 0.02, random_hessian(344, tokens=1024)
+    recipe = harpq.Recipe.preset(method, harp_steps=3, harp_schedule="kron").for_module("m")
+    module, _ = quantize_linear("m", w, h, recipe)
+    module = module.to(DEVICE)
+    x = torch.randn(2, 344, device=DEVICE)
+    module.use_kernels = False
+    ref = module(x)
+    module.use_kernels = True
+    assert torch.allclose(module(x), ref, rtol=1e-4, atol=1e-5)

@@ -13,15 +13,16 @@ MAX_DECODE_BATCH = 8  # beyond this a dequantize + matmul (tensor cores) wins
 
 
 def scalar_meta(codebook: ScalarGrid, buffers: dict[str, torch.Tensor], m: int, n: int) -> tuple[torch.Tensor, ...]:
-    """(scale, zero), each (m, groups) float32, in the kernel's layout (per-row grids as one group)."""
+    """(scale, zero), each (m, groups) float16 (exact: stored scales are fp16, zero-points integers or
+    fp16), in the kernel's layout (per-row grids as one group)."""
     if codebook.scale_rule == "rms":
-        scale = buffers["scales"].float().expand(m, 1)
+        scale = buffers["scales"].half().expand(m, 1)
         return scale.contiguous(), torch.full_like(scale, codebook.maxq / 2)
     groups = codebook.num_groups(n)
-    scale = buffers["scales"].float()
+    scale = buffers["scales"].half()
     if codebook.scale_rule == "hqq":
-        return scale, buffers["zeros"].float()
-    zero = unpack_bits(buffers["zeros"].view(1, -1), codebook.bits, m * groups).view(m, groups).float()
+        return scale, buffers["zeros"].half()
+    zero = unpack_bits(buffers["zeros"].view(1, -1), codebook.bits, m * groups).view(m, groups).half()
     return scale, zero
 
 

@@ -1,12 +1,21 @@
 """y = x · Ŵᵀ for QuIP#'s E8P codes (2 bits) and its residual stages (3, 4 bits), batch 1–8.
 
-Each 16-bit code is decoded in registers: bits 0–7 pick a row of the 256 × 8 absolute-value table,
+Each 16-bit code is decoded in registers: bits 0–7 pick a row of the 256-entry absolute-value table,
 bits 8–14 are the signs of coordinates 0–6, the sign of coordinate 7 makes the number of negative
-coordinates match the entry's parity (Σ 2|s_i|/2 mod 2), and bit 15 picks the ±¼ shift. The second
-stage is the 1-bit E8 table (3 bits, uint8 codes) or E8P again (4 bits), added with weight 1/resid.
+coordinates match the entry's parity, and bit 15 picks the ±¼ shift. The second stage is the 1-bit
+E8 table (3 bits, uint8 codes) or E8P again (4 bits), added with weight 1/resid.
+
+Why it is shaped this way: decoding, not memory, bounds an E8P matvec, so every weight costs few
+integer operations. An entry is one int32 word (eight 3-bit nibbles 2|v_i|, the parity in bit 3),
+the magnitude becomes a float by an exponent trick instead of a conversion, a sign flips x's sign
+bit, and the ±¼ shift is applied once per code against Σ x over its 8 columns. Values are computed
+doubled (integers) and halved once at the end. Batch rows are a grid axis (the codes of a layer
+stay in L2 between them).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -15,58 +24,80 @@ import triton.language as tl
 from ..codebooks.e8p import _entry_parity
 from ..codebooks.lattice import e8_one_bit_points, e8p_abs_table
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w)
+    for bm, bc, w in [(8, 64, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8), (8, 128, 4), (32, 32, 4), (64, 32, 8)]
+]
+
 
 @triton.jit
-def _e8p_decode(code, j, table_ptr, parity_ptr, mask):
+def _float_of_small_int(q):
+    """Exact float of an int in [0, 2^23) without a conversion instruction: 2^23 + q, minus 2^23."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _e8p_dot(code, x, xsum, packed_ptr, mask):
+    """Σ_j 2·decode(code)_j · x_j for a [BM, BC] tile of codes against x [BC, 8] (Σ_j x_j = xsum [BC])."""
     c = code.to(tl.int32) & 0xFFFF
-    entry = c & 255
-    mag = tl.load(table_ptr + entry * 8 + j, mask=mask, other=0.0)
+    word = tl.load(packed_ptr + (c & 255), mask=mask, other=0)
     signs = (c >> 8) & 127
-    count = tl.zeros_like(signs)
-    for k in tl.static_range(7):
+    count = signs & 1
+    for k in tl.static_range(1, 7):
         count += (signs >> k) & 1
-    last_negative = ((count + tl.load(parity_ptr + entry, mask=mask, other=0)) & 1) == 1
-    negative = tl.where(j < 7, ((c >> (8 + j)) & 1) == 1, last_negative)
-    shift = tl.where(((c >> 15) & 1) == 1, 0.25, -0.25)
-    return tl.where(negative, -mag, mag) + shift
+    last = (count + (word >> 3)) & 1
+    sign_bits = signs | (last << 7)
+    j = tl.arange(0, 8)[None, None, :]
+    mag = _float_of_small_int((word[:, :, None] >> (4 * j)) & 7)
+    flip = ((sign_bits[:, :, None] >> j) & 1) << 31
+    xv = (x[None, :, :].to(tl.int32, bitcast=True) ^ flip).to(tl.float32, bitcast=True)
+    shift = tl.where(((c >> 15) & 1) == 1, 0.5, -0.5)
+    return tl.sum(mag * xv, axis=2) + shift * xsum[None, :]
 
 
+@triton.autotune(configs=_CONFIGS, key=["M", "NC", "STAGE2"])
 @triton.jit
-def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, table_ptr, parity_ptr, table2_ptr, scale_ptr, y_ptr, M, N, BATCH,
-              resid_inv, STAGE2: tl.constexpr, BP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, packed_ptr, table2_ptr, scale_ptr, y_ptr, M, NC, resid_inv,
+              STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(1)
     rmask = rows < M
-    batch = tl.arange(0, BP)
-    bmask = batch < BATCH
-    acc = tl.zeros((BLOCK_M, BP), dtype=tl.float32)
-    for k0 in range(0, N, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < N
+    j = tl.arange(0, 8)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, NC, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        cmask = cc < NC
         mask = rmask[:, None] & cmask[None, :]
-        j = (cols % 8)[None, :]
-        at = rows[:, None] * (N // 8) + (cols // 8)[None, :]
-        w = _e8p_decode(tl.load(codes_ptr + at, mask=mask, other=0), j, table_ptr, parity_ptr, mask)
-        if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table
+        x = tl.load(x_ptr + b * NC * 8 + cc[:, None] * 8 + j[None, :], mask=cmask[:, None], other=0.0).to(tl.float32)
+        xsum = tl.sum(x, axis=1)
+        at = rows[:, None] * NC + cc[None, :]
+        part = _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), x, xsum, packed_ptr, mask)
+        if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table (stored doubled)
             c2 = tl.load(codes2_ptr + at, mask=mask, other=0).to(tl.int32) & 255
-            w += tl.load(table2_ptr + c2 * 8 + j, mask=mask, other=0.0) * resid_inv
+            v2 = tl.load(table2_ptr + c2[:, :, None] * 8 + j[None, None, :], mask=mask[:, :, None], other=0.0)
+            part += tl.sum(v2 * x[None, :, :], axis=2) * resid_inv
         if STAGE2 == 2:
-            w += _e8p_decode(tl.load(codes2_ptr + at, mask=mask, other=0), j, table_ptr, parity_ptr, mask) * resid_inv
-        x = tl.load(x_ptr + batch[:, None] * N + cols[None, :], mask=bmask[:, None] & cmask[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
-    out = y_ptr + batch[None, :] * M + rows[:, None]
-    scale = tl.load(scale_ptr).to(tl.float32)  # read on the device: no host sync, safe under CUDA graphs
-    tl.store(out, (acc * scale).to(y_ptr.dtype.element_ty), mask=rmask[:, None] & bmask[None, :])
+            part += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), x, xsum, packed_ptr, mask) * resid_inv
+        acc += tl.sum(part, axis=1)
+    scale = tl.load(scale_ptr).to(tl.float32) * 0.5  # read on the device: no host sync, safe under CUDA graphs
+    tl.store(y_ptr + b * M + rows, (acc * scale).to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(abs table, entry parity, 1-bit E8 table) on the device, built once."""
+def packed_table() -> torch.Tensor:
+    """(256,) int32: nibble i holds 2|v_i| (1, 3 or 5), bit 3 the entry's parity."""
+    twice = (2 * e8p_abs_table()).round().to(torch.int64)
+    word = (twice << (4 * torch.arange(8))).sum(1) | (_entry_parity(torch.device("cpu")).to(torch.int64) << 3)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed E8P entries, doubled 1-bit E8 table) on the device, built once."""
     if device not in _TABLES:
-        _TABLES[device] = (e8p_abs_table().float().to(device), _entry_parity(device).to(torch.int32),
-                           e8_one_bit_points().float().to(device))
+        _TABLES[device] = (packed_table().to(device), (2 * e8_one_bit_points()).float().to(device))
     return _TABLES[device]
 
 
@@ -76,15 +107,16 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     """x (B, n), codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) -> (B, m) in x's dtype;
     stage2: 0 none, 1 E8, 2 E8P."""
     x = x.contiguous()
-    batch, n = x.shape
-    m = codes.shape[0]
-    table, parity, table2 = tables(x.device)
+    batch = x.shape[0]
+    m, nc = codes.shape
+    packed, table2 = tables(x.device)
     y = torch.empty(batch, m, dtype=x.dtype, device=x.device)
-    bp = max(1, triton.next_power_of_2(batch))
-    block_m = 32 if bp <= 2 else 16
     second = codes2.contiguous() if codes2 is not None else codes
-    _e8p_gemv[(triton.cdiv(m, block_m),)](x, codes.contiguous(), second, table, parity, table2, scale, y, m, n,
-                                          batch, resid_inv, STAGE2=stage2, BP=bp, BLOCK_M=block_m, BLOCK_K=128)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), batch)
+
+    _e8p_gemv[grid](x, codes.contiguous(), second, packed, table2, scale, y, m, nc, resid_inv, STAGE2=stage2)
     return y
 
 

@@ -1,19 +1,69 @@
 """y = x · Ŵᵀ for a packed b-bit scalar grid (RTN / GPTQ / HQQ / QuIP layouts), batch 1–8, one pass over W.
 
-Codes are read straight from the int32 bit stream of `codebooks.packing` (every 32 codes are b words,
-so a 3-bit code may straddle two words), dequantized in registers as scale · (q − zero) per group and
-reduced against x; W is never materialised. Accumulation is float32.
+Codes are read straight from the int32 bit stream of `codebooks.packing`; W is never materialised and
+accumulation is float32. Two kernels:
+
+- `_grouped_gemv`, for widths that divide 32 (1, 2, 4, 8 bits) and whole groups of a multiple of 32
+  columns: whole words are loaded and split in registers, and per group the sum is
+  s·(Σ q·x − z·Σ x), so the zero-point and scale cost one operation per group, not per weight.
+- `_bitstream_gemv`, for everything else (3 bits, where a code may straddle two words; ragged groups;
+  one grid per row): per column, correct but slower.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .e8p_gemv import _float_of_small_int
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_G": 2}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_M": bm, "BLOCK_G": bg}, num_warps=w)
+    for bm, bg, w in [(8, 4, 4), (16, 4, 4), (16, 8, 8), (32, 4, 8), (8, 8, 4), (32, 2, 4), (64, 2, 8)]
+]
+
+
+def grouped_ok(bits: int, group: int, n: int) -> bool:
+    """Whether the fast whole-word kernel handles this layout."""
+    return 32 % bits == 0 and group % 32 == 0 and n % group == 0
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "GROUPS", "BITS", "GROUP"])
+@triton.jit
+def _grouped_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, y_ptr, M, N, WORDS, GROUPS,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    PER: tl.constexpr = 32 // BITS  # codes per word, lowest bits first
+    GW: tl.constexpr = GROUP // PER  # words per group
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(1)
+    rmask = rows < M
+    slot = tl.arange(0, PER)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for g0 in range(0, GROUPS, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        gmask = g < GROUPS
+        wi = (g[:, None] * GW + tl.arange(0, GW)[None, :]).reshape(BLOCK_G * GW)
+        wmask = (gmask[:, None] & (tl.arange(0, GW)[None, :] < GW)).reshape(BLOCK_G * GW)
+        words = tl.load(words_ptr + rows[:, None] * WORDS + wi[None, :], mask=rmask[:, None] & wmask[None, :], other=0)
+        q = _float_of_small_int((words[:, :, None] >> (slot[None, None, :] * BITS)) & ((1 << BITS) - 1))
+        q = q.reshape(BLOCK_M, BLOCK_G, GROUP)
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        x = tl.load(x_ptr + b * N + cols, mask=gmask[:, None], other=0.0).to(tl.float32)
+        qx = tl.sum(q * x[None, :, :], axis=2)
+        meta = rows[:, None] * GROUPS + g[None, :]
+        mmask = rmask[:, None] & gmask[None, :]
+        scale = tl.load(scale_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
+        acc += tl.sum(scale * (qx - zero * tl.sum(x, axis=1)[None, :]), axis=1)
+    tl.store(y_ptr + b * M + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+
 
 @triton.jit
-def _scalar_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, y_ptr, M, N, WORDS, GROUPS, GROUP, BATCH,
+def _bitstream_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, y_ptr, M, N, WORDS, GROUPS, GROUP, BATCH,
                  BITS: tl.constexpr, BP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -53,10 +103,17 @@ def scalar_gemv(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero:
     batch, n = x.shape
     m = words.shape[0]
     y = torch.empty(batch, m, dtype=x.dtype, device=x.device)
+    if grouped_ok(bits, group, n):
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), batch)
+
+        _grouped_gemv[grid](x, words.contiguous(), scale.contiguous(), zero.contiguous(), y, m, n, words.shape[1],
+                            scale.shape[1], BITS=bits, GROUP=group)
+        return y
     bp = max(1, triton.next_power_of_2(batch))
     block_m = 32 if bp <= 2 else 16
     grid = (triton.cdiv(m, block_m),)
-    _scalar_gemv[grid](x, words.contiguous(), scale.contiguous(), zero.contiguous(), y, m, n, words.shape[1],
+    _bitstream_gemv[grid](x, words.contiguous(), scale.contiguous(), zero.contiguous(), y, m, n, words.shape[1],
                        scale.shape[1], group, batch, BITS=bits, BP=bp, BLOCK_M=block_m, BLOCK_K=128)
     return y
 

@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
         #: Triton decode kernels for ≤ 8 rows: None = on CUDA only; True also forces them elsewhere
         #: (on the CPU that needs TRITON_INTERPRET=1: tests); False = always the reference path
         self.use_kernels: bool | None = None
-        self._kernel_meta: dict[torch.device, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
+        self._kernel_meta: dict[torch.device, tuple[tuple, tuple]] = {}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
@@ -100,23 +100,35 @@ class QuantLinear(nn.Module):
             return False
         return self.use_kernels is True or rows.is_cuda
 
+    def _run_meta(self, device: torch.device):
+        """(codebook kernel inputs, processor stage plans or None), rebuilt when any buffer changes."""
+        cb = self._buffers_of(self._codebook_names)
+        pb = self._buffers_of(self._processor_names)
+        version = tuple((t.data_ptr(), t._version) for t in (*cb.values(), *pb.values()))
+        hit = self._kernel_meta.get(device)
+        if hit is None or hit[0] != version:
+            plans = None
+            if hasattr(self.processor, "stage_plans"):
+                plans = self.processor.stage_plans(pb, self.out_features, self.in_features)
+            meta = dispatch.kernel_meta(self.codebook, cb, self.out_features, self.in_features)
+            hit = self._kernel_meta[device] = (version, (meta, plans))
+        return hit[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pb = self._buffers_of(self._processor_names)
-        xin = self.processor.apply_input(pb, x)
-        rows = xin.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features)
         if self._kernel_ok(rows):
+            from ..kernels.stages import apply_plan
+
+            meta, plans = self._run_meta(rows.device)
+            rows = apply_plan(plans[1], rows, False) if plans else self.processor.apply_input(pb, rows)
             cb = self._buffers_of(self._codebook_names)
-            version = tuple((t.data_ptr(), t._version) for t in cb.values())  # rebuilt if the buffers change
-            hit = self._kernel_meta.get(rows.device)
-            if hit is None or hit[0] != version:
-                hit = self._kernel_meta[rows.device] = (version, dispatch.kernel_meta(
-                    self.codebook, cb, self.out_features, self.in_features))
-            meta = hit[1]
             z = dispatch.quantized_matmul(self.codebook, cb, meta, rows, self.out_features, self.in_features)
-            z = z.view(*x.shape[:-1], self.out_features)
+            y = apply_plan(plans[0], z, True) if plans else self.processor.apply_output(pb, z)
+            y = y.view(*x.shape[:-1], self.out_features)
         else:
-            z = xin @ self.dequantized_weight().to(x.dtype).T
-        y = self.processor.apply_output(pb, z)
+            xin = self.processor.apply_input(pb, x)
+            y = self.processor.apply_output(pb, xin @ self.dequantized_weight().to(x.dtype).T)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -126,6 +126,10 @@ class ButterflySide(Side):
         ks = self._stored_kernels(b, prefix, x)
         return apply_stages(x, ks, self.schedule, transpose=True) * b[prefix + "signs"].to(x.dtype)
 
+    def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        signs = b[prefix + "signs"]
+        return signs, self._stored_kernels(b, prefix, signs.new_empty(0, dtype=torch.float64)), self.schedule
+
 
 def butterfly_side(n: int, schedule: str, store: str = "fp16", radix: int = PREFERRED_RADIX) -> ButterflySide:
     if schedule == "greedy":

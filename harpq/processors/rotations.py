@@ -66,6 +66,16 @@ class TwoSided(Processor):
     def apply_output(self, buffers: Buffers, y: torch.Tensor) -> torch.Tensor:
         return self.side("out", y.shape[-1]).backward(buffers, "u_", y)
 
+    def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
+        """(output side, input side) as `kernels.stages.StagePlan`s, or None if a side is not a stage product."""
+        from ..kernels.stages import StagePlan
+
+        out = self.side("out", out_features).stages(buffers, "u_")
+        inp = self.side("in", in_features).stages(buffers, "v_")
+        if out is None or inp is None:
+            return None
+        return StagePlan.build(*out), StagePlan.build(*inp)
+
 
 class RandomizedHadamard(TwoSided):
     """QuIP#'s RHT: random signs then H_K ⊗ H_{2^k}; the randomized FFT where no Hadamard order fits."""

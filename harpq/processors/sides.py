@@ -8,6 +8,7 @@ transform it was made with even if a later harpq would choose another for the sa
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 from ..codebooks.base import BufferSpec
 from ..errors import HarpqError
 from ..hadamard import hadamard_transform, split_order
+from ..hadamard.construct import hadamard_matrix, sylvester
+from ..hadamard.transform import FWHT_RADIX
 
 log = logging.getLogger(__name__)
 Buffers = dict[str, torch.Tensor]
@@ -43,6 +46,11 @@ class Side(ABC):
     @abstractmethod
     def backward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ x along the last dim."""
+
+    def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]] | None:
+        """(signs, blocks, schedule) with Q x = apply_stages(signs ⊙ x, blocks, schedule), for the run-time
+        stage kernels; None where Q is not such a product."""
+        return None
 
 
 def random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -72,6 +80,18 @@ class HadamardSide(Side):
 
     def backward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x, transpose=True, k=self.k) * b[prefix + "signs"].to(x.dtype)
+
+    def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+        """Sylvester stages of radix ≤ 64 over the 2^j digits (fastest first), then the dense H_K."""
+        signs = b[prefix + "signs"]
+        p, radices = self.n // self.k, []
+        while math.prod(radices) < p:
+            radices.append(min(FWHT_RADIX, p // math.prod(radices)))
+        blocks = [torch.from_numpy(sylvester(r)).double() / math.sqrt(r) for r in radices]
+        if self.k > 1:
+            blocks.append(torch.from_numpy(hadamard_matrix(self.k).copy()).double() / math.sqrt(self.k))
+            radices.append(self.k)
+        return signs, [k.to(signs.device) for k in blocks], radices
 
 
 class FourierSide(Side):
