@@ -74,15 +74,23 @@ def evaluate(
 
 @torch.no_grad()
 def generate(model: str | Path | nn.Module, prompt: str, max_new_tokens: int = 64, device: str = "cpu",
-             tokenizer: Any = None) -> str:
-    """Greedy continuation of `prompt`."""
+             tokenizer: Any = None, engine: bool | None = None) -> str:
+    """Greedy continuation of `prompt`. On CUDA (or with `engine=True`) through harpq's decoder with a
+    static KV cache and a CUDA-graph step; elsewhere through Hugging Face `generate`."""
     if not isinstance(model, nn.Module):
         path, model = model, load(model, device=device)
         tokenizer = tokenizer or load_tokenizer(path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    if engine if engine is not None else ids.is_cuda:
+        from .engine import DecodeRunner, from_hf
+
+        runner = DecodeRunner(from_hf(model), 1, ids.shape[1] + max_new_tokens + 1)
+        new = runner.generate(ids, max_new_tokens)[0]
+    else:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 __all__ = ["evaluate", "generate", "load", "quantize", "quantize_model"]

@@ -153,13 +153,37 @@ def compare(model, out, methods, bits_list, ppl_files, calib, tasks, tasks_dir, 
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 def generate(model, prompt, max_new_tokens, device) -> None:
-    """Greedy continuation of PROMPT by MODEL."""
+    """Greedy continuation of PROMPT by MODEL (on CUDA: static KV cache, CUDA-graph decode)."""
     from ..api import generate as run
 
     try:
         click.echo(prompt + run(model, prompt, max_new_tokens=max_new_tokens, device=device))
     except HarpqError as e:
         _fail(str(e))
+
+
+@cli.command()
+@click.option("--shape", default="llama-2-7b", show_default=True, help="llama-2-7b, llama-3-8b or llama-2-70b.")
+@click.option("--formats", default="fp16,rtn4,rtn2,hqq4,hqq2,quipsharp2,quipsharp3,quipsharp4,harp2,harp3,harp4",
+              show_default=True)
+@click.option("--batch", "batches", default="1,4,16", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--steps", type=int, default=64, show_default=True, help="Decode steps per timed run.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
+def bench(shape, formats, batches, steps, json_out) -> None:
+    """Decode tok/s of a SHAPE model with random weights on the GPU: FP16 and each format, one run."""
+    import json
+    from pathlib import Path
+
+    from ..engine import bench as b
+
+    try:
+        result = b.run(shape, [f.strip() for f in formats.split(",") if f.strip()],
+                       [int(x) for x in batches.split(",") if x.strip()], steps=steps, echo=click.echo)
+    except (HarpqError, ValueError) as e:
+        _fail(str(e))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(b.table(result))
 
 
 def main() -> None:

@@ -1,0 +1,188 @@
+"""A Llama-family decoder for inference: static KV cache, one forward for prefill and decode.
+
+Owning the step (instead of calling Hugging Face `generate`) is what lets a whole token be captured in
+one CUDA graph: every tensor it touches is allocated once, positions live on the device, and nothing
+syncs with the host. Its linears are any modules (nn.Linear or QuantLinear); plain fp16 q/k/v and
+gate/up linears are concatenated into one matrix each, as fast fp16 engines do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..errors import HarpqError
+from ..kernels.fused import rms_norm, silu_mul
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    dim: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    head_dim: int | None = None
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of every linear of one layer."""
+        q, kv = self.heads * self.hd, self.kv_heads * self.hd
+        return {"q_proj": (q, self.dim), "k_proj": (kv, self.dim), "v_proj": (kv, self.dim),
+                "o_proj": (self.dim, q), "gate_proj": (self.ffn, self.dim), "up_proj": (self.ffn, self.dim),
+                "down_proj": (self.dim, self.ffn)}
+
+
+SHAPES = {
+    "llama-2-7b": DecoderShape(4096, 32, 32, 32, 11008, 32000),
+    "llama-3-8b": DecoderShape(4096, 32, 32, 8, 14336, 128256, rope_theta=500000.0),
+    "llama-2-70b": DecoderShape(8192, 80, 64, 8, 28672, 32000),
+}
+
+
+def _fusable(mods: list[nn.Module]) -> bool:
+    return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
+
+
+def _concat(mods: list[nn.Module]) -> nn.Linear:
+    weight = torch.cat([m.weight.data for m in mods])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=mods[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight.data = weight
+    if fused.bias is not None:
+        fused.bias.data = torch.cat([m.bias.data for m in mods])
+    return fused
+
+
+class Block(nn.Module):
+    def __init__(self, shape: DecoderShape, linears: dict[str, nn.Module], attn_norm: torch.Tensor,
+                 mlp_norm: torch.Tensor):
+        super().__init__()
+        self.shape = shape
+        qkv, gate_up = [linears[k] for k in ATTN[:3]], [linears["gate_proj"], linears["up_proj"]]
+        self.qkv = _concat(qkv) if _fusable(qkv) else None
+        self.gate_up = _concat(gate_up) if _fusable(gate_up) else None
+        self.linears = nn.ModuleDict({k: v for k, v in linears.items()
+                                      if not (self.qkv is not None and k in ATTN[:3])
+                                      and not (self.gate_up is not None and k in MLP[:2])})
+        self.register_buffer("attn_norm", attn_norm)
+        self.register_buffer("mlp_norm", mlp_norm)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, pos, cos, sin, mask, fused: bool):
+        s, (b, t, _) = self.shape, x.shape
+        h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
+        if self.qkv is not None:
+            q, k, v = self.qkv(h).split([s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd], dim=-1)
+        else:
+            q, k, v = (self.linears[n](h) for n in ATTN[:3])
+        q = _rope(q.view(b, t, s.heads, s.hd), cos, sin).transpose(1, 2)
+        k = _rope(k.view(b, t, s.kv_heads, s.hd), cos, sin).transpose(1, 2)
+        v = v.view(b, t, s.kv_heads, s.hd).transpose(1, 2)
+        self.k_cache.index_copy_(2, pos, k)
+        self.v_cache.index_copy_(2, pos, v)
+        o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+                                           enable_gqa=s.heads != s.kv_heads)
+        x = x + self.linears["o_proj"](o.transpose(1, 2).reshape(b, t, s.heads * s.hd))
+        h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.linears["gate_proj"](h), self.linears["up_proj"](h)
+        return x + self.linears["down_proj"](silu_mul(gate, up, fused))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding (rotate-half convention); cos, sin (T, head_dim) float32, applied in x's
+    dtype as Hugging Face does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype)
+
+
+class Decoder(nn.Module):
+    """tokens (B, T) at positions pos (T,) -> logits of the last position (B, V); the cache is updated."""
+
+    def __init__(self, shape: DecoderShape, embed: torch.Tensor, blocks: list[Block], norm: torch.Tensor,
+                 lm_head: nn.Module, inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0):
+        super().__init__()
+        self.shape = shape
+        self.register_buffer("embed", embed)
+        self.blocks = nn.ModuleList(blocks)
+        self.register_buffer("norm", norm)
+        self.lm_head = lm_head
+        if inv_freq is None:
+            hd = shape.hd
+            inv_freq = 1.0 / shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+        self.register_buffer("inv_freq", inv_freq.float().to(embed.device))
+        self.rope_scale = rope_scale
+        self.max_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        """Allocate (or re-zero) the static KV cache for `batch` sequences of up to `max_len` tokens."""
+        s, dtype = self.shape, self.embed.dtype
+        for blk in self.blocks:
+            blk.k_cache = torch.zeros(batch, s.kv_heads, max_len, s.hd, dtype=dtype, device=self.device)
+            blk.v_cache = torch.zeros_like(blk.k_cache)
+        pos = torch.arange(max_len, dtype=torch.float32, device=self.device)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        self.positions = torch.arange(max_len, device=self.device)
+        self.max_len = max_len
+
+    def cache_bytes(self) -> int:
+        return sum(2 * b.k_cache.numel() * b.k_cache.element_size() for b in self.blocks)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.max_len == 0:
+            raise HarpqError("call setup_cache(batch, max_len) before running the decoder")
+        fused = self.device.type == "cuda" and kernels.available(tokens)
+        x = self.embed[tokens]
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = (self.positions[None, :] <= pos[:, None])[None, None]
+        for blk in self.blocks:
+            x = blk(x, pos, cos, sin, mask, fused)
+        x = rms_norm(x[:, -1], self.norm, self.shape.norm_eps, fused)
+        return self.lm_head(x)
+
+
+def from_hf(model: nn.Module) -> Decoder:
+    """Wrap a loaded Hugging Face Llama-family model (fp or harpq-quantized) without copying its weights."""
+    cfg = model.config
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        raise HarpqError(f"{type(model).__name__} is not a Llama-family decoder (no model.layers/embed_tokens)")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise HarpqError(f"the engine runs SiLU MLPs, not {cfg.hidden_act}")
+    heads = cfg.num_attention_heads
+    shape = DecoderShape(cfg.hidden_size, cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", heads),
+                         cfg.intermediate_size, cfg.vocab_size, norm_eps=cfg.rms_norm_eps,
+                         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    blocks = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = {n: getattr(attn, n) for n in ATTN} | {n: getattr(mlp, n) for n in MLP}
+        norms = layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data
+        blocks.append(Block(shape, linears, *norms))
+    rotary = inner.rotary_emb
+    return Decoder(shape, inner.embed_tokens.weight.data, blocks, inner.norm.weight.data, model.lm_head,
+                   inv_freq=rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)))

@@ -1,0 +1,120 @@
+"""The decode engine against Hugging Face: same logits and greedy tokens, fp and quantized; fused
+kernels against their PyTorch references; bench models build with valid random codes."""
+
+import os
+
+import pytest
+import torch
+
+import harpq
+from harpq.engine import SHAPES, DecoderShape, DecodeRunner, from_hf
+from harpq.engine.bench import FORMATS, build, step_bytes
+from harpq.errors import HarpqError
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_path):
+    return harpq.load(tiny_path, dtype=torch.float64).eval()
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.double()
+
+
+@torch.no_grad()
+def test_prefill_and_decode_match_hugging_face(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    decoder = from_hf(tiny_model)
+    decoder.setup_cache(2, 16)
+    prefill = decoder(ids[:, :6], torch.arange(6))
+    assert torch.allclose(prefill, hf_logits(tiny_model, ids[:, :6])[:, -1], atol=1e-9)
+    for t in range(6, 9):  # one token at a time against the cache
+        step = decoder(ids[:, t:t + 1], torch.tensor([t]))
+        assert torch.allclose(step, hf_logits(tiny_model, ids[:, :t + 1])[:, -1], atol=1e-9)
+
+
+def test_greedy_generation_matches_hugging_face(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    ref = tiny_model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 5:]
+    runner = DecodeRunner(from_hf(tiny_model), 1, 32)
+    assert runner.graph is None and not runner.use_graph  # CPU: eager steps
+    assert torch.equal(runner.generate(ids, 12), ref)
+
+
+def test_quantized_model_runs_in_the_engine(tiny_gptq):
+    model = harpq.load(tiny_gptq).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
+    decoder = from_hf(model)
+    decoder.setup_cache(1, 8)
+    assert decoder.blocks[0].qkv is None  # quantized linears are not concatenated
+    with torch.no_grad():
+        assert torch.allclose(decoder(ids, torch.arange(7)), model(ids).logits[:, -1], atol=1e-4)
+
+
+def test_runner_rejects_what_does_not_fit(tiny_model):
+    runner = DecodeRunner(from_hf(tiny_model), 1, 8)
+    with pytest.raises(HarpqError, match="does not fit"):
+        runner.prefill(torch.zeros(1, 8, dtype=torch.long))
+    runner.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(HarpqError, match="do not fit"):
+        runner.decode(4)
+
+
+def test_decoder_needs_a_cache(tiny_model):
+    with pytest.raises(HarpqError, match="setup_cache"):
+        from_hf(tiny_model)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_bench_models_are_valid(fmt):
+    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64)
+    decoder = build(shape, fmt, "cpu")
+    decoder.setup_cache(1, 4)
+    with torch.no_grad():
+        logits = decoder(torch.tensor([[1, 2]]), torch.arange(2))
+    assert logits.shape == (1, 64) and torch.isfinite(logits).all()
+    nbytes = step_bytes(decoder)
+    fp16 = 2 * sum(o * i for o, i in shape.linear_shapes().values())
+    assert nbytes["linears"] > 0 and (nbytes["linears"] == fp16) == (fmt == "fp16")
+
+
+def test_shapes_are_the_published_ones():
+    s = SHAPES["llama-2-7b"]
+    params = s.layers * sum(o * i for o, i in s.linear_shapes().values())
+    assert abs(params - 6.48e9) < 0.01e9  # 7B minus embeddings and head
+    assert SHAPES["llama-2-70b"].linear_shapes()["k_proj"] == (1024, 8192)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no Triton")
+def test_fused_kernels_match_references():
+    from harpq.kernels.fused import rms_norm, silu_mul
+
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 200, generator=gen), torch.randn(200, generator=gen)
+    assert torch.allclose(rms_norm(x, w, 1e-5, True), rms_norm(x, w, 1e-5, False), atol=1e-5)
+    g, u = torch.randn(5, 300, generator=gen), torch.randn(5, 300, generator=gen)
+    assert torch.allclose(silu_mul(g, u, True), silu_mul(g, u, False), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("method", ["fp16", "quipsharp", "harp"])
+def test_cuda_graph_decode_equals_eager(tiny_path, method):
+    model = harpq.load(tiny_path, device="cuda").eval()
+    if method != "fp16":
+        from harpq.engine.bench import random_quant_linear
+
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for i, layer in enumerate(model.model.layers):
+            for parent in (layer.self_attn, layer.mlp):
+                for name, mod in list(parent.named_children()):
+                    if isinstance(mod, torch.nn.Linear):
+                        q = random_quant_linear(method, {"bits": 2}, mod.out_features, mod.in_features,
+                                                f"{i}.{name}", torch.device("cuda"), gen)
+                        setattr(parent, name, q)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), device="cuda", generator=torch.Generator(
+        device="cuda").manual_seed(4))
+    eager = DecodeRunner(from_hf(model), 2, 32, graph=False).generate(ids, 16)
+    graphed = DecodeRunner(from_hf(model), 2, 32, graph=True)
+    assert torch.equal(graphed.generate(ids, 16), eager)
+    assert graphed.graph is not None
