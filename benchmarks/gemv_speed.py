@@ -2,7 +2,8 @@
 
     python benchmarks/gemv_speed.py
 
-Random codes (their values do not change the time); CUDA events over 200 calls after warm-up.
+Random codes (their values do not change the time); CUDA events over graph replays of 20 calls each
+(host launch overhead excluded: that is what the decode engine's CUDA graph removes too).
 Bandwidth = bytes of the stored weight (codes + scales) / time.
 """
 
@@ -15,21 +16,33 @@ import torch
 from harpq.codebooks import ScalarGrid
 from harpq.codebooks.quipsharp import E8PCodebook
 from harpq.kernels.dispatch import kernel_meta, quantized_matmul
+from harpq.kernels.stages import StagePlan, apply_plan
+from harpq.processors import make_processor
 from harpq.rounding import nearest
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 
 
-def cuda_time(fn, repeat: int = 200) -> float:
-    for _ in range(10):
-        fn()
+def cuda_time(fn, repeat: int = 20, replays: int = 10) -> float:
+    """GPU time per call: `repeat` calls captured in one CUDA graph (no host launch overhead), replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # autotuning and compilation happen here
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(repeat):
-        fn()
+    for _ in range(replays):
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat / 1e3
+    return start.elapsed_time(end) / (repeat * replays) / 1e3
 
 
 def main() -> None:
@@ -53,6 +66,18 @@ def main() -> None:
             t = cuda_time(functools.partial(quantized_matmul, cb, buffers, meta, x, m, n))
             nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
             print(f"| {m}×{n} | {name} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {t16 / t:.2f} |", flush=True)
+    print("| size | online transform | µs |")
+    print("|---|---|---|")
+    for n in (4096, 11008):
+        x = torch.randn(1, n, device=dev, dtype=torch.float16)
+        for name in ("rht", "harp"):
+            proc = make_processor({"name": name, "seed": 0, "schedule": "kron"} if name == "harp"
+                                  else {"name": name, "seed": 0})
+            buffers = {k: v.to(dev) for k, v in proc.init_buffers(n, n).items()}
+            side = proc.side("in", n)
+            plan = StagePlan.build(*side.stages(buffers, "v_"))
+            t = cuda_time(functools.partial(apply_plan, plan, x, False))
+            print(f"| {n} | {name} {plan.table[0::4]} | {t * 1e6:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -88,13 +88,31 @@ def test_shapes_are_the_published_ones():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(), reason="no Triton")
 def test_fused_kernels_match_references():
-    from harpq.kernels.fused import rms_norm, silu_mul
+    from harpq.engine.decoder import _rope
+    from harpq.kernels.fused import rms_norm, rope_into_cache, silu_mul
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(3)
-    x, w = torch.randn(3, 200, generator=gen), torch.randn(200, generator=gen)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dev)
+
+    x, w = rand(3, 200), rand(200)
     assert torch.allclose(rms_norm(x, w, 1e-5, True), rms_norm(x, w, 1e-5, False), atol=1e-5)
-    g, u = torch.randn(5, 300, generator=gen), torch.randn(5, 300, generator=gen)
+    g, u = rand(5, 300), rand(5, 300)
     assert torch.allclose(silu_mul(g, u, True), silu_mul(g, u, False), atol=1e-5)
+    b, t, heads, hkv, d, length = 2, 3, 4, 2, 16, 8
+    qkv = rand(b, t, (heads + 2 * hkv) * d)  # one fused projection: q, k, v are strided column slices
+    q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
+    cos, sin = rand(t, d), rand(t, d)
+    pos = torch.tensor([1, 4, 6], device=dev)
+    kc, vc = rand(b, hkv, length, d), rand(b, hkv, length, d)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    got = rope_into_cache(q, k, v, cos, sin, pos, kc, vc)
+    assert torch.allclose(got, _rope(q.view(b, t, heads, d), cos, sin).transpose(1, 2), atol=1e-5)
+    kc_ref.index_copy_(2, pos, _rope(k.reshape(b, t, hkv, d), cos, sin).transpose(1, 2))
+    vc_ref.index_copy_(2, pos, v.reshape(b, t, hkv, d).transpose(1, 2))
+    assert torch.allclose(kc, kc_ref, atol=1e-5) and torch.equal(vc, vc_ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")

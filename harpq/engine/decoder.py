@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import HarpqError
-from ..kernels.fused import rms_norm, silu_mul
+from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -90,11 +90,13 @@ class Block(nn.Module):
             q, k, v = self.qkv(h).split([s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd], dim=-1)
         else:
             q, k, v = (self.linears[n](h) for n in ATTN[:3])
-        q = _rope(q.view(b, t, s.heads, s.hd), cos, sin).transpose(1, 2)
-        k = _rope(k.view(b, t, s.kv_heads, s.hd), cos, sin).transpose(1, 2)
-        v = v.view(b, t, s.kv_heads, s.hd).transpose(1, 2)
-        self.k_cache.index_copy_(2, pos, k)
-        self.v_cache.index_copy_(2, pos, v)
+        if fused and s.hd & (s.hd - 1) == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+            q = rope_into_cache(q, k, v, cos, sin, pos, self.k_cache, self.v_cache)
+        else:
+            q = _rope(q.view(b, t, s.heads, s.hd), cos, sin).transpose(1, 2)
+            k = _rope(k.view(b, t, s.kv_heads, s.hd), cos, sin).transpose(1, 2)
+            self.k_cache.index_copy_(2, pos, k)
+            self.v_cache.index_copy_(2, pos, v.view(b, t, s.kv_heads, s.hd).transpose(1, 2))
         o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
                                            enable_gqa=s.heads != s.kv_heads)
         x = x + self.linears["o_proj"](o.transpose(1, 2).reshape(b, t, s.heads * s.hd))

@@ -9,8 +9,9 @@ Why it is shaped this way: decoding, not memory, bounds an E8P matvec, so every 
 integer operations. An entry is one int32 word (eight 3-bit nibbles 2|v_i|, the parity in bit 3),
 the magnitude becomes a float by an exponent trick instead of a conversion, a sign flips x's sign
 bit, and the ±¼ shift is applied once per code against Σ x over its 8 columns. Values are computed
-doubled (integers) and halved once at the end. Batch rows are a grid axis (the codes of a layer
-stay in L2 between them).
+doubled (integers) and halved once at the end. The 8 coordinates are unrolled over 2-D tiles (3-D
+tiles and reshapes cost layout shuffles), the reduction over columns happens once, after the loop.
+Batch rows are a grid axis (the codes of a layer stay in L2 between them).
 """
 
 from __future__ import annotations
@@ -38,22 +39,27 @@ def _float_of_small_int(q):
 
 
 @triton.jit
-def _e8p_dot(code, x, xsum, packed_ptr, mask):
-    """Σ_j 2·decode(code)_j · x_j for a [BM, BC] tile of codes against x [BC, 8] (Σ_j x_j = xsum [BC])."""
+def _e8p_dot(code, x_ptr, cc, cmask, packed_ptr, mask):
+    """Σ_j 2·decode(code)_j · x_j for a [BM, BC] tile of codes (columns 8·cc + j of x), as [BM, BC].
+
+    Coordinates are unrolled (8 two-dimensional passes): no 3-D tiles, no reshapes."""
     c = code.to(tl.int32) & 0xFFFF
     word = tl.load(packed_ptr + (c & 255), mask=mask, other=0)
     signs = (c >> 8) & 127
     count = signs & 1
     for k in tl.static_range(1, 7):
         count += (signs >> k) & 1
-    last = (count + (word >> 3)) & 1
-    sign_bits = signs | (last << 7)
-    j = tl.arange(0, 8)[None, None, :]
-    mag = _float_of_small_int((word[:, :, None] >> (4 * j)) & 7)
-    flip = ((sign_bits[:, :, None] >> j) & 1) << 31
-    xv = (x[None, :, :].to(tl.int32, bitcast=True) ^ flip).to(tl.float32, bitcast=True)
+    sign_bits = signs | (((count + (word >> 3)) & 1) << 7)
+    acc = tl.zeros(code.shape, dtype=tl.float32)
+    xsum = tl.zeros(cc.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        x = tl.load(x_ptr + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
+        xsum += x
+        mag = _float_of_small_int((word >> (4 * j)) & 7)
+        flip = ((sign_bits >> j) & 1) << 31
+        acc += mag * (x[None, :].to(tl.int32, bitcast=True) ^ flip).to(tl.float32, bitcast=True)
     shift = tl.where(((c >> 15) & 1) == 1, 0.5, -0.5)
-    return tl.sum(mag * xv, axis=2) + shift * xsum[None, :]
+    return acc + shift * xsum[None, :]
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "NC", "STAGE2"])
@@ -61,27 +67,27 @@ def _e8p_dot(code, x, xsum, packed_ptr, mask):
 def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, packed_ptr, table2_ptr, scale_ptr, y_ptr, M, NC, resid_inv,
               STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(1)
+    xb = x_ptr + tl.program_id(1) * NC * 8
     rmask = rows < M
-    j = tl.arange(0, 8)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < NC
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + b * NC * 8 + cc[:, None] * 8 + j[None, :], mask=cmask[:, None], other=0.0).to(tl.float32)
-        xsum = tl.sum(x, axis=1)
         at = rows[:, None] * NC + cc[None, :]
-        part = _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), x, xsum, packed_ptr, mask)
+        part = _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), xb, cc, cmask, packed_ptr, mask)
         if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table (stored doubled)
-            c2 = tl.load(codes2_ptr + at, mask=mask, other=0).to(tl.int32) & 255
-            v2 = tl.load(table2_ptr + c2[:, :, None] * 8 + j[None, None, :], mask=mask[:, :, None], other=0.0)
-            part += tl.sum(v2 * x[None, :, :], axis=2) * resid_inv
+            c2 = (tl.load(codes2_ptr + at, mask=mask, other=0).to(tl.int32) & 255) * 8
+            for j in tl.static_range(8):
+                x = tl.load(xb + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
+                part += tl.load(table2_ptr + c2 + j, mask=mask, other=0.0) * x[None, :] * resid_inv
         if STAGE2 == 2:
-            part += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), x, xsum, packed_ptr, mask) * resid_inv
-        acc += tl.sum(part, axis=1)
+            part += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), xb, cc, cmask, packed_ptr,
+                             mask) * resid_inv
+        acc += part
     scale = tl.load(scale_ptr).to(tl.float32) * 0.5  # read on the device: no host sync, safe under CUDA graphs
-    tl.store(y_ptr + b * M + rows, (acc * scale).to(y_ptr.dtype.element_ty), mask=rmask)
+    out = tl.sum(acc, axis=1) * scale
+    tl.store(y_ptr + tl.program_id(1) * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 _TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

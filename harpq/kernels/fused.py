@@ -54,3 +54,46 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, fused: bool) -> torch.Tensor:
     block = 1024
     _silu_mul[(triton.cdiv(g.numel(), block),)](g, u, y, g.numel(), BLOCK=block)
     return y
+
+
+@triton.jit
+def _rope_cache(q_ptr, k_ptr, v_ptr, sq, sk, sv, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L,
+                D: tl.constexpr):
+    bt = tl.program_id(0)  # b·T + t
+    head = tl.program_id(1)  # q heads, then k heads, then v heads
+    b, t = bt // T, bt % T
+    half = tl.arange(0, D // 2)
+    if head < H + HKV:
+        is_q = head < H
+        h = tl.where(is_q, head, head - H)
+        src = tl.where(is_q, q_ptr + bt * sq, k_ptr + bt * sk) + h * D
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + D // 2 + half).to(tl.float32)
+        c1, c2 = tl.load(cos_ptr + t * D + half), tl.load(cos_ptr + t * D + D // 2 + half)
+        s1, s2 = tl.load(sin_ptr + t * D + half), tl.load(sin_ptr + t * D + D // 2 + half)
+        o1, o2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        if is_q:
+            dst = qo_ptr + ((b * H + h) * T + t) * D
+        else:
+            dst = kc_ptr + ((b * HKV + h) * L + tl.load(pos_ptr + t)) * D
+        tl.store(dst + half, o1.to(qo_ptr.dtype.element_ty))
+        tl.store(dst + D // 2 + half, o2.to(qo_ptr.dtype.element_ty))
+    else:
+        h = head - H - HKV
+        cols = tl.arange(0, D)
+        v = tl.load(v_ptr + bt * sv + h * D + cols)
+        tl.store(vc_ptr + ((b * HKV + h) * L + tl.load(pos_ptr + t)) * D + cols, v)
+
+
+def rope_into_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One launch for: rotary embedding of q (B, T, H·D) and k, k and v written into the caches
+    (B, Hkv, L, D) at `pos`; returns the rotated q as (B, H, T, D). q, k, v may be column slices of one
+    fused projection (rows strided, columns contiguous)."""
+    b, t, _ = q.shape
+    hkv, length, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    heads = q.shape[-1] // d
+    q_out = torch.empty(b, heads, t, d, dtype=q.dtype, device=q.device)
+    _rope_cache[(b * t, heads + 2 * hkv)](q, k, v, q.stride(1), k.stride(1), v.stride(1), cos.contiguous(),
+                                          sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length, D=d)
+    return q_out

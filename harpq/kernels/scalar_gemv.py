@@ -4,8 +4,8 @@ Codes are read straight from the int32 bit stream of `codebooks.packing`; W is n
 accumulation is float32. Two kernels:
 
 - `_grouped_gemv`, for widths that divide 32 (1, 2, 4, 8 bits) and whole groups of a multiple of 32
-  columns: whole words are loaded and split in registers, and per group the sum is
-  s·(Σ q·x − z·Σ x), so the zero-point and scale cost one operation per group, not per weight.
+  columns: whole words are loaded once and split in registers slot by slot (2-D tiles only), and per
+  word the sum is s·(Σ q·x − z·Σ x), so zero-point and scale cost one operation per word, not per weight.
 - `_bitstream_gemv`, for everything else (3 bits, where a code may straddle two words; ragged groups;
   one grid per row): per column, correct but slower.
 """
@@ -23,7 +23,7 @@ from .e8p_gemv import _float_of_small_int
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_G": 2}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_M": bm, "BLOCK_G": bg}, num_warps=w)
-    for bm, bg, w in [(8, 4, 4), (16, 4, 4), (16, 8, 8), (32, 4, 8), (8, 8, 4), (32, 2, 4), (64, 2, 8)]
+    for bm, bg, w in [(8, 4, 4), (16, 4, 4), (16, 2, 4), (32, 2, 4), (8, 8, 4), (32, 1, 4), (64, 1, 8)]
 ]
 
 
@@ -38,28 +38,28 @@ def _grouped_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, y_ptr, M, N, WORDS, GRO
                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     PER: tl.constexpr = 32 // BITS  # codes per word, lowest bits first
     GW: tl.constexpr = GROUP // PER  # words per group
+    BW: tl.constexpr = BLOCK_G * GW  # words per tile
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = tl.program_id(1)
+    xb = x_ptr + tl.program_id(1) * N
     rmask = rows < M
-    slot = tl.arange(0, PER)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for g0 in range(0, GROUPS, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        gmask = g < GROUPS
-        wi = (g[:, None] * GW + tl.arange(0, GW)[None, :]).reshape(BLOCK_G * GW)
-        wmask = (gmask[:, None] & (tl.arange(0, GW)[None, :] < GW)).reshape(BLOCK_G * GW)
-        words = tl.load(words_ptr + rows[:, None] * WORDS + wi[None, :], mask=rmask[:, None] & wmask[None, :], other=0)
-        q = _float_of_small_int((words[:, :, None] >> (slot[None, None, :] * BITS)) & ((1 << BITS) - 1))
-        q = q.reshape(BLOCK_M, BLOCK_G, GROUP)
-        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        x = tl.load(x_ptr + b * N + cols, mask=gmask[:, None], other=0.0).to(tl.float32)
-        qx = tl.sum(q * x[None, :, :], axis=2)
-        meta = rows[:, None] * GROUPS + g[None, :]
-        mmask = rmask[:, None] & gmask[None, :]
-        scale = tl.load(scale_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + meta, mask=mmask, other=0.0).to(tl.float32)
-        acc += tl.sum(scale * (qx - zero * tl.sum(x, axis=1)[None, :]), axis=1)
-    tl.store(y_ptr + b * M + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
+    acc = tl.zeros((BLOCK_M, BW), dtype=tl.float32)
+    for w0 in range(0, WORDS, BW):
+        wi = w0 + tl.arange(0, BW)
+        wmask = wi < WORDS
+        mask = rmask[:, None] & wmask[None, :]
+        words = tl.load(words_ptr + rows[:, None] * WORDS + wi[None, :], mask=mask, other=0)
+        qx = tl.zeros((BLOCK_M, BW), dtype=tl.float32)
+        xsum = tl.zeros((BW,), dtype=tl.float32)
+        for s in tl.static_range(PER):  # slot s of every word: column PER·w + s
+            x = tl.load(xb + wi * PER + s, mask=wmask, other=0.0).to(tl.float32)
+            xsum += x
+            qx += _float_of_small_int((words >> (s * BITS)) & ((1 << BITS) - 1)) * x[None, :]
+        meta = rows[:, None] * GROUPS + (wi // GW)[None, :]
+        scale = tl.load(scale_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+        acc += scale * (qx - zero * xsum[None, :])
+    out = tl.sum(acc, axis=1)
+    tl.store(y_ptr + tl.program_id(1) * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
