@@ -9,7 +9,7 @@ from ..codebooks.packing import unpack_bits
 from ..codebooks.quipsharp import E8PCodebook
 from ..codebooks.scalar import ScalarGrid
 
-MAX_DECODE_BATCH = 8  # beyond this a dequantize + matmul (tensor cores) wins
+MAX_DECODE_BATCH = 16  # decode batches; beyond this (prefill) a dequantize + matmul on tensor cores wins
 
 
 def scalar_meta(codebook: ScalarGrid, buffers: dict[str, torch.Tensor], m: int, n: int) -> tuple[torch.Tensor, ...]:
