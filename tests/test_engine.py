@@ -136,3 +136,15 @@ def test_cuda_graph_decode_equals_eager(tiny_path, method):
     graphed = DecodeRunner(from_hf(model), 2, 32, graph=True)
     assert torch.equal(graphed.generate(ids, 16), eager)
     assert graphed.graph is not None
+
+
+@torch.no_grad()
+def test_fused_projections_share_memory_with_the_model(tiny_path):
+    model = harpq.load(tiny_path).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(5))
+    before = model(ids).logits
+    decoder = from_hf(model)
+    attn = model.model.layers[0].self_attn
+    fused = decoder.blocks[0].qkv.weight
+    assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.out_features:].data_ptr()
+    assert torch.equal(model(ids).logits, before)  # the HF model still computes the same function

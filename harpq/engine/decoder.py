@@ -58,12 +58,20 @@ def _fusable(mods: list[nn.Module]) -> bool:
 
 
 def _concat(mods: list[nn.Module]) -> nn.Linear:
+    """One linear over the stacked weights; the originals become views of it (no second copy in memory)."""
     weight = torch.cat([m.weight.data for m in mods])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=mods[0].bias is not None,
                       device=weight.device, dtype=weight.dtype)
     fused.weight.data = weight
     if fused.bias is not None:
         fused.bias.data = torch.cat([m.bias.data for m in mods])
+    start = 0
+    for m in mods:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start:start + rows]
+        if m.bias is not None:
+            m.bias.data = fused.bias.data[start:start + rows]
+        start += rows
     return fused
 
 

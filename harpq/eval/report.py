@@ -22,12 +22,14 @@ def _plots(out: Path, records: list[dict], fp: dict | None, stem: str) -> list[s
     from .compare import layer_medians
 
     methods = sorted({r["method"] for r in records})
+    # one colour and marker per method in both plots and every panel, whichever methods a panel lacks
+    style = {m: {"color": f"C{k % 10}", "marker": MARKERS[k % len(MARKERS)]} for k, m in enumerate(methods)}
     files = []
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for k, method in enumerate(methods):
+    for method in methods:
         rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["bits_per_weight"])
         xs, ys = [r["bits_per_weight"] for r in rows], [r["ppl"][stem] for r in rows]
-        ax.plot(xs, ys, marker=MARKERS[k % len(MARKERS)], label=method)
+        ax.plot(xs, ys, label=method, **style[method])
         for r, x, y in zip(rows, xs, ys, strict=True):
             ax.annotate(f"{r['bits']}b", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if fp is not None:
@@ -45,21 +47,23 @@ def _plots(out: Path, records: list[dict], fp: dict | None, stem: str) -> list[s
 
     bits = sorted({r["bits"] for r in records})
     fig, axes = plt.subplots(1, len(bits), figsize=(4.2 * len(bits), 4), dpi=120, squeeze=False)
+    handles = {}
     for ax, b in zip(axes[0], bits, strict=True):
-        for k, method in enumerate(methods):
+        for method in methods:
             rec = next((r for r in records if r["method"] == method and r["bits"] == b), None)
             med = layer_medians(rec.get("proxy_loss", {})) if rec else {}
             if med:
-                ax.plot(list(med), list(med.values()), marker=MARKERS[k % len(MARKERS)], label=method)
+                (handles[method],) = ax.plot(list(med), list(med.values()), label=method, **style[method])
         ax.set_yscale("log")
         ax.set_title(f"{b} bits")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("decoder layer")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("median proxy loss tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)")
-    axes[0][-1].legend(fontsize=8)
     fig.suptitle("Per-module proxy loss by layer (methods with calibration)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.legend([handles[m] for m in methods if m in handles], [m for m in methods if m in handles], fontsize=8,
+               loc="center right")
     fig.savefig(out / "proxy_loss_by_layer.png")
     plt.close(fig)
     files.append("proxy_loss_by_layer.png")
