@@ -85,7 +85,10 @@ def generate(model: str | Path | nn.Module, prompt: str, max_new_tokens: int = 6
         from .engine import DecodeRunner, from_hf
 
         runner = DecodeRunner(from_hf(model), 1, ids.shape[1] + max_new_tokens + 1)
-        new = runner.generate(ids, max_new_tokens)[0]
+        new = runner.generate(ids, max_new_tokens)[0].tolist()
+        eos = tokenizer.eos_token_id
+        if eos in new:  # stop where `generate` would
+            new = new[:new.index(eos) + 1]
     else:
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -148,3 +148,12 @@ def test_fused_projections_share_memory_with_the_model(tiny_path):
     fused = decoder.blocks[0].qkv.weight
     assert attn.k_proj.weight.data_ptr() == fused[attn.q_proj.out_features:].data_ptr()
     assert torch.equal(model(ids).logits, before)  # the HF model still computes the same function
+
+
+def test_api_generate_engine_path_equals_hugging_face(tiny_path):
+    from harpq.io.model import load_tokenizer
+
+    model, tok = harpq.load(tiny_path).eval(), load_tokenizer(tiny_path)
+    hf = harpq.generate(model, "Once upon a time", max_new_tokens=20, tokenizer=tok, engine=False)
+    ours = harpq.generate(model, "Once upon a time", max_new_tokens=20, tokenizer=tok, engine=True)
+    assert ours == hf and len(hf) > 0
