@@ -1,4 +1,4 @@
-"""y = x · Ŵᵀ for QuIP#'s E8P codes (2 bits) and its residual stages (3, 4 bits), batch 1–8.
+"""y = x · Ŵᵀ for QuIP#'s E8P codes (2 bits) and its residual stages (3, 4 bits), batch 1–16.
 
 Each 16-bit code is decoded in registers: bits 0–7 pick a row of the 256-entry absolute-value table,
 bits 8–14 are the signs of coordinates 0–6, the sign of coordinate 7 makes the number of negative

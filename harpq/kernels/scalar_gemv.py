@@ -1,4 +1,4 @@
-"""y = x · Ŵᵀ for a packed b-bit scalar grid (RTN / GPTQ / HQQ / QuIP layouts), batch 1–8, one pass over W.
+"""y = x · Ŵᵀ for a packed b-bit scalar grid (RTN / GPTQ / HQQ / QuIP layouts), batch 1–16, one pass over W.
 
 Codes are read straight from the int32 bit stream of `codebooks.packing`; W is never materialised and
 accumulation is float32. Two kernels:

@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
         for name, (shape, dtype) in self._specs().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        #: Triton decode kernels for ≤ 8 rows: None = on CUDA only; True also forces them elsewhere
+        #: Triton decode kernels for ≤ 16 rows: None = on CUDA only; True also forces them elsewhere
         #: (on the CPU that needs TRITON_INTERPRET=1: tests); False = always the reference path
         self.use_kernels: bool | None = None
         self._kernel_meta: dict[torch.device, tuple[tuple, tuple]] = {}
