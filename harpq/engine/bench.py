@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,16 +123,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
         times.append(start.elapsed_time(end) / 1e3)
     del src, dst
     return 2 * nbytes / sorted(times[5:])[len(times[5:]) // 2]
-
-
-@dataclass
-class Timing:
-    fmt: str
-    batch: int
-    tok_s: float
-    step_ms: float
-    bytes_per_step: int
-    gb_s: float
 
 
 def time_decode(decoder: Decoder, batch: int, steps: int, prompt: int = 16, repeats: int = 3) -> tuple[float, dict]:

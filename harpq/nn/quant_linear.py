@@ -107,9 +107,7 @@ class QuantLinear(nn.Module):
         version = tuple((t.data_ptr(), t._version) for t in (*cb.values(), *pb.values()))
         hit = self._kernel_meta.get(device)
         if hit is None or hit[0] != version:
-            plans = None
-            if hasattr(self.processor, "stage_plans"):
-                plans = self.processor.stage_plans(pb, self.out_features, self.in_features)
+            plans = self.processor.stage_plans(pb, self.out_features, self.in_features)
             meta = dispatch.kernel_meta(self.codebook, cb, self.out_features, self.in_features)
             hit = self._kernel_meta[device] = (version, (meta, plans))
         return hit[1]

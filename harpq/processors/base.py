@@ -58,3 +58,8 @@ class Processor(ABC):
     @abstractmethod
     def apply_output(self, buffers: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """y -> U y over the last dim."""
+
+    def stage_plans(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int):
+        """(output side, input side) as `kernels.stages.StagePlan`s for the run-time kernels, or None where
+        the transform is not a product of block stages (then `apply_input`/`apply_output` run)."""
+        return None

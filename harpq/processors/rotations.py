@@ -67,7 +67,6 @@ class TwoSided(Processor):
         return self.side("out", y.shape[-1]).backward(buffers, "u_", y)
 
     def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
-        """(output side, input side) as `kernels.stages.StagePlan`s, or None if a side is not a stage product."""
         from ..kernels.stages import StagePlan
 
         out = self.side("out", out_features).stages(buffers, "u_")

@@ -17,8 +17,7 @@ import torch
 from ..codebooks.base import BufferSpec
 from ..errors import HarpqError
 from ..hadamard import hadamard_transform, split_order
-from ..hadamard.construct import hadamard_matrix, sylvester
-from ..hadamard.transform import FWHT_RADIX
+from ..hadamard.transform import FWHT_RADIX, dense_factor
 
 log = logging.getLogger(__name__)
 Buffers = dict[str, torch.Tensor]
@@ -87,11 +86,10 @@ class HadamardSide(Side):
         p, radices = self.n // self.k, []
         while math.prod(radices) < p:
             radices.append(min(FWHT_RADIX, p // math.prod(radices)))
-        blocks = [torch.from_numpy(sylvester(r)).double() / math.sqrt(r) for r in radices]
         if self.k > 1:
-            blocks.append(torch.from_numpy(hadamard_matrix(self.k).copy()).double() / math.sqrt(self.k))
             radices.append(self.k)
-        return signs, [k.to(signs.device) for k in blocks], radices
+        # the transform library's own factors (Sylvester for powers of two), orthonormalised
+        return signs, [dense_factor(r, torch.float64, signs.device) / math.sqrt(r) for r in radices], radices
 
 
 class FourierSide(Side):
