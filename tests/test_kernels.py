@@ -86,7 +86,7 @@ def test_quant_linear_kernel_path_equals_reference_path(method, bits, group):
     assert module(torch.randn(17, 128, device=DEVICE)).shape == (17, 48)  # 17 rows: dequantize + matmul
 
 
-@pytest.mark.parametrize("processor,n", [("rht", 256), ("rht", 344), ("harp", 256), ("harp", 344)])
+@pytest.mark.parametrize("processor,n", [("rht", 256), ("rht", 344), ("harp", 256), ("harp", 344), ("harp", 512)])
 def test_stage_kernels_match_the_sides(processor, n):
     from harpq.kernels.stages import StagePlan, apply_plan
     from harpq.processors import make_processor
@@ -106,6 +106,20 @@ def test_stage_kernels_match_the_sides(processor, n):
         got = apply_plan(plan, x, transpose)
         assert got.dtype == x.dtype
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (transpose, (got - ref).abs().max())
+
+
+@pytest.mark.parametrize("n", [4096, 11008])
+def test_harp_transform_takes_the_rht_launch_count(n):
+    from harpq.kernels.stages import StagePlan, _launches
+    from harpq.processors import make_processor
+
+    counts = {}
+    for spec in [{"name": "rht", "seed": 0}, {"name": "harp", "seed": 0, "schedule": "kron"}]:
+        proc = make_processor(spec)
+        plan = StagePlan.build(*proc.side("in", n).stages(proc.init_buffers(n, n), "v_"))
+        stages = [plan.table[i:i + 4] for i in range(0, len(plan.table), 4)]
+        counts[spec["name"]] = {len(_launches(stages, t)) for t in (False, True)}
+    assert counts["harp"] == counts["rht"] == {2}
 
 
 @pytest.mark.parametrize("method", ["quipsharp", "harp"])

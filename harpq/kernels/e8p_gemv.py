@@ -8,9 +8,10 @@ E8 table (3 bits, uint8 codes) or E8P again (4 bits), added with weight 1/resid.
 Why it is shaped this way: decoding, not memory, bounds an E8P matvec, so every weight costs few
 integer operations. An entry is one int32 word (eight 3-bit nibbles 2|v_i|, the parity in bit 3),
 the magnitude becomes a float by an exponent trick instead of a conversion, a sign flips x's sign
-bit, and the ±¼ shift is applied once per code against Σ x over its 8 columns. Values are computed
-doubled (integers) and halved once at the end. The 8 coordinates are unrolled over 2-D tiles (3-D
-tiles and reshapes cost layout shuffles), the reduction over columns happens once, after the loop.
+bit (the eighth sign from an xor-folded parity), and the ±¼ shift is applied once per code against Σ x
+over its 8 columns. Values are computed doubled (integers) and halved once at the end. The 8
+coordinates are unrolled over 2-D tiles (3-D tiles and reshapes cost layout shuffles), the reduction
+over columns happens once, after the loop.
 Batch rows are a grid axis (the codes of a layer stay in L2 between them).
 """
 
@@ -46,17 +47,17 @@ def _e8p_dot(code, x_ptr, cc, cmask, packed_ptr, mask):
     c = code.to(tl.int32) & 0xFFFF
     word = tl.load(packed_ptr + (c & 255), mask=mask, other=0)
     signs = (c >> 8) & 127
-    count = signs & 1
-    for k in tl.static_range(1, 7):
-        count += (signs >> k) & 1
-    sign_bits = signs | (((count + (word >> 3)) & 1) << 7)
+    parity = signs ^ (signs >> 4)  # xor-folding: bit 0 ends as the parity of the 7 sign bits
+    parity ^= parity >> 2
+    parity ^= parity >> 1
+    sign_bits = signs | (((parity ^ (word >> 3)) & 1) << 7)
     acc = tl.zeros(code.shape, dtype=tl.float32)
     xsum = tl.zeros(cc.shape, dtype=tl.float32)
     for j in tl.static_range(8):
         x = tl.load(x_ptr + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
         xsum += x
         mag = _float_of_small_int((word >> (4 * j)) & 7)
-        flip = ((sign_bits >> j) & 1) << 31
+        flip = (sign_bits << (31 - j)) & -2147483648  # sign j moved to bit 31
         acc += mag * (x[None, :].to(tl.int32, bitcast=True) ^ flip).to(tl.float32, bitcast=True)
     shift = tl.where(((c >> 15) & 1) == 1, 0.5, -0.5)
     return acc + shift * xsum[None, :]

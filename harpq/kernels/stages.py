@@ -6,6 +6,11 @@ position, HARP's stages have one learned block per position. `StagePlan` flatten
 one float32 buffer once per module; `stage_product` applies Q x (or Qᵀ x) with the signs fused into the
 first (or last) stage. A stage reads each input b times (from L1) and writes each output once; each
 program holds a [outputs, radix] tile so all of an output's loads are in flight together.
+
+Launches, not arithmetic, price a transform at decode sizes, so two adjacent stages of small radix (HARP's
+radix-8 digits) run as one launch: a program holds every value of both digits for a few positions of the
+others and applies the two block products in registers. HARP's kron schedule then costs the RHT's
+launch count (two per side at 4096 and 11008).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import triton
 import triton.language as tl
 
 _TILE = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 2048  # elements of a [outputs, radix] tile
+_PAIR_TILE = 4096  # largest [positions, outer, inner, radix] product tile of a fused pair
 
 
 @triton.jit
@@ -51,6 +57,63 @@ def _stage(src_ptr, dst_ptr, signs_ptr, blocks_ptr, N, RADIX, LO, OFFSET, PER_PO
     tl.store(dst_ptr + row * N + idx, acc.to(dst_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _block_product(v, blocks_ptr, base, INNER: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                   TRANSPOSE: tl.constexpr, mask):
+    """One stage on a [Q, A, B] tile along its inner (B) or outer (A) digit: out_d = Σ_c K[d, c]·v_c.
+
+    `base` holds each block's offset: [Q, A] for the inner digit, [Q, B] for the outer one."""
+    d = tl.arange(0, RP)
+    kd = (d[:, None] + d[None, :] * R) if TRANSPOSE else (d[:, None] * R + d[None, :])  # [d, c]
+    km2 = (d < R)[:, None] & (d < R)[None, :]
+    if INNER:  # K as [Q, A, d, c], v as [Q, A, 1, c]
+        k = tl.load(blocks_ptr + base[:, :, None, None] + kd[None, None, :, :],
+                    mask=mask[:, :, :, None] & km2[None, None, :, :], other=0.0)
+        return tl.sum(k * v[:, :, None, :], axis=3)
+    else:  # K as [Q, d, c, B], v as [Q, 1, c, B]
+        k = tl.load(blocks_ptr + base[:, None, None, :] + kd[None, :, :, None],
+                    mask=mask[:, :, None, :] & km2[None, :, :, None], other=0.0)
+        return tl.sum(k * v[:, None, :, :], axis=2)
+
+
+@triton.jit
+def _stage_pair(src_ptr, dst_ptr, signs_ptr, blocks_ptr, N, LO, OFF1, OFF2, R1: tl.constexpr, R2: tl.constexpr,
+                PER1: tl.constexpr, PER2: tl.constexpr, TRANSPOSE: tl.constexpr, SIGNS_IN: tl.constexpr,
+                SIGNS_OUT: tl.constexpr, Q: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+    """Stages t (inner digit, radix R1, stride LO) and t+1 (outer digit, radix R2, stride LO·R1) in one
+    launch: inner then outer, or (TRANSPOSE) outer then inner with transposed blocks. A program holds a
+    [Q positions, R2, R1] tile; position q stands for the other digits (hi, low)."""
+    row = tl.program_id(1)
+    q = tl.program_id(0) * Q + tl.arange(0, Q)
+    hi = q // LO
+    low = q % LO
+    d2 = tl.arange(0, R2P)
+    d1 = tl.arange(0, R1P)
+    mask = (q < N // (R1 * R2))[:, None, None] & (d2 < R2)[None, :, None] & (d1 < R1)[None, None, :]
+    at = (hi * R2 * R1 * LO + low)[:, None, None] + (d2 * R1 * LO)[None, :, None] + (d1 * LO)[None, None, :]
+    v = tl.load(src_ptr + row * N + at, mask=mask, other=0.0).to(tl.float32)
+    if SIGNS_IN:
+        v *= tl.load(signs_ptr + at, mask=mask, other=0.0)
+    # block offsets as in `_stage`: OFFSET + (high·LO' + low')·R², where high, low' are the other digits
+    if PER1:  # inner digit: high = (hi, d2), low' = low
+        base1 = OFF1 + ((hi * R2)[:, None] + d2[None, :]) * (LO * R1 * R1) + (low * R1 * R1)[:, None]
+    else:
+        base1 = OFF1 + tl.zeros((Q, R2P), dtype=tl.int32)
+    if PER2:  # outer digit: high = hi, low' = (d1, low) at stride LO·R1
+        base2 = OFF2 + ((hi * LO * R1 + low)[:, None] + (d1 * LO)[None, :]) * (R2 * R2)
+    else:
+        base2 = OFF2 + tl.zeros((Q, R1P), dtype=tl.int32)
+    if TRANSPOSE:
+        v = _block_product(v, blocks_ptr, base2, False, R2, R2P, True, mask)
+        v = _block_product(v, blocks_ptr, base1, True, R1, R1P, True, mask)
+    else:
+        v = _block_product(v, blocks_ptr, base1, True, R1, R1P, False, mask)
+        v = _block_product(v, blocks_ptr, base2, False, R2, R2P, False, mask)
+    if SIGNS_OUT:
+        v *= tl.load(signs_ptr + at, mask=mask, other=0.0)
+    tl.store(dst_ptr + row * N + at, v.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass
 class StagePlan:
     """A side's stages, flattened: `blocks` float32, and per stage (radix, stride, offset, per_position)."""
@@ -79,19 +142,50 @@ def stage_product(x: torch.Tensor, signs: torch.Tensor, blocks: torch.Tensor, ta
     """x (B, n) -> Q x (signs first) or Qᵀ x (signs last) along the last dim, in x's dtype."""
     x = x.contiguous()
     batch, n = x.shape
-    stages = [table[i:i + 4] for i in range(0, len(table), 4)]
-    order = list(reversed(stages)) if transpose else stages
+    launches = _launches([table[i:i + 4] for i in range(0, len(table), 4)], transpose)
     src = x
-    for i, (b, lo, offset, per) in enumerate(order):
-        last = i == len(order) - 1
+    for i, group in enumerate(launches):
+        first, last = i == 0, i == len(launches) - 1
         dst = torch.empty(batch, n, dtype=x.dtype if last else torch.float32, device=x.device)
-        rp2 = triton.next_power_of_2(b)
-        block = max(1, _TILE // rp2)
-        _stage[(triton.cdiv(n, block), batch)](
-            src, dst, signs, blocks, n, b, lo, offset, PER_POSITION=bool(per), TRANSPOSE=transpose,
-            SIGNS_IN=(i == 0 and not transpose), SIGNS_OUT=(last and transpose), BLOCK=block, RP2=rp2)
+        signs_in, signs_out = first and not transpose, last and transpose
+        if len(group) == 1:
+            (b, lo, offset, per), = group
+            rp2 = triton.next_power_of_2(b)
+            block = max(1, _TILE // rp2)
+            _stage[(triton.cdiv(n, block), batch)](
+                src, dst, signs, blocks, n, b, lo, offset, PER_POSITION=bool(per), TRANSPOSE=transpose,
+                SIGNS_IN=signs_in, SIGNS_OUT=signs_out, BLOCK=block, RP2=rp2)
+        else:
+            (b1, lo, off1, per1), (b2, _, off2, per2) = group
+            r1p, r2p = triton.next_power_of_2(b1), triton.next_power_of_2(b2)
+            positions = n // (b1 * b2)
+            q = min(max(1, _PAIR_TILE // (r1p * r2p * max(r1p, r2p))), triton.next_power_of_2(positions))
+            _stage_pair[(triton.cdiv(positions, q), batch)](
+                src, dst, signs, blocks, n, lo, off1, off2, R1=b1, R2=b2, PER1=bool(per1), PER2=bool(per2),
+                TRANSPOSE=transpose, SIGNS_IN=signs_in, SIGNS_OUT=signs_out, Q=q, R1P=r1p, R2P=r2p)
         src = dst
     return src
+
+
+def _pairs(b1: int, b2: int) -> bool:
+    r1, r2 = triton.next_power_of_2(b1), triton.next_power_of_2(b2)
+    return r1 * r2 * max(r1, r2) <= _PAIR_TILE
+
+
+def _launches(stages: list[list[int]], transpose: bool) -> list[list[list[int]]]:
+    """Stages in launch order, adjacent small-radix stages paired as (inner, outer)."""
+    order = list(range(len(stages) - 1, -1, -1)) if transpose else list(range(len(stages)))
+    launches, i = [], 0
+    while i < len(order):
+        t, u = order[i], order[i + 1] if i + 1 < len(order) else None
+        inner, outer = (u, t) if transpose else (t, u)
+        if u is not None and _pairs(stages[inner][0], stages[outer][0]):
+            launches.append([stages[inner], stages[outer]])
+            i += 2
+        else:
+            launches.append([stages[t]])
+            i += 1
+    return launches
 
 
 @stage_product.register_fake
