@@ -27,9 +27,12 @@ from ..codebooks.e8p import _entry_parity
 from ..codebooks.lattice import e8_one_bit_points, e8p_abs_table
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Few rows per program and wide column tiles give thousands of programs: a GEMV at batch 1 is bound by how
+# many loads are in flight, and a program that owns many rows walks its columns in a few serial steps.
 _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w)
-    for bm, bc, w in [(8, 64, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8), (8, 128, 4), (32, 32, 4), (64, 32, 8)]
+    for bm, bc, w in [(1, 256, 2), (2, 256, 4), (4, 256, 4), (4, 256, 8), (2, 128, 2), (4, 128, 4), (1, 512, 4),
+                      (2, 512, 8), (8, 128, 4), (8, 256, 8), (8, 64, 4), (16, 64, 4), (16, 128, 8)]
 ]
 
 

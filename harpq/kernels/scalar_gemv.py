@@ -22,8 +22,9 @@ from .e8p_gemv import _float_of_small_int
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_G": 2}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BLOCK_M": bm, "BLOCK_G": bg}, num_warps=w)
-    for bm, bg, w in [(8, 4, 4), (16, 4, 4), (16, 2, 4), (32, 2, 4), (8, 8, 4), (32, 1, 4), (64, 1, 8)]
+    triton.Config({"BLOCK_M": bm, "BLOCK_G": bg}, num_warps=w)  # few rows, wide tiles: see e8p_gemv
+    for bm, bg, w in [(1, 8, 2), (2, 8, 4), (4, 4, 4), (4, 8, 4), (2, 16, 4), (4, 16, 8), (8, 4, 4), (8, 8, 4),
+                      (16, 4, 4), (16, 2, 4), (32, 2, 4), (64, 1, 8)]
 ]
 
 
