@@ -18,14 +18,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .e8p_gemv import _float_of_small_int
-
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_G": 2}, num_warps=4)] if _INTERPRET else [
     triton.Config({"BLOCK_M": bm, "BLOCK_G": bg}, num_warps=w)  # few rows, wide tiles: see e8p_gemv
     for bm, bg, w in [(1, 8, 2), (2, 8, 4), (4, 4, 4), (4, 8, 4), (2, 16, 4), (4, 16, 8), (8, 4, 4), (8, 8, 4),
                       (16, 4, 4), (16, 2, 4), (32, 2, 4), (64, 1, 8)]
 ]
+
+
+@triton.jit
+def _code_as_float(words, at: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit code at bit `at` of each word as the float 2 + q/2^(BITS−1), without a conversion:
+    the code is moved to the top of 2.0's mantissa (bits 23−BITS … 22) by one shift and one mask."""
+    TOP: tl.constexpr = 23 - BITS
+    if at <= TOP:
+        t = words << (TOP - at)
+    else:
+        t = words >> (at - TOP)
+    return ((t & (((1 << BITS) - 1) << TOP)) | 0x40000000).to(tl.float32, bitcast=True)
 
 
 def grouped_ok(bits: int, group: int, n: int) -> bool:
@@ -49,16 +59,17 @@ def _grouped_gemv(x_ptr, words_ptr, scale_ptr, zero_ptr, y_ptr, M, N, WORDS, GRO
         wmask = wi < WORDS
         mask = rmask[:, None] & wmask[None, :]
         words = tl.load(words_ptr + rows[:, None] * WORDS + wi[None, :], mask=mask, other=0)
-        qx = tl.zeros((BLOCK_M, BW), dtype=tl.float32)
+        fx = tl.zeros((BLOCK_M, BW), dtype=tl.float32)
         xsum = tl.zeros((BW,), dtype=tl.float32)
         for s in tl.static_range(PER):  # slot s of every word: column PER·w + s
             x = tl.load(xb + wi * PER + s, mask=wmask, other=0.0).to(tl.float32)
             xsum += x
-            qx += _float_of_small_int((words >> (s * BITS)) & ((1 << BITS) - 1)) * x[None, :]
+            fx += _code_as_float(words, s * BITS, BITS) * x[None, :]
         meta = rows[:, None] * GROUPS + (wi // GW)[None, :]
         scale = tl.load(scale_ptr + meta, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + meta, mask=mask, other=0.0).to(tl.float32)
-        acc += scale * (qx - zero * xsum[None, :])
+        # Σ q·x = D·(Σ f·x − 2·Σ x) with D = 2^(BITS−1), so Σ (q − z)·x = D·Σ f·x − (2D + z)·Σ x
+        acc += scale * (fx * (1 << (BITS - 1)) - (zero + (2 << (BITS - 1))) * xsum[None, :])
     out = tl.sum(acc, axis=1)
     tl.store(y_ptr + tl.program_id(1) * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
