@@ -80,5 +80,16 @@ def main() -> None:
             print(f"| {n} | {name} {plan.table[0::4]} | {t * 1e6:.1f} |", flush=True)
 
 
+def chosen_configs() -> None:
+    """Which tile (and E8P decode) the autotuner picked per shape key."""
+    from harpq.kernels.e8p_gemv import _e8p_gemv
+    from harpq.kernels.scalar_gemv import _grouped_gemv
+
+    for name, kernel in (("e8p", _e8p_gemv), ("scalar", _grouped_gemv)):
+        for key, config in getattr(kernel, "cache", {}).items():
+            print(f"{name} {key[:4]}: {config}")
+
+
 if __name__ == "__main__":
     main()
+    chosen_configs()

@@ -25,16 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codebooks.e8p import e8p_decode
-from ..codebooks.lattice import e8_one_bit_points
+from ..codebooks.e8p import _entry_parity, e8p_decode
+from ..codebooks.lattice import e8_one_bit_points, e8p_abs_table
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Few rows and wide column tiles (thousands of programs, many loads in flight) beside many-row tiles (each
 # x value reused across more rows); autotuning picks per shape.
-_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w)
+# Both decodes are in the search: which one wins depends on the shape (tests run each one directly).
+_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32, "SPLIT": 1}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "SPLIT": split}, num_warps=w)
     for bm, bc, w in [(1, 256, 2), (2, 256, 4), (4, 256, 4), (4, 256, 8), (2, 128, 2), (4, 128, 4), (1, 512, 4),
                       (2, 512, 8), (8, 128, 4), (8, 256, 8), (8, 64, 4), (16, 64, 4), (16, 128, 8)]
+    for split in (0, 1)
 ]
 
 
@@ -49,14 +51,14 @@ def _byte_as_float(word, k: tl.constexpr):
 
 
 @triton.jit
-def _e8p_part(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask):
-    """(Σ_j f_j·x_j per code as [BM, BC], Σ_j x_j per code column as [BC]) with f_j = 3 + v_j/4.
+def _e8p_split(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask):
+    """Σ_j v_j·x_j per code of a [BM, BC] tile, through the two 8192-word tables (`split_tables`).
 
-    Two table reads per code give its eight coordinates as biased bytes 4·v_j + 16: `lo` is indexed by
-    (entry, signs 0–3, shift), `hi` by (entry, signs 4–6, shift, parity of signs 0–3)."""
+    Each table read gives four coordinates as biased bytes 4·v + 16, turned into f = 3 + v/4 by
+    `_byte_as_float`: no sign handling, about three operations per weight, two scattered reads per code."""
     c = code.to(tl.int32) & 0xFFFF
     lo = tl.load(lo_ptr + ((c & 0x0FFF) | ((c >> 3) & 0x1000)), mask=mask, other=0)
-    parity = (0x6996 >> ((c >> 8) & 15)) & 1
+    parity = (0x6996 >> ((c >> 8) & 15)) & 1  # parity of signs 0–3
     hi = tl.load(hi_ptr + ((c & 0xFF) | ((c >> 4) & 0x0F00) | (parity << 12)), mask=mask, other=0)
     acc = tl.zeros(code.shape, dtype=tl.float32)
     xsum = tl.zeros(cc.shape, dtype=tl.float32)
@@ -67,43 +69,86 @@ def _e8p_part(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask):
             acc += _byte_as_float(lo, j) * x[None, :]
         else:
             acc += _byte_as_float(hi, j - 4) * x[None, :]
-    return acc, xsum
+    return 4.0 * acc - 12.0 * xsum[None, :]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "NC", "STAGE2"])
 @triton.jit
-def _e8p_gemv(x_ptr, codes_ptr, codes2_ptr, lo_ptr, hi_ptr, table2_ptr, scale_ptr, y_ptr, M, NC, resid_inv,
-              STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _e8p_compact(code, x_ptr, cc, cmask, packed_ptr, mask):
+    """Σ_j v_j·x_j per code of a [BM, BC] tile, through the 256-word table of |v| (`packed_table`).
+
+    One read per code from a 1 KB table; the signs flip x's sign bit (the eighth from the parity rule),
+    a magnitude nibble 2|v| becomes f = 2 + 2|v|/16 in 2.0's mantissa, the ±¼ shift comes once per code."""
+    c = code.to(tl.int32) & 0xFFFF
+    word = tl.load(packed_ptr + (c & 255), mask=mask, other=0)
+    signs = (c >> 8) & 127
+    parity = signs ^ (signs >> 4)  # xor-folding: bit 0 ends as the parity of the 7 sign bits
+    parity ^= parity >> 2
+    parity ^= parity >> 1
+    sign_bits = signs | (((parity ^ (word >> 3)) & 1) << 7)
+    acc = tl.zeros(code.shape, dtype=tl.float32)
+    signed_sum = tl.zeros(code.shape, dtype=tl.float32)
+    xsum = tl.zeros(cc.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        x = tl.load(x_ptr + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
+        xsum += x
+        if 4 * j <= 18:
+            t = word << (18 - 4 * j)
+        else:
+            t = word >> (4 * j - 18)
+        f = ((t & 0x1C0000) | 0x40000000).to(tl.float32, bitcast=True)
+        flipped = (x[None, :].to(tl.int32, bitcast=True) ^ ((sign_bits << (31 - j)) & -2147483648)).to(
+            tl.float32, bitcast=True)
+        acc += f * flipped
+        signed_sum += flipped
+    shift = tl.where(((c >> 15) & 1) == 1, 0.25, -0.25)
+    return 8.0 * (acc - 2.0 * signed_sum) + shift * xsum[None, :]
+
+
+@triton.jit
+def _e8p_dot(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, packed_ptr, mask, SPLIT: tl.constexpr):
+    if SPLIT:
+        return _e8p_split(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask)
+    else:
+        return _e8p_compact(code, x_ptr, cc, cmask, packed_ptr, mask)
+
+
+@triton.jit
+def _e8p_gemv_kernel(x_ptr, codes_ptr, codes2_ptr, lo_ptr, hi_ptr, packed_ptr, table2_ptr, scale_ptr, y_ptr, M, NC,
+              resid_inv, STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     xb = x_ptr + tl.program_id(1) * NC * 8
     rmask = rows < M
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    xs = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < NC
         mask = rmask[:, None] & cmask[None, :]
         at = rows[:, None] * NC + cc[None, :]
-        part, xsum = _e8p_part(tl.load(codes_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr, mask)
-        xs += xsum
-        if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table (stored doubled), in units of f: / 8
+        acc += _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr, packed_ptr,
+                        mask, SPLIT)
+        if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table (stored doubled)
             c2 = (tl.load(codes2_ptr + at, mask=mask, other=0).to(tl.int32) & 255) * 8
             for j in tl.static_range(8):
                 x = tl.load(xb + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
-                part += tl.load(table2_ptr + c2 + j, mask=mask, other=0.0) * x[None, :] * (resid_inv / 8)
+                acc += tl.load(table2_ptr + c2 + j, mask=mask, other=0.0) * x[None, :] * (resid_inv * 0.5)
         if STAGE2 == 2:
-            part2, _ = _e8p_part(tl.load(codes2_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr,
-                                 mask)
-            part += part2 * resid_inv
-        acc += part
-    # Σ v·x = 4·Σ f·x − 12·Σ x for each E8P stage
-    offset = 12.0 * (1.0 + resid_inv) if STAGE2 == 2 else 12.0
+            acc += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr,
+                            packed_ptr, mask, SPLIT) * resid_inv
     scale = tl.load(scale_ptr).to(tl.float32)  # read on the device: no host sync, safe under CUDA graphs
-    out = (4.0 * tl.sum(acc, axis=1) - offset * tl.sum(xs, axis=0)) * scale
+    out = tl.sum(acc, axis=1) * scale
     tl.store(y_ptr + tl.program_id(1) * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_e8p_gemv = triton.autotune(configs=_CONFIGS, key=["M", "NC", "STAGE2"])(_e8p_gemv_kernel)
+
+_TABLES: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+
+def packed_table() -> torch.Tensor:
+    """(256,) int32: nibble i holds 2|v_i| (1, 3 or 5), bit 3 the entry's parity."""
+    twice = (2 * e8p_abs_table()).round().to(torch.int64)
+    word = (twice << (4 * torch.arange(8))).sum(1) | (_entry_parity(torch.device("cpu")).to(torch.int64) << 3)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def _bytes_word(values: torch.Tensor) -> torch.Tensor:
@@ -123,12 +168,30 @@ def split_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return _bytes_word(e8p_decode(lo_codes)[:, :4]), _bytes_word(e8p_decode(hi_codes)[:, 4:])
 
 
-def tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(lo and hi E8P tables, doubled 1-bit E8 table) on the device, built once."""
+def tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(lo and hi split tables, packed |v| table, doubled 1-bit E8 table) on the device, built once."""
     if device not in _TABLES:
         lo, hi = split_tables()
-        _TABLES[device] = (lo.to(device), hi.to(device), (2 * e8_one_bit_points()).float().to(device))
+        _TABLES[device] = (lo.to(device), hi.to(device), packed_table().to(device),
+                           (2 * e8_one_bit_points()).float().to(device))
     return _TABLES[device]
+
+
+def _launch(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, stage2: int, scale: torch.Tensor,
+            resid_inv: float, config: dict[str, int] | None = None) -> torch.Tensor:
+    """Run the kernel, autotuned, or with one fixed `config` (BLOCK_M, BLOCK_C, SPLIT, num_warps)."""
+    x = x.contiguous()
+    batch = x.shape[0]
+    m, nc = codes.shape
+    lo, hi, packed, table2 = tables(x.device)
+    y = torch.empty(batch, m, dtype=x.dtype, device=x.device)
+    args = (x, codes.contiguous(), codes2.contiguous() if codes2 is not None else codes, lo, hi, packed, table2,
+            scale, y, m, nc, resid_inv)
+    if config is None:
+        _e8p_gemv[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), batch)](*args, STAGE2=stage2)
+    else:
+        _e8p_gemv_kernel[(triton.cdiv(m, config["BLOCK_M"]), batch)](*args, STAGE2=stage2, **config)
+    return y
 
 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
@@ -136,18 +199,7 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
              resid_inv: float) -> torch.Tensor:
     """x (B, n), codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) -> (B, m) in x's dtype;
     stage2: 0 none, 1 E8, 2 E8P."""
-    x = x.contiguous()
-    batch = x.shape[0]
-    m, nc = codes.shape
-    lo, hi, table2 = tables(x.device)
-    y = torch.empty(batch, m, dtype=x.dtype, device=x.device)
-    second = codes2.contiguous() if codes2 is not None else codes
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), batch)
-
-    _e8p_gemv[grid](x, codes.contiguous(), second, lo, hi, table2, scale, y, m, nc, resid_inv, STAGE2=stage2)
-    return y
+    return _launch(x, codes, codes2, stage2, scale, resid_inv)
 
 
 @e8p_gemv.register_fake
