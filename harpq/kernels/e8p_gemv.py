@@ -5,16 +5,19 @@ bits 8–14 are the signs of coordinates 0–6, the sign of coordinate 7 makes t
 coordinates match the entry's parity, and bit 15 picks the ±¼ shift. The second stage is the 1-bit
 E8 table (3 bits, uint8 codes) or E8P again (4 bits), added with weight 1/resid.
 
-Why it is shaped this way: decoding, not memory, bounds an E8P matvec on a GPU like the H200 (and
-integer operations issue at half the float rate there), so every weight must cost few operations. A
-code is split into two table indices: (entry, signs 0–3, shift) and (entry, signs 4–6, shift, parity of
-signs 0–3, from the 16-bit parity constant 0x6996), and each 8192-word table holds four coordinates as
-biased bytes 4·v + 16. A byte becomes the float f = 2 + byte/16 = 3 + v/4 by one shift and one mask
-into 2.0's mantissa: no conversion, no sign handling, no subtraction per weight; Σ v·x = 4·Σ f·x − 12·Σ x
-is settled once per row. A weight then costs about three operations (shift, mask, fma). The tables are
-built from the reference decoder, so they cannot disagree with it. The 8 coordinates are unrolled over
-2-D tiles (3-D tiles and reshapes cost layout shuffles), the reduction over columns happens once, after
-the loop. Batch rows are a grid axis (the codes of a layer stay in L2 between them).
+Why it is shaped this way: decoding, not memory, bounds an E8P matvec on a GPU like the H200, where
+integer operations issue at half the float rate. An entry is one int32 word (eight 3-bit nibbles 2|v_i|,
+the parity in bit 3), read once per code from a 1 KB table (a handful of cache lines, so the scattered
+read is cheap). A nibble becomes the float f = 2 + 2|v|/16 by one shift and one mask into 2.0's
+mantissa (no conversion, no subtraction); a sign flips x's sign bit (the eighth sign from an xor-folded
+parity); Σ σ|v|·x = 8·(Σ f·σx − 2·Σ σx), and the ±¼ shift is applied once per code against Σ x over its
+8 columns. The 8 coordinates are unrolled over 2-D tiles (3-D tiles and reshapes cost layout shuffles),
+the reduction over columns happens once, after the loop. Batch rows are a grid axis (the codes of a
+layer stay in L2 between them).
+
+Measured on the H200 (`benchmarks/results/decode_notes.md`): a variant reading four pre-signed coordinates
+per table word from two 32 KB tables (about 8 instead of 12 instructions per weight) ran no faster, its
+scattered reads over 64 KB taking what the arithmetic saved; this decode was kept as the simpler one.
 """
 
 from __future__ import annotations
@@ -25,55 +28,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ..codebooks.e8p import _entry_parity, e8p_decode
+from ..codebooks.e8p import _entry_parity
 from ..codebooks.lattice import e8_one_bit_points, e8p_abs_table
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Few rows and wide column tiles (thousands of programs, many loads in flight) beside many-row tiles (each
 # x value reused across more rows); autotuning picks per shape.
-# Both decodes are in the search: which one wins depends on the shape (tests run each one directly).
-_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32, "SPLIT": 1}, num_warps=4)] if _INTERPRET else [
-    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc, "SPLIT": split}, num_warps=w)
+_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_C": 32}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"BLOCK_M": bm, "BLOCK_C": bc}, num_warps=w)
     for bm, bc, w in [(1, 256, 2), (2, 256, 4), (4, 256, 4), (4, 256, 8), (2, 128, 2), (4, 128, 4), (1, 512, 4),
                       (2, 512, 8), (8, 128, 4), (8, 256, 8), (8, 64, 4), (16, 64, 4), (16, 128, 8)]
-    for split in (0, 1)
 ]
 
 
 @triton.jit
-def _byte_as_float(word, k: tl.constexpr):
-    """Byte k (< 32) of `word` as the float 2 + byte/16: moved into mantissa bits 18–22 of 2.0."""
-    if k == 3:
-        t = word >> 6
-    else:
-        t = word << (18 - 8 * k)
-    return ((t & 0x7C0000) | 0x40000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e8p_split(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask):
-    """Σ_j v_j·x_j per code of a [BM, BC] tile, through the two 8192-word tables (`split_tables`).
-
-    Each table read gives four coordinates as biased bytes 4·v + 16, turned into f = 3 + v/4 by
-    `_byte_as_float`: no sign handling, about three operations per weight, two scattered reads per code."""
-    c = code.to(tl.int32) & 0xFFFF
-    lo = tl.load(lo_ptr + ((c & 0x0FFF) | ((c >> 3) & 0x1000)), mask=mask, other=0)
-    parity = (0x6996 >> ((c >> 8) & 15)) & 1  # parity of signs 0–3
-    hi = tl.load(hi_ptr + ((c & 0xFF) | ((c >> 4) & 0x0F00) | (parity << 12)), mask=mask, other=0)
-    acc = tl.zeros(code.shape, dtype=tl.float32)
-    xsum = tl.zeros(cc.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        x = tl.load(x_ptr + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
-        xsum += x
-        if j < 4:
-            acc += _byte_as_float(lo, j) * x[None, :]
-        else:
-            acc += _byte_as_float(hi, j - 4) * x[None, :]
-    return 4.0 * acc - 12.0 * xsum[None, :]
-
-
-@triton.jit
-def _e8p_compact(code, x_ptr, cc, cmask, packed_ptr, mask):
+def _e8p_dot(code, x_ptr, cc, cmask, packed_ptr, mask):
     """Σ_j v_j·x_j per code of a [BM, BC] tile, through the 256-word table of |v| (`packed_table`).
 
     One read per code from a 1 KB table; the signs flip x's sign bit (the eighth from the parity rule),
@@ -105,16 +74,8 @@ def _e8p_compact(code, x_ptr, cc, cmask, packed_ptr, mask):
 
 
 @triton.jit
-def _e8p_dot(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, packed_ptr, mask, SPLIT: tl.constexpr):
-    if SPLIT:
-        return _e8p_split(code, x_ptr, cc, cmask, lo_ptr, hi_ptr, mask)
-    else:
-        return _e8p_compact(code, x_ptr, cc, cmask, packed_ptr, mask)
-
-
-@triton.jit
-def _e8p_gemv_kernel(x_ptr, codes_ptr, codes2_ptr, lo_ptr, hi_ptr, packed_ptr, table2_ptr, scale_ptr, y_ptr, M, NC,
-              resid_inv, STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr):
+def _e8p_gemv_kernel(x_ptr, codes_ptr, codes2_ptr, packed_ptr, table2_ptr, scale_ptr, y_ptr, M, NC, resid_inv,
+                     STAGE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     xb = x_ptr + tl.program_id(1) * NC * 8
     rmask = rows < M
@@ -124,16 +85,15 @@ def _e8p_gemv_kernel(x_ptr, codes_ptr, codes2_ptr, lo_ptr, hi_ptr, packed_ptr, t
         cmask = cc < NC
         mask = rmask[:, None] & cmask[None, :]
         at = rows[:, None] * NC + cc[None, :]
-        acc += _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr, packed_ptr,
-                        mask, SPLIT)
+        acc += _e8p_dot(tl.load(codes_ptr + at, mask=mask, other=0), xb, cc, cmask, packed_ptr, mask)
         if STAGE2 == 1:  # 1-bit E8: a plain 256 × 8 table (stored doubled)
             c2 = (tl.load(codes2_ptr + at, mask=mask, other=0).to(tl.int32) & 255) * 8
             for j in tl.static_range(8):
                 x = tl.load(xb + cc * 8 + j, mask=cmask, other=0.0).to(tl.float32)
                 acc += tl.load(table2_ptr + c2 + j, mask=mask, other=0.0) * x[None, :] * (resid_inv * 0.5)
         if STAGE2 == 2:
-            acc += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), xb, cc, cmask, lo_ptr, hi_ptr,
-                            packed_ptr, mask, SPLIT) * resid_inv
+            acc += _e8p_dot(tl.load(codes2_ptr + at, mask=mask, other=0), xb, cc, cmask, packed_ptr,
+                            mask) * resid_inv
     scale = tl.load(scale_ptr).to(tl.float32)  # read on the device: no host sync, safe under CUDA graphs
     out = tl.sum(acc, axis=1) * scale
     tl.store(y_ptr + tl.program_id(1) * M + rows, out.to(y_ptr.dtype.element_ty), mask=rmask)
@@ -151,42 +111,23 @@ def packed_table() -> torch.Tensor:
     return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
-def _bytes_word(values: torch.Tensor) -> torch.Tensor:
-    """(N, 4) E8P coordinates (multiples of ¼ in [−2.75, 2.75]) -> (N,) int32 of bytes 4·v + 16."""
-    b = (4 * values + 16).round().to(torch.int64)
-    return (b << (8 * torch.arange(4))).sum(1).to(torch.int32)
-
-
-def split_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """The two (8192,) int32 tables of `_e8p_part`, built from the reference decoder on representative
-    codes: coordinates 0–3 depend on (entry, signs 0–3, shift) only, 4–7 on (entry, signs 4–6, shift,
-    parity of signs 0–3) only."""
-    i = torch.arange(8192)
-    entry = i & 255
-    lo_codes = entry | (((i >> 8) & 15) << 8) | (((i >> 12) & 1) << 15)
-    hi_codes = entry | (((i >> 12) & 1) << 8) | (((i >> 8) & 7) << 12) | (((i >> 11) & 1) << 15)
-    return _bytes_word(e8p_decode(lo_codes)[:, :4]), _bytes_word(e8p_decode(hi_codes)[:, 4:])
-
-
 def tables(device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(lo and hi split tables, packed |v| table, doubled 1-bit E8 table) on the device, built once."""
+    """(packed |v| table, doubled 1-bit E8 table) on the device, built once."""
     if device not in _TABLES:
-        lo, hi = split_tables()
-        _TABLES[device] = (lo.to(device), hi.to(device), packed_table().to(device),
-                           (2 * e8_one_bit_points()).float().to(device))
+        _TABLES[device] = (packed_table().to(device), (2 * e8_one_bit_points()).float().to(device))
     return _TABLES[device]
 
 
 def _launch(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, stage2: int, scale: torch.Tensor,
             resid_inv: float, config: dict[str, int] | None = None) -> torch.Tensor:
-    """Run the kernel, autotuned, or with one fixed `config` (BLOCK_M, BLOCK_C, SPLIT, num_warps)."""
+    """Run the kernel, autotuned, or with one fixed `config` (BLOCK_M, BLOCK_C, num_warps)."""
     x = x.contiguous()
     batch = x.shape[0]
     m, nc = codes.shape
-    lo, hi, packed, table2 = tables(x.device)
+    packed, table2 = tables(x.device)
     y = torch.empty(batch, m, dtype=x.dtype, device=x.device)
-    args = (x, codes.contiguous(), codes2.contiguous() if codes2 is not None else codes, lo, hi, packed, table2,
-            scale, y, m, nc, resid_inv)
+    args = (x, codes.contiguous(), codes2.contiguous() if codes2 is not None else codes, packed, table2, scale, y,
+            m, nc, resid_inv)
     if config is None:
         _e8p_gemv[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), batch)](*args, STAGE2=stage2)
     else:
