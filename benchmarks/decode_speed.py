@@ -22,12 +22,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    result = bench.run(args.shape, args.formats.split(","), [int(b) for b in args.batch.split(",")], args.steps,
-                       echo=lambda s: print(s, flush=True))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    batches = [int(b) for b in args.batch.split(",")]
+    result: dict = {}
+    for fmt in args.formats.split(","):  # one format at a time, the JSON rewritten after each
+        part = bench.run(args.shape, [fmt], batches, args.steps, echo=lambda s: print(s, flush=True))
+        rows = result.get("rows", []) + part["rows"]
+        result = {**part, "rows": rows}
+        for row in rows:
+            base = next((r for r in rows if r["format"] == "fp16" and r["batch"] == row["batch"]), None)
+            row["vs_fp16"] = row["tok_s"] / base["tok_s"] if base else None
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(bench.table(result))
-
 
 if __name__ == "__main__":
     main()

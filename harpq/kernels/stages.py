@@ -22,15 +22,26 @@ import torch
 import triton
 import triton.language as tl
 
-_TILE = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 2048  # elements of a [outputs, radix] tile
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _PAIR_TILE = 4096  # largest [positions, outer, inner, radix] product tile of a fused pair
+# Tile sizes (elements of a [outputs, radix] tile; of a pair's product tile) are autotuned per shape.
+_STAGE_CONFIGS = [triton.Config({"TILE": 1024}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"TILE": t}, num_warps=w) for t in (512, 1024, 2048, 4096) for w in (2, 4, 8)]
+_PAIR_CONFIGS = [triton.Config({"TILE": 4096}, num_warps=4)] if _INTERPRET else [
+    triton.Config({"TILE": t}, num_warps=w) for t in (1024, 2048, 4096) for w in (2, 4, 8)]
 
 
+def _stage_block(tile: int, rp2: int) -> int:
+    return max(1, tile // rp2)
+
+
+@triton.autotune(configs=_STAGE_CONFIGS, key=["N", "RADIX", "LO", "PER_POSITION", "TRANSPOSE"])
 @triton.jit
 def _stage(src_ptr, dst_ptr, signs_ptr, blocks_ptr, N, RADIX, LO, OFFSET, PER_POSITION: tl.constexpr,
-           TRANSPOSE: tl.constexpr, SIGNS_IN: tl.constexpr, SIGNS_OUT: tl.constexpr, BLOCK: tl.constexpr,
-           RP2: tl.constexpr):
+           TRANSPOSE: tl.constexpr, SIGNS_IN: tl.constexpr, SIGNS_OUT: tl.constexpr, RP2: tl.constexpr,
+           TILE: tl.constexpr):
     """BLOCK outputs × all RADIX inputs of each as one [BLOCK, RP2] tile: every load is issued at once."""
+    BLOCK: tl.constexpr = TILE // RP2 if TILE > RP2 else 1
     row = tl.program_id(1)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < N
@@ -76,13 +87,21 @@ def _block_product(v, blocks_ptr, base, INNER: tl.constexpr, R: tl.constexpr, RP
         return tl.sum(k * v[:, None, :, :], axis=2)
 
 
+def _pair_positions(tile: int, r1p: int, r2p: int, positions: int) -> int:
+    return min(max(1, tile // (r1p * r2p * max(r1p, r2p))), triton.next_power_of_2(positions))
+
+
+@triton.autotune(configs=_PAIR_CONFIGS, key=["N", "LO", "R1", "R2", "PER1", "PER2", "TRANSPOSE"])
 @triton.jit
 def _stage_pair(src_ptr, dst_ptr, signs_ptr, blocks_ptr, N, LO, OFF1, OFF2, R1: tl.constexpr, R2: tl.constexpr,
                 PER1: tl.constexpr, PER2: tl.constexpr, TRANSPOSE: tl.constexpr, SIGNS_IN: tl.constexpr,
-                SIGNS_OUT: tl.constexpr, Q: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+                SIGNS_OUT: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, QMAX: tl.constexpr,
+                TILE: tl.constexpr):
     """Stages t (inner digit, radix R1, stride LO) and t+1 (outer digit, radix R2, stride LO·R1) in one
     launch: inner then outer, or (TRANSPOSE) outer then inner with transposed blocks. A program holds a
     [Q positions, R2, R1] tile; position q stands for the other digits (hi, low)."""
+    PAIR: tl.constexpr = R1P * R2P * (R1P if R1P > R2P else R2P)
+    Q: tl.constexpr = QMAX if TILE // PAIR > QMAX else (TILE // PAIR if TILE > PAIR else 1)
     row = tl.program_id(1)
     q = tl.program_id(0) * Q + tl.arange(0, Q)
     hi = q // LO
@@ -151,18 +170,20 @@ def stage_product(x: torch.Tensor, signs: torch.Tensor, blocks: torch.Tensor, ta
         if len(group) == 1:
             (b, lo, offset, per), = group
             rp2 = triton.next_power_of_2(b)
-            block = max(1, _TILE // rp2)
-            _stage[(triton.cdiv(n, block), batch)](
+            _stage[lambda meta, rp2=rp2: (triton.cdiv(n, _stage_block(meta["TILE"], rp2)), batch)](
                 src, dst, signs, blocks, n, b, lo, offset, PER_POSITION=bool(per), TRANSPOSE=transpose,
-                SIGNS_IN=signs_in, SIGNS_OUT=signs_out, BLOCK=block, RP2=rp2)
+                SIGNS_IN=signs_in, SIGNS_OUT=signs_out, RP2=rp2)
         else:
             (b1, lo, off1, per1), (b2, _, off2, per2) = group
             r1p, r2p = triton.next_power_of_2(b1), triton.next_power_of_2(b2)
             positions = n // (b1 * b2)
-            q = min(max(1, _PAIR_TILE // (r1p * r2p * max(r1p, r2p))), triton.next_power_of_2(positions))
-            _stage_pair[(triton.cdiv(positions, q), batch)](
+            qmax = triton.next_power_of_2(positions)
+            def pair_grid(meta, r1p=r1p, r2p=r2p, positions=positions):
+                return triton.cdiv(positions, _pair_positions(meta["TILE"], r1p, r2p, positions)), batch
+
+            _stage_pair[pair_grid](
                 src, dst, signs, blocks, n, lo, off1, off2, R1=b1, R2=b2, PER1=bool(per1), PER2=bool(per2),
-                TRANSPOSE=transpose, SIGNS_IN=signs_in, SIGNS_OUT=signs_out, Q=q, R1P=r1p, R2P=r2p)
+                TRANSPOSE=transpose, SIGNS_IN=signs_in, SIGNS_OUT=signs_out, R1P=r1p, R2P=r2p, QMAX=qmax)
         src = dst
     return src
 
