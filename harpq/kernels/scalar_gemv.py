@@ -6,6 +6,8 @@ accumulation is float32. Two kernels:
 - `_grouped_gemv`, for widths that divide 32 (1, 2, 4, 8 bits) and whole groups of a multiple of 32
   columns: whole words are loaded once and split in registers slot by slot (2-D tiles only), and per
   word the sum is s·(Σ q·x − z·Σ x), so zero-point and scale cost one operation per word, not per weight.
+  A code becomes the float 2 + q/2^(b−1) by a shift and a mask into 2.0's mantissa (no conversion, no
+  subtraction per weight: the constant comes out against Σ x once per word).
 - `_bitstream_gemv`, for everything else (3 bits, where a code may straddle two words; ragged groups;
   one grid per row): per column, correct but slower.
 """

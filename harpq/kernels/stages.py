@@ -7,10 +7,10 @@ one float32 buffer once per module; `stage_product` applies Q x (or Qᵀ x) with
 first (or last) stage. A stage reads each input b times (from L1) and writes each output once; each
 program holds a [outputs, radix] tile so all of an output's loads are in flight together.
 
-Launches, not arithmetic, price a transform at decode sizes, so two adjacent stages of small radix (HARP's
-radix-8 digits) run as one launch: a program holds every value of both digits for a few positions of the
-others and applies the two block products in registers. HARP's kron schedule then costs the RHT's
-launch count (two per side at 4096 and 11008).
+At decode sizes a stage is a small kernel of 1–4 µs, much of it launch floor (≈ 0.8 µs on an H200) and
+latency, so two adjacent stages of small radix (HARP's radix-8 digits) run as one launch: a program
+holds every value of both digits for a few positions of the others and applies the two block products
+in registers. HARP's kron schedule then costs the RHT's launch count (two per side at 4096 and 11008).
 """
 
 from __future__ import annotations
