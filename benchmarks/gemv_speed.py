@@ -81,7 +81,7 @@ def main() -> None:
 
 
 def chosen_configs() -> None:
-    """Which tile (and E8P decode) the autotuner picked per shape key."""
+    """Which tile the autotuner picked per shape key."""
     from harpq.kernels.e8p_gemv import _e8p_gemv
     from harpq.kernels.scalar_gemv import _grouped_gemv
 

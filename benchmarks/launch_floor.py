@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gemv_speed import cuda_time  # the same graph-replay timer (this folder is on sys.path)
 
 
 @triton.jit
@@ -27,21 +28,7 @@ def per_launch(n: int, chain: int = 200, replays: int = 20) -> float:
     """Seconds per kernel in a graph of `chain` dependent launches over an n-element fp16 vector."""
     x = torch.zeros(n, device="cuda", dtype=torch.float16)
     block = min(1024, triton.next_power_of_2(n))
-    grid = (triton.cdiv(n, block),)
-    _bump[grid](x, n, BLOCK=block)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(chain):
-            _bump[grid](x, n, BLOCK=block)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / (chain * replays)
+    return cuda_time(lambda: _bump[(triton.cdiv(n, block),)](x, n, BLOCK=block), repeat=chain, replays=replays)
 
 
 def main() -> None:

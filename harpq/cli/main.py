@@ -171,18 +171,14 @@ def generate(model, prompt, max_new_tokens, device) -> None:
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
 def bench(shape, formats, batches, steps, json_out) -> None:
     """Decode tok/s of a SHAPE model with random weights on the GPU: FP16 and each format, one run."""
-    import json
-    from pathlib import Path
-
     from ..engine import bench as b
 
     try:
         result = b.run(shape, [f.strip() for f in formats.split(",") if f.strip()],
-                       [int(x) for x in batches.split(",") if x.strip()], steps=steps, echo=click.echo)
+                       [int(x) for x in batches.split(",") if x.strip()], steps=steps, echo=click.echo,
+                       json_path=json_out)
     except (HarpqError, ValueError) as e:
         _fail(str(e))
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     click.echo(b.table(result))
 
 

@@ -10,8 +10,10 @@ over) times steps per second.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,11 +144,15 @@ def time_decode(decoder: Decoder, batch: int, steps: int, prompt: int = 16, repe
 
 
 def run(shape_name: str, formats: list[str], batches: list[int], steps: int = 64,
-        echo: Callable[[str], None] = print) -> dict[str, Any]:
+        echo: Callable[[str], None] = print, json_path: str | Path | None = None) -> dict[str, Any]:
+    """Decode tok/s of every format at every batch; with `json_path`, the result so far is written after
+    each format (a run cut short keeps what it measured)."""
     if shape_name not in SHAPES:
         raise HarpqError(f"unknown shape {shape_name!r} (offered: {', '.join(SHAPES)})")
     if not torch.cuda.is_available():
         raise HarpqError("harpq bench times the CUDA decode path: no CUDA device here")
+    if not formats:
+        raise HarpqError(f"harpq bench needs at least one format (offered: {', '.join(FORMATS)})")
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise HarpqError(f"unknown format(s) {', '.join(unknown)} (offered: {', '.join(FORMATS)})")
@@ -175,11 +181,14 @@ def run(shape_name: str, formats: list[str], batches: list[int], steps: int = 64
         del decoder
         gc.collect()
         torch.cuda.empty_cache()
-    for row in rows:
-        base = next((r for r in rows if r["format"] == "fp16" and r["batch"] == row["batch"]), None)
-        row["vs_fp16"] = row["tok_s"] / base["tok_s"] if base else None
-    return {"shape": shape_name, "device": torch.cuda.get_device_name(device), "copy_bytes_per_s": copy,
-            "steps": steps, "torch": torch.__version__, "rows": rows}
+        for row in rows:
+            base = next((r for r in rows if r["format"] == "fp16" and r["batch"] == row["batch"]), None)
+            row["vs_fp16"] = row["tok_s"] / base["tok_s"] if base else None
+        result = {"shape": shape_name, "device": torch.cuda.get_device_name(device), "copy_bytes_per_s": copy,
+                  "steps": steps, "torch": torch.__version__, "rows": rows}
+        if json_path:
+            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def table(result: dict[str, Any]) -> str:
