@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from harpq.kernels.dispatch import kernel_meta, quantized_matmul
 
 from harpq.codebooks import ScalarGrid
 from harpq.codebooks.quipsharp import E8PCodebook
-from harpq.kernels.dispatch import kernel_meta, quantized_matmul
 from harpq.kernels.stages import StagePlan, apply_plan
 from harpq.processors import make_processor
 from harpq.rounding import nearest

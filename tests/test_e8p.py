@@ -8,8 +8,8 @@ from helpers import ldl_block_reference, random_hessian
 import harpq
 from harpq import HarpqError
 from harpq.codebooks import E8PCodebook
-from harpq.codebooks.e8p import e8p_decode, e8p_nearest
-from harpq.codebooks.lattice import e8_one_bit_points, e8p_abs_table, e8p_all_codewords
+from harpq.codebooks.e8p import e8p_nearest
+from harpq.formats.lattice import e8_one_bit_points, e8p_abs_table, e8p_all_codewords, e8p_decode
 from harpq.rounding import block_ldlq, nearest, proxy_loss
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from harpq.codebooks.packing import pack_bits, packed_words, unpack_bits
+from harpq.formats.packing import pack_bits, packed_words, unpack_bits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -1,11 +1,12 @@
-"""Codebooks: scalar grids now; lattice and residual codebooks plug in through `make_codebook`."""
+"""Codebooks (how codes are chosen): scalar grids and QuIP#'s lattice codes, built by `make_codebook`."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..formats import stored_bits
 from ..registry import build
-from .base import Codebook, stored_bits
+from .base import Codebook
 from .quipsharp import E8PCodebook
 from .scalar import SCALAR_BITS, ScalarGrid
 

@@ -1,9 +1,9 @@
-"""The codebook interface: how groups of weights become codes, and codes become weights again.
+"""The codebook interface: how groups of weights become codes.
 
 A codebook works in the processed (incoherent) domain. `prepare` fixes the per-matrix state (scales,
 zero-points) before rounding starts, so every rounding algorithm sees the same grid; `round` maps a
-slab of columns to codes and their reconstruction; `encode`/`decode` move between codes and the
-tensors a `QuantLinear` stores.
+slab of columns to codes and their reconstruction; `encode` hands the codes to the codebook's storage
+format (`harpq.formats`), which owns the stored tensors and their decode.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-BufferSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+from ..formats import BufferSpec, StorageFormat
 
 
 class Codebook(ABC):
@@ -44,25 +44,19 @@ class Codebook(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Quantize columns `cols` (values `x`, shape (m, len(cols))) -> (codes, reconstruction)."""
 
+    @property
+    @abstractmethod
+    def storage(self) -> StorageFormat:
+        """The storage format the codes of this codebook are kept in."""
+
     @abstractmethod
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Codes of the whole matrix plus state -> the tensors that are stored."""
 
-    @abstractmethod
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         """Stored tensors -> the reconstructed processed weight (float32)."""
+        return self.storage.decode(buffers, out_features, in_features)
 
-    @abstractmethod
     def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
         """Name -> (shape, dtype) of every stored tensor, so empty modules can be built before loading."""
-
-
-def stored_bits(specs: BufferSpec) -> int:
-    """Total bits of a set of stored tensors."""
-    total = 0
-    for shape, dtype in specs.values():
-        numel = 1
-        for s in shape:
-            numel *= s
-        total += numel * torch.empty((), dtype=dtype).element_size() * 8
-    return total
+        return self.storage.buffer_specs(out_features, in_features)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .lattice import e8p_abs_table
+from ..formats.lattice import e8p_abs_table, e8p_decode, entry_parity
 
 _CHUNK = {"cpu": 8192, "cuda": 1 << 17}  # rows per pass: (rows, 256) intermediates, cache- or launch-bound
 
@@ -39,17 +39,6 @@ def e8p_nearest(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _TOP = 8  # candidates whose parity fix is priced exactly; a row falls back to all 256 when needed
 
 
-_PARITY: dict[torch.device, torch.Tensor] = {}
-
-
-def _entry_parity(device: torch.device) -> torch.Tensor:
-    """(256,) bool: Σ 2|s_i| / 2 is odd, for each absolute-value entry."""
-    if device not in _PARITY:
-        twice = (2 * e8p_abs_table()).round().to(torch.int64)
-        _PARITY[device] = ((twice.sum(1) // 2) % 2).bool().to(device)
-    return _PARITY[device]
-
-
 def _best_entry(a: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """For y = ±a (signs `neg`), the table entry maximising 2·score − ‖s‖² with its parity fix.
 
@@ -63,7 +52,7 @@ def _best_entry(a: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
     value0 = 2 * (a @ s.T) - s_norm[None, :]  # (N, 256)
     # Σ_i s_i σ_i = (Σ 2s_i − 2·Σ_neg 2s_i)/2 and every 2s_i is odd, so its parity is the entry's own
     # parity of Σ 2s_i / 2 flipped by the parity of the number of negative coordinates
-    odd = _entry_parity(a.device)[None, :] ^ (neg.sum(1) % 2).bool()[:, None]
+    odd = entry_parity(a.device)[None, :] ^ (neg.sum(1) % 2).bool()[:, None]
     even_v, even_j = value0.masked_fill(odd, float("-inf")).max(1)
     top_v, top_j = value0.topk(_TOP, dim=1)
     top_odd = odd.gather(1, top_j)
@@ -106,18 +95,3 @@ def _nearest_chunk(x: torch.Tensor) -> torch.Tensor:
             best_score = torch.where(better, dist, best_score)
             best_code = torch.where(better, code, best_code)
     return best_code
-
-
-def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int codes (...) -> codewords (..., 8)."""
-    c = codes.to(torch.int64) & 0xFFFF
-    s, _ = _table(dtype, codes.device)
-    mag = s[c & 0xFF]  # (..., 8)
-    bits = (c[..., None] >> torch.arange(8, 15, device=c.device)) & 1  # signs of coords 0..6
-    twice = (2 * mag).round().to(torch.int64)
-    partial = (twice[..., :7] * (1 - 2 * bits)).sum(-1)  # Σ_{i<7} 2 s_i σ_i
-    # choose σ_7 so that Σ 2 s_i σ_i ≡ 0 (mod 4)
-    last_neg = ((partial + twice[..., 7]) % 4) != 0
-    sign = torch.cat([1 - 2 * bits, (1 - 2 * last_neg.to(torch.int64))[..., None]], dim=-1).to(dtype)
-    shift = torch.where(((c >> 15) & 1).bool(), 0.25, -0.25).to(dtype)
-    return mag * sign + shift[..., None]

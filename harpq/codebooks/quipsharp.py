@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from ..errors import HarpqError
-from .base import BufferSpec, Codebook
-from .e8p import e8p_decode, e8p_nearest
-from .lattice import e8_one_bit_points
+from ..formats import E8PStages
+from ..formats.lattice import e8_one_bit_points
+from .base import Codebook
+from .e8p import e8p_nearest
 from .scalar import fp16_ceil
 
 STAGE_ONE_SCALE = {2: 0.9, 3: 0.98, 4: 1.03}
@@ -69,29 +70,12 @@ class E8PCodebook(Codebook):
         stacked = torch.stack(codes, dim=-1).view(m, k // 8 * len(codes))
         return stacked, q.view(m, k) * s
 
+    @property
+    def storage(self) -> E8PStages:
+        return E8PStages(self.bits, self.resid)
+
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = codes.shape[0]
         stages = 1 if self.bits == 2 else 2
         c = codes.view(m, -1, stages).to(torch.int64)
-        out = {"codes": c[..., 0].to(torch.int16), "scales": state["scale"].half()}
-        if stages == 2:
-            out["codes2"] = c[..., 1].to(torch.uint8 if self.bits == 3 else torch.int16)
-        return out
-
-    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
-        q = e8p_decode(buffers["codes"])
-        if self.bits > 2:
-            c2 = buffers["codes2"].to(torch.int64)
-            if self.bits == 3:
-                q2 = e8_one_bit_points().to(device=c2.device, dtype=torch.float32)[c2]
-            else:
-                q2 = e8p_decode(c2)
-            q = q + q2 / self.resid
-        return q.reshape(out_features, in_features) * buffers["scales"].float()
-
-    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
-        specs: BufferSpec = {"codes": ((out_features, in_features // 8), torch.int16),
-                             "scales": ((1, 1), torch.float16)}
-        if self.bits > 2:
-            specs["codes2"] = ((out_features, in_features // 8), torch.uint8 if self.bits == 3 else torch.int16)
-        return specs
+        return self.storage.encode(c[..., 0], c[..., 1] if stages == 2 else None, state["scale"])

@@ -2,7 +2,7 @@
 
 Groups are runs of `group_size` consecutive input columns of a row (0: one group per row). Scales are
 rounded to fp16 *before* rounding the weights, so the grid the rounding algorithm sees is exactly the
-grid that is stored and decoded.
+grid that is stored and decoded (by the `ScalarGroups` storage format).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from ..errors import HarpqError
-from .base import BufferSpec, Codebook
+from ..formats import ScalarGroups
+from .base import Codebook
 from .hqq import hqq_solve
-from .packing import pack_bits, packed_words, unpack_bits
 
 SCALAR_BITS = (1, 2, 3, 4, 8)
 
@@ -141,45 +141,9 @@ class ScalarGrid(Codebook):
         q = torch.clamp(torch.round(x / scale + (zero - whole)) + whole, 0, self.maxq)
         return q.to(torch.uint8), scale * (q - zero)
 
+    @property
+    def storage(self) -> ScalarGroups:
+        return ScalarGroups(self.bits, self.group_size, {"minmax": "int", "hqq": "fp16", "rms": "mid"}[self.scale_rule])
+
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.scale_rule == "rms":
-            return {"codes": pack_bits(codes, self.bits), "scales": state["scale"][:1, :1].half()}
-        if self.scale_rule == "hqq":
-            return {"codes": pack_bits(codes, self.bits), "scales": state["scale"].half(),
-                    "zeros": state["zero"].half()}
-        zero = state["zero"].to(torch.int64)
-        return {
-            "codes": pack_bits(codes, self.bits),
-            "scales": state["scale"].half(),
-            "zeros": pack_bits(zero.reshape(1, -1), self.bits).view(-1),
-        }
-
-    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
-        m, n = out_features, in_features
-        groups = self.num_groups(n)
-        q = unpack_bits(buffers["codes"], self.bits, n).float()
-        if self.scale_rule == "rms":
-            return buffers["scales"].float() * (q - self.maxq / 2)
-        if self.scale_rule == "hqq":
-            zero = buffers["zeros"].float()
-        else:
-            zero = unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
-        scale = buffers["scales"].float()
-        g = self.group_len(n)
-        if groups * g == n:  # whole groups: broadcast per group instead of gathering per column
-            return ((q.view(m, groups, g) - zero[..., None]) * scale[..., None]).view(m, n)
-        gidx = torch.arange(n, device=q.device) // g
-        return scale[:, gidx] * (q - zero[:, gidx])
-
-    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
-        if self.scale_rule == "rms":
-            return {"codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
-                    "scales": ((1, 1), torch.float16)}
-        groups = self.num_groups(in_features)
-        zeros = ((out_features, groups), torch.float16) if self.scale_rule == "hqq" else \
-            ((packed_words(out_features * groups, self.bits),), torch.int32)
-        return {
-            "codes": ((out_features, packed_words(in_features, self.bits)), torch.int32),
-            "scales": ((out_features, groups), torch.float16),
-            "zeros": zeros,
-        }
+        return self.storage.encode(codes, state["scale"], state["zero"])

@@ -165,7 +165,7 @@ class Decoder(nn.Module):
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         if self.max_len == 0:
             raise HarpqError("call setup_cache(batch, max_len) before running the decoder")
-        fused = self.device.type == "cuda" and kernels.available(tokens)
+        fused = self.device.type == "cuda" and kernels.triton_available(tokens)
         x = self.embed[tokens]
         cos, sin = self.cos[pos], self.sin[pos]
         mask = (self.positions[None, :] <= pos[:, None])[None, None]

@@ -1,8 +1,9 @@
-"""Triton kernels for the run-time path (decode GEMV per codebook), registered as torch custom ops.
+"""Run-time kernels: decode GEMVs per storage format (CUDA C++ through NVRTC, `backends` picks one per call,
+the PyTorch reference everywhere else), and Triton kernels for the online transforms and the fused
+decoder ops (RMSNorm, SiLU·up, RoPE + KV-cache write).
 
-Each kernel has a PyTorch oracle (the codebook's `decode` followed by a matmul) it is tested against, on
-the CPU through Triton's interpreter (`TRITON_INTERPRET=1`) and on CUDA. `available()` says whether a
-kernel may run for a tensor: Triton importable, and the tensor on CUDA (or the interpreter switched on).
+Each kernel has a PyTorch oracle it is tested against. Triton kernels also run on the CPU through Triton's
+interpreter (`TRITON_INTERPRET=1`, tests); `triton_available()` says whether one may run for a tensor.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import os
 
 import torch
 
+from . import e8p_cuda, scalar_cuda  # noqa: F401  (register their backends)
+from .backends import MAX_DECODE_BATCH, GemvBackend, backends, register, select
 
-def available(x: torch.Tensor) -> bool:
+
+def triton_available(x: torch.Tensor) -> bool:
     """Triton importable, and x on CUDA or the interpreter on (`TRITON_INTERPRET=1`)."""
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
@@ -21,3 +25,6 @@ def available(x: torch.Tensor) -> bool:
     except ImportError:
         return False
     return True
+
+
+__all__ = ["MAX_DECODE_BATCH", "GemvBackend", "backends", "register", "select", "triton_available"]

@@ -1,7 +1,9 @@
 """QuantLinear: a drop-in nn.Linear whose weight is stored as packed codes plus processor parameters.
 
 Its storage format is fixed at construction, so `.to(dtype)` / `.half()` move it between devices but
-never recast its buffers (a bf16 cast of fp16 scales would silently change the model).
+never recast its buffers (a bf16 cast of fp16 scales would silently change the model). The product with
+the stored matrix runs on whichever backend of the format can take the call (`kernels.select`: the CUDA
+decode GEMVs for batch 1–16 on a GPU, the PyTorch reference elsewhere).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..codebooks import Codebook, make_codebook, stored_bits
-from ..kernels import dispatch
+from ..codebooks import Codebook, make_codebook
+from ..formats import stored_bits
 from ..processors import Processor, make_processor
 
 
@@ -33,16 +35,17 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.codebook = codebook
+        self.format = codebook.storage
         self.processor = processor
         self._codebook_names = list(codebook.buffer_specs(out_features, in_features))
         self._processor_names = list(processor.buffer_specs(out_features, in_features))
         for name, (shape, dtype) in self._specs().items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
-        #: Triton decode kernels for ≤ 16 rows: None = on CUDA only; True also forces them elsewhere
-        #: (on the CPU that needs TRITON_INTERPRET=1: tests); False = always the reference path
+        #: run-time kernels for ≤ 16 rows: None = where they can run; False = always the PyTorch reference;
+        #: True also runs the Triton transform kernels off CUDA (on the CPU: TRITON_INTERPRET=1, tests)
         self.use_kernels: bool | None = None
-        self._kernel_meta: dict[torch.device, tuple[tuple, tuple]] = {}
+        self._kernel_meta: dict[tuple[torch.device, str], tuple[tuple, tuple]] = {}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
@@ -93,40 +96,42 @@ class QuantLinear(nn.Module):
     def codes_device(self) -> torch.device:
         return next(iter(self._buffers.values())).device
 
-    def _kernel_ok(self, rows: torch.Tensor) -> bool:
-        if self.use_kernels is False or rows.shape[0] > dispatch.MAX_DECODE_BATCH:
+    def _transform_kernels(self, rows: torch.Tensor) -> bool:
+        """Whether the online transforms run as Triton stage kernels for these rows."""
+        if self.use_kernels is False or rows.shape[0] > kernels.MAX_DECODE_BATCH:
             return False
-        if not dispatch.supports(self.codebook) or not kernels.available(rows):
-            return False
-        return self.use_kernels is True or rows.is_cuda
+        return kernels.triton_available(rows) and (rows.is_cuda or self.use_kernels is True)
 
-    def _run_meta(self, device: torch.device):
-        """(codebook kernel inputs, processor stage plans or None), rebuilt when any buffer changes."""
+    def _run_meta(self, device: torch.device, backend: kernels.GemvBackend, plans_wanted: bool):
+        """(the backend's prepared tensors, processor stage plans or None), rebuilt when a buffer changes."""
         cb = self._buffers_of(self._codebook_names)
         pb = self._buffers_of(self._processor_names)
         version = tuple((t.data_ptr(), t._version) for t in (*cb.values(), *pb.values()))
-        hit = self._kernel_meta.get(device)
+        key = (device, backend.name if not plans_wanted else backend.name + "+plans")
+        hit = self._kernel_meta.get(key)
         if hit is None or hit[0] != version:
-            plans = self.processor.stage_plans(pb, self.out_features, self.in_features)
-            meta = dispatch.kernel_meta(self.codebook, cb, self.out_features, self.in_features)
-            hit = self._kernel_meta[device] = (version, (meta, plans))
+            plans = self.processor.stage_plans(pb, self.out_features, self.in_features) if plans_wanted else None
+            prepared = backend.prepare(self.format, cb, self.out_features, self.in_features)
+            hit = self._kernel_meta[key] = (version, (prepared, plans))
         return hit[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pb = self._buffers_of(self._processor_names)
-        rows = x.reshape(-1, self.in_features)
-        if self._kernel_ok(rows):
+        cb = self._buffers_of(self._codebook_names)
+        m, n = self.out_features, self.in_features
+        rows = x.reshape(-1, n)
+        staged = self._transform_kernels(rows)
+        backend = kernels.select(self.format, rows, m, n, fast=self.use_kernels is not False)
+        prepared, plans = self._run_meta(rows.device, backend, staged)
+        if plans:
             from ..kernels.stages import apply_plan
 
-            meta, plans = self._run_meta(rows.device)
-            rows = apply_plan(plans[1], rows, False) if plans else self.processor.apply_input(pb, rows)
-            cb = self._buffers_of(self._codebook_names)
-            z = dispatch.quantized_matmul(self.codebook, cb, meta, rows, self.out_features, self.in_features)
-            y = apply_plan(plans[0], z, True) if plans else self.processor.apply_output(pb, z)
-            y = y.view(*x.shape[:-1], self.out_features)
+            rows = apply_plan(plans[1], rows, False)
         else:
-            xin = self.processor.apply_input(pb, x)
-            y = self.processor.apply_output(pb, xin @ self.dequantized_weight().to(x.dtype).T)
+            rows = self.processor.apply_input(pb, rows)
+        z = backend.matmul(self.format, cb, prepared, rows, m, n)
+        y = apply_plan(plans[0], z, True) if plans else self.processor.apply_output(pb, z)
+        y = y.view(*x.shape[:-1], m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

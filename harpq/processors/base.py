@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ..codebooks.base import BufferSpec, Codebook
+from ..codebooks import Codebook
+from ..formats import BufferSpec
 
 
 class Processor(ABC):

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from ..codebooks.base import BufferSpec, Codebook
+from ..codebooks import Codebook
 from ..errors import HarpqError
+from ..formats import BufferSpec
 from ..hadamard import split_order
 from ..hadamard.transform import dense_factor
 from .butterfly import PREFERRED_RADIX, apply_stages, check_schedule, greedy_schedule, stage_kernels

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..codebooks.base import BufferSpec
 from ..errors import HarpqError
+from ..formats import BufferSpec
 from ..hadamard import hadamard_transform, split_order
 from ..hadamard.transform import FWHT_RADIX, dense_factor
 

@@ -6,6 +6,10 @@ The 256 are the 227 vectors with ‖s‖² ≤ 10 and 29 of the 56 with ‖s‖�
 1/2 (QuIP# pads with 29 such vectors; which 29 only matters for bit-compatibility with their files, so
 harpq takes the first 29 in lexicographic order of the positions of the 1/2 entries).
 
+The 16-bit E8P code word: bits 0–7 index the absolute-value table, bits 8–14 are the signs of
+coordinates 0–6 (1 = negative), bit 15 is the shift (1: +1/4, 0: −1/4); the sign of coordinate 7 is
+implied: the one that makes Σ(s ⊙ σ) even.
+
 E8-1bit (the second stage of 3-bit RVQ): 256 points of E8: the origin, the 240 roots and 15 of the 16
 vectors ±2e_i (−2e_8 dropped).
 """
@@ -58,6 +62,31 @@ def e8_one_bit_points() -> torch.Tensor:
 
 def e8p_all_codewords() -> torch.Tensor:
     """All 2^16 E8P codewords in code order (for tests and brute-force references)."""
-    from .e8p import e8p_decode
-
     return e8p_decode(torch.arange(1 << 16, dtype=torch.int64), torch.float64)
+
+
+_PARITY: dict[torch.device, torch.Tensor] = {}
+
+
+def entry_parity(device: torch.device) -> torch.Tensor:
+    """(256,) bool: Σ 2|s_i| / 2 is odd, for each absolute-value entry."""
+    if device not in _PARITY:
+        twice = (2 * e8p_abs_table()).round().to(torch.int64)
+        _PARITY[device] = ((twice.sum(1) // 2) % 2).bool().to(device)
+    return _PARITY[device]
+
+
+def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int codes (...) -> codewords (..., 8)."""
+    c = codes.to(torch.int64) & 0xFFFF
+    s = e8p_abs_table().to(device=codes.device, dtype=dtype)
+    mag = s[c & 0xFF]  # (..., 8)
+    bits = (c[..., None] >> torch.arange(8, 15, device=c.device)) & 1  # signs of coords 0..6
+    twice = (2 * mag).round().to(torch.int64)
+    partial = (twice[..., :7] * (1 - 2 * bits)).sum(-1)  # Σ_{i<7} 2 s_i σ_i
+    # choose σ_7 so that Σ 2 s_i σ_i ≡ 0 (mod 4)
+    last_neg = ((partial + twice[..., 7]) % 4) != 0
+    sign = torch.cat([1 - 2 * bits, (1 - 2 * last_neg.to(torch.int64))[..., None]], dim=-1).to(dtype)
+    shift = torch.where(((c >> 15) & 1).bool(), 0.25, -0.25).to(dtype)
+    return mag * sign + shift[..., None]
+

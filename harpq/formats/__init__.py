@@ -1,0 +1,7 @@
+"""Storage formats: the stored tensors of a quantized matrix, their decode, and what kernels read."""
+
+from .base import BufferSpec, StorageFormat, stored_bits
+from .e8p import E8PStages
+from .scalar import ScalarGroups
+
+__all__ = ["BufferSpec", "E8PStages", "ScalarGroups", "StorageFormat", "stored_bits"]

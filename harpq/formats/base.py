@@ -1,0 +1,49 @@
+"""The storage-format interface: what a quantized linear stores and what those bits mean.
+
+A codebook decides which codes to choose; its storage format decides how the codes, scales and zero-points
+are laid out in tensors, how they decode back to weights (the PyTorch reference every kernel is tested
+against), and what a kernel may assume about them. Kernels are registered per format
+(`harpq.kernels.backends`), never per codebook or processor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+BufferSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class StorageFormat(ABC):
+    """The stored tensors of one quantized matrix (out_features × in_features) and their decode."""
+
+    #: the key kernel backends are registered under
+    name: str
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """What identifies the layout (JSON-serialisable; also part of a kernel's cache key)."""
+
+    @abstractmethod
+    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        """Name -> (shape, dtype) of every stored tensor, so empty modules can be built before loading."""
+
+    @abstractmethod
+    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+        """Stored tensors -> the weight they encode (float32): the reference every kernel must match."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config()})"
+
+
+def stored_bits(specs: BufferSpec) -> int:
+    """Total bits of a set of stored tensors."""
+    total = 0
+    for shape, dtype in specs.values():
+        numel = 1
+        for s in shape:
+            numel *= s
+        total += numel * torch.empty((), dtype=dtype).element_size() * 8
+    return total

@@ -1,0 +1,56 @@
+"""QuIP#'s lattice codes: E8P (16 bits per 8 weights), optionally plus a residual stage.
+
+Stage two is the 1-bit E8 codebook (8 bits per 8 weights: 3 bits per weight in all) or E8P again (4 bits
+per weight), added with weight 1/resid. One fp16 scale per matrix multiplies the sum. The code word
+layout is `lattice.e8p_decode`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import BufferSpec, StorageFormat
+from .lattice import e8_one_bit_points, e8p_decode
+
+STAGE2 = {2: None, 3: "e8", 4: "e8p"}
+
+
+class E8PStages(StorageFormat):
+    name = "e8p"
+
+    def __init__(self, bits: int, resid: float | None):
+        if bits not in STAGE2:
+            raise ValueError(f"E8P stores 2, 3 or 4 bits per weight, not {bits}")
+        self.bits = bits
+        self.stage2 = STAGE2[bits]
+        self.resid = resid if self.stage2 else None
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "resid": self.resid}
+
+    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        specs: BufferSpec = {"codes": ((out_features, in_features // 8), torch.int16),
+                             "scales": ((1, 1), torch.float16)}
+        if self.stage2:
+            specs["codes2"] = ((out_features, in_features // 8), torch.uint8 if self.stage2 == "e8" else torch.int16)
+        return specs
+
+    def encode(self, codes: torch.Tensor, codes2: torch.Tensor | None, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """codes (m, n/8) E8P code words [, codes2 (m, n/8) stage-two codes], scale (1, 1)."""
+        out = {"codes": codes.to(torch.int64).to(torch.int16), "scales": scale.reshape(1, 1).half()}
+        if self.stage2:
+            out["codes2"] = codes2.to(torch.uint8 if self.stage2 == "e8" else torch.int16)
+        return out
+
+    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+        q = e8p_decode(buffers["codes"])
+        if self.stage2:
+            c2 = buffers["codes2"].to(torch.int64)
+            if self.stage2 == "e8":
+                q2 = e8_one_bit_points().to(device=c2.device, dtype=torch.float32)[c2 & 0xFF]
+            else:
+                q2 = e8p_decode(c2)
+            q = q + q2 / self.resid
+        return q.reshape(out_features, in_features) * buffers["scales"].float()

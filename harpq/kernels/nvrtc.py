@@ -1,0 +1,118 @@
+"""CUDA C++ kernels compiled at first use by NVRTC (through NVIDIA's `cuda-core`), cached, launched on
+torch's current stream.
+
+No build step at install: a `.cu` source of `kernels/cuda` plus its compile-time defines is compiled to
+a cubin for the GPU's architecture on first use, kept on disk (keyed by the sources, the defines, the
+architecture and the NVRTC version) and in memory. Launches go to torch's current stream, so a CUDA graph
+that torch captures captures them too. Compiling needs no GPU (`compile_cubin`), which is how CI checks
+that every source compiles for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SOURCE_DIR = Path(__file__).parent / "cuda"
+log = logging.getLogger("harpq.kernels")
+
+
+@functools.cache
+def available() -> str | None:
+    """None if the CUDA C++ kernels can run here, else the reason they cannot."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import cuda.core  # noqa: F401
+    except ImportError:
+        return "cuda-core is not installed (pip install 'harpq[cuda]')"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"compute capability {major}.x (the kernels need 8.0 or newer: mma.m16n8k16)"
+    return None
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.glob("*")):
+        if path.suffix in (".cu", ".cuh"):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _nvrtc_version() -> str:
+    try:
+        from cuda.bindings import nvrtc
+
+        _, major, minor = nvrtc.nvrtcVersion()
+        return f"{major}.{minor}"
+    except Exception:  # noqa: BLE001 - only part of a cache key
+        return "unknown"
+
+
+def compile_cubin(source: str, defines: dict[str, int], arch: str) -> bytes:
+    """Compile `kernels/cuda/<source>` with `-D` defines for `arch` (e.g. "sm_90"); needs no GPU."""
+    from cuda.core import Program, ProgramOptions
+
+    options = ProgramOptions(
+        name=source, arch=arch, std="c++17", include_path=[str(SOURCE_DIR)],
+        define_macro=[(k, str(v)) for k, v in sorted(defines.items())],
+    )
+    code = (SOURCE_DIR / source).read_text()
+    return bytes(Program(code, code_type="c++", options=options).compile("cubin").code)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HARPQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "harpq")
+    return Path(root) / "kernels"
+
+
+@functools.cache
+def kernel(source: str, entry: str, defines: tuple[tuple[str, int], ...], device_index: int) -> Any:
+    """The loaded kernel `entry` of `source` built with `defines` for the device's architecture."""
+    from cuda.core import Device, ObjectCode
+
+    Device(device_index).set_current()  # the primary context, the one torch uses
+    major, minor = torch.cuda.get_device_capability(device_index)
+    arch = f"sm_{major}{minor}"
+    key = hashlib.sha256(repr((_sources_digest(), source, defines, arch, _nvrtc_version())).encode()).hexdigest()[:24]
+    path = _cache_dir() / f"{Path(source).stem}-{arch}-{key}.cubin"
+    if path.exists():
+        cubin = path.read_bytes()
+    else:
+        cubin = compile_cubin(source, dict(defines), arch)
+        try:  # a cache that cannot be written only costs a recompile next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(cubin)
+            tmp.replace(path)
+        except OSError as e:
+            log.warning("kernel cache %s not writable (%s): kernels recompile in every process", path.parent, e)
+    return ObjectCode.from_cubin(cubin).get_kernel(entry)
+
+
+@functools.cache
+def _stream(handle: int) -> Any:
+    from cuda.core import Stream
+
+    return Stream.from_handle(handle)
+
+
+def ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def launch(kern: Any, grid: int, block: int, *args: Any) -> None:
+    """Launch on torch's current stream (captured by an active CUDA graph)."""
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as cu_launch
+
+    cu_launch(_stream(torch.cuda.current_stream().cuda_stream), LaunchConfig(grid=grid, block=block), kern, *args)

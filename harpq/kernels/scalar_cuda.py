@@ -1,0 +1,99 @@
+"""CUDA backend for `ScalarGroups`: the decode GEMV of `cuda/scalar_gemv.cu` for batch 1–16.
+
+What it needs beyond the stored tensors (`prepare`): one half2 (scale, zero) per (group, row),
+group-major. What it covers: bits 1, 2, 3, 4, 8; groups whose runs of columns per thread tile them
+(a group is a power-of-two number of runs, or the whole row); fp16 activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..formats import ScalarGroups
+from . import nvrtc
+from .backends import MAX_DECODE_BATCH, GemvBackend, register
+
+SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
+
+
+def layout(fmt: ScalarGroups, n: int) -> tuple[int, int] | None:
+    """(words per thread and step, log2 runs per group) of the kernel for this shape, or None."""
+    g = fmt.group_len(n)
+    for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
+        run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
+        if n % (4 * run) or g % run:
+            continue
+        if g >= n:
+            return nw, 31  # one group per row: every run maps to group 0
+        runs = g // run
+        if runs & (runs - 1) == 0:
+            return nw, runs.bit_length() - 1
+    return None
+
+
+def launch_shape(bits: int, nw: int, batch: int, n: int) -> dict[str, int]:
+    """Compile-time configuration: n-tiles, warps splitting K, steps whose loads go out together."""
+    run = 32 if bits == 3 else nw * 32 // bits
+    steps = n // (4 * run)
+    return {"NT": 1 if batch <= 8 else 2, "WARPS": 8 if steps >= 8 else 4, "UNROLL": 2 if nw >= 3 else 4}
+
+
+def defines(bits: int, int_zero: bool, nw: int, batch: int, n: int) -> tuple[tuple[str, int], ...]:
+    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, **launch_shape(bits, nw, batch, n)}
+    return tuple(sorted(config.items()))
+
+
+@torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
+def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
+                group_shift: int) -> torch.Tensor:
+    """x (B, n) fp16, codes (m, words) int32, meta (groups, m) int32 = half2 (scale, zero) -> (B, m) fp16."""
+    if x.data_ptr() % 16 or not x.is_contiguous():
+        x = x.contiguous().clone()
+    batch, n = x.shape
+    m = codes.shape[0]
+    y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
+    d = defines(bits, int_zero, nw, batch, n)
+    kern = nvrtc.kernel(SOURCE, ENTRY, d, x.device.index or 0)
+    warps = dict(d)["WARPS"]
+    nvrtc.launch(kern, (m + 15) // 16, warps * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+                 np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y), np.int32(m),
+                 np.int32(n))
+    return y
+
+
+@scalar_gemv.register_fake
+def _(x, codes, meta, bits, int_zero, nw, group_shift):
+    return x.new_empty(x.shape[0], codes.shape[0])
+
+
+class ScalarCuda(GemvBackend):
+    name = "cuda"
+
+    def unusable(self, fmt, x, m, n):
+        if not x.is_cuda:
+            return "input not on a CUDA device"
+        why = nvrtc.available()
+        if why:
+            return why
+        if x.dtype != torch.float16:
+            return f"{x.dtype} activations (the CUDA kernels take float16)"
+        if x.shape[0] > MAX_DECODE_BATCH:
+            return f"batch {x.shape[0]} > {MAX_DECODE_BATCH}"
+        if layout(fmt, n) is None:
+            return f"{fmt.bits}-bit groups of {fmt.group_len(n)} over {n} columns"
+        return None
+
+    def prepare(self, fmt, buffers, m, n):
+        scale, zero = fmt.scale_zero(buffers, m, n)
+        pairs = torch.stack([scale.half(), zero.half()], dim=-1).contiguous()  # exact: both are fp16 values
+        return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
+
+    def matmul(self, fmt, buffers, prepared, x, m, n):
+        nw, shift = layout(fmt, n)
+        codes = buffers["codes"]
+        return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
+                           fmt.zero == "int", nw, shift)
+
+
+register(ScalarGroups.name, ScalarCuda())
