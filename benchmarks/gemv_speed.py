@@ -1,95 +1,160 @@
-"""Decode GEMV time (batch 1) of the Triton kernels against an FP16 matmul, Llama-2-7B linear shapes.
+"""Decode GEMV time of every storage format against cuBLAS FP16 and torch's int4 "tinygemm", one table.
 
-    python benchmarks/gemv_speed.py
+    python benchmarks/gemv_speed.py [--shapes 7b,70b] [--batch 1,4,16] [--json out.json]
 
-Random codes (their values do not change the time); CUDA events over graph replays of 20 calls each
-(host launch overhead excluded: that is what the decode engine's CUDA graph removes too).
-Bandwidth = bytes of the stored weight (codes + scales) / time.
+Method: each implementation gets enough copies of its weights to span more than 4× the L2 cache, and the
+timed CUDA graph cycles through them, so every call streams its matrix from HBM as a decode step does
+(a repeated call on one buffer would be served from L2). A graph of `calls` launches is replayed; the time
+per call is the median of several replays over the number of calls. Codes are random (their values do not
+change the work); scales are random and positive. Peers in the same run: cuBLAS FP16 (`F.linear`, fp16)
+and `torch.ops.aten._weight_int4pack_mm` (int4, group 128, bf16 activations: torchao's and gpt-fast's
+kernel, shipped inside PyTorch).
 """
 
 from __future__ import annotations
 
-import functools
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable
 
 import torch
-from harpq.kernels.dispatch import kernel_meta, quantized_matmul
+import torch.nn.functional as F
 
-from harpq.codebooks import ScalarGrid
-from harpq.codebooks.quipsharp import E8PCodebook
-from harpq.kernels.stages import StagePlan, apply_plan
-from harpq.processors import make_processor
-from harpq.rounding import nearest
+from harpq.formats import E8PStages, ScalarGroups
+from harpq.kernels import select
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SHAPES = {
+    "7b": [(4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008)],
+    "70b": [(8192, 8192), (10240, 8192), (28672, 8192), (8192, 28672)],
+}
+
+#: name -> storage format (the formats harpq's methods write)
+FORMATS = {
+    "scalar 4-bit g128": ScalarGroups(4, 128, "int"),
+    "hqq 4-bit g64": ScalarGroups(4, 64, "fp16"),
+    "scalar 3-bit g128": ScalarGroups(3, 128, "int"),
+    "scalar 2-bit g128": ScalarGroups(2, 128, "int"),
+    "E8P 2-bit": E8PStages(2, None),
+    "E8P+E8 3-bit": E8PStages(3, 2.04),
+    "E8P+E8P 4-bit": E8PStages(4, 3.45),
+}
 
 
-def cuda_time(fn, repeat: int = 20, replays: int = 10) -> float:
-    """GPU time per call: `repeat` calls captured in one CUDA graph (no host launch overhead), replayed."""
+def random_buffers(fmt, m: int, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, (shape, dtype) in fmt.buffer_specs(m, n).items():
+        if dtype.is_floating_point:
+            out[name] = (torch.rand(shape, device="cuda", generator=gen) * 0.01 + 0.001).to(dtype)
+        else:
+            info = torch.iinfo(dtype)
+            out[name] = torch.randint(info.min, info.max + 1, shape, dtype=dtype, device="cuda", generator=gen)
+    return out
+
+
+def graph_time(fn: Callable[[int], object], copies: int, calls: int = 200, replays: int = 7) -> float:
+    """Seconds per call of fn(i % copies), from replays of a CUDA graph of `calls` calls."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):  # autotuning and compilation happen here
-            fn()
+        for i in range(3):  # compilation, allocator warm-up
+            fn(i % copies)
     torch.cuda.current_stream().wait_stream(stream)
+    calls = max(calls, copies)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(repeat):
-            fn()
+        for i in range(calls):
+            fn(i % copies)
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    times = []
     for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (repeat * replays) / 1e3
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, math.ceil(4 * l2 / nbytes) + 1)
+
+
+def time_fp16(m: int, n: int, batch: int, gen: torch.Generator) -> float:
+    copies = copies_for(m * n * 2)
+    ws = [torch.randn(m, n, device="cuda", generator=gen).mul_(0.02).half() for _ in range(copies)]
+    x = torch.randn(batch, n, device="cuda", generator=gen).half()
+    return graph_time(lambda i: F.linear(x, ws[i]), copies)
+
+
+def time_tinygemm(m: int, n: int, batch: int, gen: torch.Generator) -> float | None:
+    group, copies = 128, copies_for(m * n // 2)
+    try:
+        packed = [torch.ops.aten._convert_weight_to_int4pack(
+            torch.randint(0, 256, (m, n // 2), dtype=torch.uint8, device="cuda", generator=gen), 8)
+            for _ in range(copies)]
+    except RuntimeError as e:  # an older torch wants int32 codes; report rather than guess
+        print(f"tinygemm unavailable: {str(e).splitlines()[0]}")
+        return None
+    sz = [torch.rand(n // group, m, 2, device="cuda", generator=gen).bfloat16() for _ in range(copies)]
+    x = torch.randn(batch, n, device="cuda", generator=gen).bfloat16()
+    return graph_time(lambda i: torch.ops.aten._weight_int4pack_mm(x, packed[i], group, sz[i]), copies)
+
+
+def time_format(fmt, m: int, n: int, batch: int, gen: torch.Generator) -> tuple[float, str]:
+    one = random_buffers(fmt, m, n, gen)
+    nbytes = sum(t.numel() * t.element_size() for t in one.values())
+    copies = copies_for(nbytes)
+    sets = [one] + [random_buffers(fmt, m, n, gen) for _ in range(copies - 1)]
+    x = torch.randn(batch, n, device="cuda", generator=gen).half()
+    backend = select(fmt, x, m, n)
+    prepared = [backend.prepare(fmt, b, m, n) for b in sets]
+    return graph_time(lambda i: backend.matmul(fmt, sets[i], prepared[i], x, m, n), copies), backend.name
 
 
 def main() -> None:
-    dev = "cuda"
-    print(f"{torch.cuda.get_device_name()}, batch 1")
-    print("| shape | format | µs | GB/s | vs fp16 |")
-    print("|---|---|---|---|---|")
-    for m, n in SHAPES:
-        w = torch.randn(m, n, device=dev) * 0.02
-        x = torch.randn(1, n, device=dev, dtype=torch.float16)
-        wh = w.half()
-        t16 = cuda_time(functools.partial(torch.matmul, x, wh.T))
-        print(f"| {m}×{n} | fp16 | {t16 * 1e6:.1f} | {m * n * 2 / t16 / 1e9:.0f} | 1.00 |")
-        for name, cb in (("scalar 4-bit g128", ScalarGrid(4, 128)), ("scalar 2-bit g128", ScalarGrid(2, 128)),
-                         ("hqq 4-bit g64", ScalarGrid(4, 64, scale="hqq")), ("e8p 2-bit", E8PCodebook(2)),
-                         ("e8p rvq 4-bit", E8PCodebook(4))):
-            state = cb.prepare(w)
-            codes, _ = nearest(w, cb, state)
-            buffers = cb.encode(codes, state)
-            meta = kernel_meta(cb, buffers, m, n)
-            t = cuda_time(functools.partial(quantized_matmul, cb, buffers, meta, x, m, n))
-            nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
-            print(f"| {m}×{n} | {name} | {t * 1e6:.1f} | {nbytes / t / 1e9:.0f} | {t16 / t:.2f} |", flush=True)
-    print("| size | online transform | µs |")
-    print("|---|---|---|")
-    for n in (4096, 11008):
-        x = torch.randn(1, n, device=dev, dtype=torch.float16)
-        for name in ("rht", "harp"):
-            proc = make_processor({"name": name, "seed": 0, "schedule": "kron"} if name == "harp"
-                                  else {"name": name, "seed": 0})
-            buffers = {k: v.to(dev) for k, v in proc.init_buffers(n, n).items()}
-            side = proc.side("in", n)
-            plan = StagePlan.build(*side.stages(buffers, "v_"))
-            t = cuda_time(functools.partial(apply_plan, plan, x, False))
-            print(f"| {n} | {name} {plan.table[0::4]} | {t * 1e6:.1f} |", flush=True)
-
-
-def chosen_configs() -> None:
-    """Which tile the autotuner picked per shape key."""
-    from harpq.kernels.e8p_gemv import _e8p_gemv
-    from harpq.kernels.scalar_gemv import _grouped_gemv
-
-    for name, kernel in (("e8p", _e8p_gemv), ("scalar", _grouped_gemv)):
-        for key, config in getattr(kernel, "cache", {}).items():
-            print(f"{name} {key[:4]}: {config}")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="7b,70b")
+    parser.add_argument("--batch", default="1,4,16")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    formats = [f for f in args.formats.split(",") if f]
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"L2 {torch.cuda.get_device_properties(0).L2_cache_size >> 20} MB")
+    for group in args.shapes.split(","):
+        for m, n in SHAPES[group]:
+            for batch in map(int, args.batch.split(",")):
+                row = {"shape": f"{m}×{n}", "batch": batch, "us": {}}
+                row["us"]["cuBLAS FP16"] = time_fp16(m, n, batch, gen) * 1e6
+                tg = time_tinygemm(m, n, batch, gen)
+                if tg is not None:
+                    row["us"]["tinygemm int4 g128"] = tg * 1e6
+                for name in formats:
+                    t, backend = time_format(FORMATS[name], m, n, batch, gen)
+                    row["us"][name if backend == "cuda" else f"{name} ({backend})"] = t * 1e6
+                torch.cuda.empty_cache()
+                rows.append(row)
+                base = row["us"]["cuBLAS FP16"]
+                print(f"{row['shape']} b{batch}: " + "  ".join(f"{k} {v:.1f} ({base / v:.2f}×)"
+                                                             for k, v in row["us"].items()), flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    names = list(rows[0]["us"])
+    print("\n| shape | batch | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for row in rows:
+        base = row["us"]["cuBLAS FP16"]
+        cells = [f"{row['us'][k]:.1f} ({base / row['us'][k]:.2f}×)" if k in row["us"] else "–" for k in names]
+        print(f"| {row['shape']} | {row['batch']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
     main()
-    chosen_configs()

@@ -1,0 +1,58 @@
+"""Every CUDA source compiles with NVRTC for sm_80 and sm_90 in every configuration a backend can ask for,
+without a GPU; and the tables the E8P kernel reads decode exactly as the lattice definition says."""
+
+import itertools
+
+import pytest
+import torch
+
+from harpq.formats import ScalarGroups
+from harpq.formats.lattice import e8_one_bit_points, e8p_decode
+from harpq.kernels import e8p_cuda, scalar_cuda
+
+
+def test_e8p_field_tables_decode_every_code_exactly():
+    codes = torch.arange(1 << 16)
+    assert torch.equal(e8p_cuda.decode_fields(codes), e8p_decode(codes))
+
+
+def test_e8_pair_table_holds_the_points_in_pair_order():
+    table = e8p_cuda.e8_pair_table().view(torch.float16).view(256, 8)
+    assert torch.equal(table.double(), e8_one_bit_points())
+
+
+@pytest.mark.parametrize("bits,group,n,expect", [
+    (4, 128, 4096, (4, 2)), (4, 64, 4096, (4, 1)),
+    (2, 128, 11008, (4, 1)), (2, 64, 4096, (4, 0)), (1, 128, 4096, (4, 0)), (8, 128, 4096, (4, 3)),
+    (3, 128, 4096, (3, 2)), (4, 0, 11008, (4, 31)), (4, 128, 1376, (1, 4)), (4, 100, 1000, None),
+    (3, 128, 1376, None)])
+def test_scalar_layout_choice(bits, group, n, expect):
+    """Words per thread and step (as many as the width and the group allow) and log2(runs per group)."""
+    assert scalar_cuda.layout(ScalarGroups(bits, group, "int"), n) == expect
+
+
+def _scalar_configs():
+    seen = set()
+    for bits, group, n, batch, zero in itertools.product((1, 2, 3, 4, 8), (32, 64, 128, 0), (512, 4096, 11008),
+                                                        (1, 16), ("int", "fp16")):
+        lay = scalar_cuda.layout(ScalarGroups(bits, group, zero), n)
+        if lay:
+            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], batch, n))
+    return sorted(seen)
+
+
+def _e8p_configs():
+    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n), batch, n)
+                   for s, n, batch in itertools.product((0, 1, 2), (64, 128, 256, 4096), (1, 16))})
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_configuration_compiles(arch):
+    pytest.importorskip("cuda.core")
+    from harpq.kernels.nvrtc import compile_cubin
+
+    configs = [("scalar_gemv.cu", d) for d in _scalar_configs()] + [("e8p_gemv.cu", d) for d in _e8p_configs()]
+    assert len(configs) > 40
+    for source, defines in configs:
+        cubin = compile_cubin(source, dict(defines), arch)
+        assert cubin[:4] == b"\x7fELF", (source, defines)

@@ -1,0 +1,117 @@
+"""The CUDA decode GEMVs against their PyTorch reference (decode, then matmul), on random codes.
+
+Runs where a CUDA GPU and cuda-core are present (through the `device` tool); skipped elsewhere. Same codes
+in, outputs within fp16 rounding: the kernels round each weight to fp16 once (scalar grids with integer
+zeros: exactly fp16(W)), multiply on tensor cores with fp32 accumulation and round y to fp16.
+"""
+
+import pytest
+import torch
+
+from harpq.formats import E8PStages, ScalarGroups
+from harpq.kernels import nvrtc, select
+
+if nvrtc.available():
+    pytest.skip(f"CUDA kernels cannot run here: {nvrtc.available()}", allow_module_level=True)
+
+
+def random_buffers(fmt, m, n, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = {}
+    for name, (shape, dtype) in fmt.buffer_specs(m, n).items():
+        if dtype.is_floating_point:
+            out[name] = (torch.rand(shape, device="cuda", generator=gen) * 0.02 + 0.001).to(dtype)
+        else:
+            info = torch.iinfo(dtype)
+            out[name] = torch.randint(info.min, info.max + 1, shape, dtype=dtype, device="cuda", generator=gen)
+    if "zeros" in out and out["zeros"].dtype == torch.float16:  # fractional HQQ zeros inside the grid
+        out["zeros"] = (torch.rand(out["zeros"].shape, device="cuda", generator=gen) * (2**fmt.bits - 1)).half()
+    return out
+
+
+def check(fmt, m, n, batch, seed=0, tol=2e-3):
+    buffers = random_buffers(fmt, m, n, seed)
+    x = torch.randn(batch, n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed + 1)).half()
+    backend = select(fmt, x, m, n)
+    assert backend.name == "cuda", backend.unusable(fmt, x, m, n)
+    y = backend.matmul(fmt, buffers, backend.prepare(fmt, buffers, m, n), x, m, n)
+    ref = x.double() @ fmt.decode(buffers, m, n).double().T
+    assert y.shape == (batch, m) and y.dtype == torch.float16
+    assert torch.isfinite(y).all()
+    err = (y.double() - ref).norm() / ref.norm()
+    worst = ((y.double() - ref).abs() / (ref.abs() + 0.05 * ref.abs().max())).max()
+    assert err < tol and worst < 10 * tol, (float(err), float(worst))
+    return y
+
+
+SCALAR = [(bits, g, zero) for bits in (1, 2, 3, 4, 8) for g, zero in ((128, "int"), (64, "fp16"), (0, "mid"))]
+
+
+@pytest.mark.parametrize("bits,group,zero", SCALAR)
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_scalar_kernel_matches_reference(bits, group, zero, batch):
+    check(ScalarGroups(bits, group, zero), 40, 1024, batch, seed=bits * 7 + batch)
+
+
+@pytest.mark.parametrize("bits,n,group", [(4, 4096, 128), (4, 11008, 128), (2, 4096, 128), (2, 11008, 64),
+                                          (3, 4096, 128), (4, 1376, 32), (2, 512, 32), (8, 4096, 128)])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch):
+    """Model widths, and widths/groups that force fewer words per thread (NW = 2, 1)."""
+    check(ScalarGroups(bits, group, "int"), 272, n, batch, seed=n + bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m,n", [(40, 4096), (33, 11008), (16, 384), (24, 192)])  # NW 4, 4, 2, 1
+@pytest.mark.parametrize("batch", [1, 8, 12, 16])
+def test_e8p_kernel_matches_reference(bits, m, n, batch):
+    check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=bits + m + batch)
+
+
+def test_unsupported_layouts_fall_back_to_the_reference():
+    x = torch.randn(1, 200, device="cuda").half()
+    assert select(ScalarGroups(4, 100, "int"), x, 8, 200).name == "reference"
+    assert select(E8PStages(2, None), torch.randn(1, 200, device="cuda").half(), 8, 200).name == "reference"
+    assert select(ScalarGroups(4, 128, "int"), torch.randn(1, 4096, device="cuda").bfloat16(), 8, 4096).name \
+        == "reference"
+    assert select(ScalarGroups(4, 128, "int"), torch.randn(17, 4096, device="cuda").half(), 8, 4096).name \
+        == "reference"
+
+
+def test_kernels_are_captured_by_cuda_graphs():
+    fmt = E8PStages(4, 3.45)
+    m, n = 64, 1024
+    buffers = random_buffers(fmt, m, n, 3)
+    x = torch.randn(2, n, device="cuda").half()
+    backend = select(fmt, x, m, n)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    backend.matmul(fmt, buffers, prepared, x, m, n)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = backend.matmul(fmt, buffers, prepared, x, m, n)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.double() @ fmt.decode(buffers, m, n).double().T
+    assert (y.double() - ref).norm() / ref.norm() < 2e-3
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("gptq", 3), ("hqq", 4), ("quipsharp", 2), ("quipsharp", 4)])
+def test_quant_linear_uses_the_cuda_kernel(method, bits):
+    from helpers import random_hessian
+
+    import harpq
+    from harpq.pipeline.linear import quantize_linear
+
+    torch.manual_seed(0)
+    w, h = torch.randn(48, 512) * 0.02, random_hessian(512, tokens=1024)
+    module, _ = quantize_linear("m", w, None if method in ("rtn", "hqq") else h,
+                                harpq.Recipe.preset(method, bits=bits).for_module("m"))
+    module = module.cuda()
+    x = torch.randn(3, 512, device="cuda").half()
+    assert select(module.format, x, 48, 512).name == "cuda"
+    module.use_kernels = False
+    ref = module(x).float()
+    module.use_kernels = None
+    got = module(x).float()
+    assert (got - ref).norm() / ref.norm() < 3e-3
