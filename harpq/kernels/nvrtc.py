@@ -24,13 +24,24 @@ SOURCE_DIR = Path(__file__).parent / "cuda"
 log = logging.getLogger("harpq.kernels")
 
 
+def _cuda_core() -> Any:
+    """cuda-core's API (`cuda.core` from 0.4 on, `cuda.core.experimental` before)."""
+    try:
+        import cuda.core as cc
+
+        cc.Program  # noqa: B018
+    except (ImportError, AttributeError):
+        import cuda.core.experimental as cc
+    return cc
+
+
 @functools.cache
 def available() -> str | None:
     """None if the CUDA C++ kernels can run here, else the reason they cannot."""
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        import cuda.core  # noqa: F401
+        _cuda_core()
     except ImportError:
         return "cuda-core is not installed (pip install 'harpq[cuda]')"
     major, _ = torch.cuda.get_device_capability()
@@ -60,14 +71,13 @@ def _nvrtc_version() -> str:
 
 def compile_cubin(source: str, defines: dict[str, int], arch: str) -> bytes:
     """Compile `kernels/cuda/<source>` with `-D` defines for `arch` (e.g. "sm_90"); needs no GPU."""
-    from cuda.core import Program, ProgramOptions
-
-    options = ProgramOptions(
+    cc = _cuda_core()
+    options = cc.ProgramOptions(
         name=source, arch=arch, std="c++17", include_path=[str(SOURCE_DIR)],
         define_macro=[(k, str(v)) for k, v in sorted(defines.items())],
     )
     code = (SOURCE_DIR / source).read_text()
-    return bytes(Program(code, code_type="c++", options=options).compile("cubin").code)
+    return bytes(cc.Program(code, code_type="c++", options=options).compile("cubin").code)
 
 
 def _cache_dir() -> Path:
@@ -78,9 +88,8 @@ def _cache_dir() -> Path:
 @functools.cache
 def kernel(source: str, entry: str, defines: tuple[tuple[str, int], ...], device_index: int) -> Any:
     """The loaded kernel `entry` of `source` built with `defines` for the device's architecture."""
-    from cuda.core import Device, ObjectCode
-
-    Device(device_index).set_current()  # the primary context, the one torch uses
+    cc = _cuda_core()
+    cc.Device(device_index).set_current()  # the primary context, the one torch uses
     major, minor = torch.cuda.get_device_capability(device_index)
     arch = f"sm_{major}{minor}"
     key = hashlib.sha256(repr((_sources_digest(), source, defines, arch, _nvrtc_version())).encode()).hexdigest()[:24]
@@ -96,14 +105,27 @@ def kernel(source: str, entry: str, defines: tuple[tuple[str, int], ...], device
             tmp.replace(path)
         except OSError as e:
             log.warning("kernel cache %s not writable (%s): kernels recompile in every process", path.parent, e)
-    return ObjectCode.from_cubin(cubin).get_kernel(entry)
+    from_cubin = getattr(cc.ObjectCode, "from_cubin", None)
+    code = from_cubin(cubin) if from_cubin else cc.ObjectCode(cubin, "cubin")
+    return code.get_kernel(entry)
+
+
+class _TorchStream:
+    """A stream handle in the `__cuda_stream__` protocol, for cuda-core versions without `from_handle`."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.handle
 
 
 @functools.cache
 def _stream(handle: int) -> Any:
-    from cuda.core import Stream
-
-    return Stream.from_handle(handle)
+    stream = _cuda_core().Stream
+    if hasattr(stream, "from_handle"):
+        return stream.from_handle(handle)
+    return stream._init(_TorchStream(handle))
 
 
 def ptr(t: torch.Tensor | None) -> np.uint64:
