@@ -1,6 +1,7 @@
 """Decode GEMV time of every storage format against cuBLAS FP16 and torch's int4 "tinygemm", one table.
 
     python benchmarks/gemv_speed.py [--shapes 7b,70b] [--batch 1,4,16] [--json out.json]
+    python benchmarks/gemv_speed.py --sweep      # launch shapes (MT, WARPS, UNROLL) per format, shape, batch
 
 Method: each implementation gets enough copies of its weights to span more than 4× the L2 cache, and the
 timed CUDA graph cycles through them, so every call streams its matrix from HBM as a decode step does
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from harpq.formats import E8PStages, ScalarGroups
-from harpq.kernels import select
+from harpq.kernels import select, tuning
 
 SHAPES = {
     "7b": [(4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008)],
@@ -116,14 +117,39 @@ def time_format(fmt, m: int, n: int, batch: int, gen: torch.Generator) -> tuple[
     return graph_time(lambda i: backend.matmul(fmt, sets[i], prepared[i], x, m, n), copies), backend.name
 
 
+def sweep(shapes: list[tuple[int, int]], formats: list[str], batches: list[int], gen: torch.Generator) -> None:
+    """Time every launch shape; print the default's time and the best one's."""
+    configs = [{"MT": mt, "WARPS": w, "UNROLL": u} for mt in (1, 2) for w in (4, 8) for u in (1, 2, 4)]
+    print("| format | shape | batch | default µs | best µs | best config |")
+    print("|---|---|---|---|---|---|")
+    for name in formats:
+        for m, n in shapes:
+            for batch in batches:
+                tuning.OVERRIDE.clear()
+                default = time_format(FORMATS[name], m, n, batch, gen)[0]
+                timed = []
+                for cfg in configs:
+                    tuning.OVERRIDE.update(cfg)
+                    timed.append((time_format(FORMATS[name], m, n, batch, gen)[0], cfg))
+                tuning.OVERRIDE.clear()
+                best = min(timed, key=lambda r: r[0])
+                print(f"| {name} | {m}×{n} | {batch} | {default * 1e6:.1f} | {best[0] * 1e6:.1f} | {best[1]} |",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="7b,70b")
     parser.add_argument("--batch", default="1,4,16")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json")
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep:
+        shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
+        sweep(shapes, [f for f in args.formats.split(",") if f], [int(b) for b in args.batch.split(",")], gen)
+        return
     formats = [f for f in args.formats.split(",") if f]
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "

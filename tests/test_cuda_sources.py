@@ -16,9 +16,8 @@ def test_e8p_field_tables_decode_every_code_exactly():
     assert torch.equal(e8p_cuda.decode_fields(codes), e8p_decode(codes))
 
 
-def test_e8_pair_table_holds_the_points_in_pair_order():
-    table = e8p_cuda.e8_pair_table().view(torch.float16).view(256, 8)
-    assert torch.equal(table.double(), e8_one_bit_points())
+def test_e8_field_table_decodes_every_point_exactly():
+    assert torch.equal(e8p_cuda.decode_e8_fields(torch.arange(256)).double(), e8_one_bit_points())
 
 
 @pytest.mark.parametrize("bits,group,n,expect", [
@@ -31,19 +30,28 @@ def test_scalar_layout_choice(bits, group, n, expect):
     assert scalar_cuda.layout(ScalarGroups(bits, group, "int"), n) == expect
 
 
+BATCHES = (1, 5, 16)  # the three (MT, NT) regimes
+ROWS = (64, 11008)  # one block per SM or fewer / many row tiles
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_needed(monkeypatch):
+    monkeypatch.setattr("harpq.kernels.tuning._sm_count", lambda device_index: 132)
+
+
 def _scalar_configs():
     seen = set()
-    for bits, group, n, batch, zero in itertools.product((1, 2, 3, 4, 8), (32, 64, 128, 0), (512, 4096, 11008),
-                                                        (1, 16), ("int", "fp16")):
+    for bits, group, n, batch, zero, m in itertools.product((1, 2, 3, 4, 8), (32, 64, 128, 0), (512, 4096, 11008),
+                                                           BATCHES, ("int", "fp16"), ROWS):
         lay = scalar_cuda.layout(ScalarGroups(bits, group, zero), n)
         if lay:
-            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], batch, n))
+            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], m, n, batch))
     return sorted(seen)
 
 
 def _e8p_configs():
-    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n), batch, n)
-                   for s, n, batch in itertools.product((0, 1, 2), (64, 128, 256, 4096), (1, 16))})
+    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n), m, n, batch)
+                   for s, n, batch, m in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS)})
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

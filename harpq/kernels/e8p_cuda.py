@@ -16,6 +16,7 @@ from ..formats import E8PStages
 from ..formats.lattice import e8_one_bit_points, e8p_abs_table, entry_parity
 from . import nvrtc
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
+from .tuning import launch_shape
 
 SOURCE, ENTRY = "e8p_gemv.cu", "harpq_e8p_gemv"
 #: nibble of the table word that holds coordinate j: fields (v0, v2, v4, v6 | v1, v3, v5, v7), so that the
@@ -48,22 +49,32 @@ def field_tables() -> torch.Tensor:
 
 
 @functools.cache
-def e8_pair_table() -> torch.Tensor:
-    """(1024,) int32: the 256 points of the 1-bit E8 codebook as four fp16 pairs (v0, v1), ..., (v6, v7)."""
-    return e8_one_bit_points().half().contiguous().view(torch.int32).reshape(-1)
+def e8_field_table() -> torch.Tensor:
+    """(256,) int32: the 256 points of the 1-bit E8 codebook as fields n = 2v + 8 (v = n/2 − 4)."""
+    n = (2 * e8_one_bit_points() + 8).round().to(torch.int64)
+    return _to_int32((n << (4 * torch.tensor(NIBBLE, dtype=torch.int64))).sum(1))
+
+
+def _fields(words: torch.Tensor) -> torch.Tensor:
+    """The eight 4-bit fields of table words (...), coordinate order."""
+    return (words[..., None] >> (4 * torch.tensor(NIBBLE))) & 0xF
 
 
 def decode_fields(codes: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes for 16-bit codes (...), in PyTorch: codewords (..., 8) float32."""
+    """What the kernel computes for 16-bit E8P codes (...), in PyTorch: codewords (..., 8) float32."""
     tables = field_tables().to(torch.int64) & 0xFFFFFFFF
     c = codes.to(torch.int64) & 0xFFFF
-    q = tables[c & 0xFF] ^ tables[256 + (c >> 8)]
-    n = (q[..., None] >> (4 * torch.tensor(NIBBLE))) & 0xF  # field of coordinate j
-    return (n.float() - 7.5) / 2
+    return (_fields(tables[c & 0xFF] ^ tables[256 + (c >> 8)]).float() - 7.5) / 2
+
+
+def decode_e8_fields(codes: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes for 8-bit 1-bit-E8 codes (...): points (..., 8) float32."""
+    table = e8_field_table().to(torch.int64) & 0xFFFFFFFF
+    return _fields(table[codes.to(torch.int64) & 0xFF]).float() / 2 - 4
 
 
 def device_tables(stage2: str | None, device: torch.device) -> torch.Tensor:
-    t = field_tables() if stage2 != "e8" else torch.cat([field_tables(), e8_pair_table()])
+    t = field_tables() if stage2 != "e8" else torch.cat([field_tables(), e8_field_table()])
     return _device_copy(t, device)
 
 
@@ -77,10 +88,10 @@ def layout(n: int) -> int | None:
     return next((nw for nw in (4, 2, 1) if n % (64 * nw) == 0), None)
 
 
-def defines(stage2: int, nw: int, batch: int, n: int) -> tuple[tuple[str, int], ...]:
-    steps = n // (64 * nw)
-    return tuple(sorted({"STAGE2": stage2, "NW": nw, "NT": 1 if batch <= 8 else 2,
-                         "WARPS": 8 if steps >= 8 else 4, "UNROLL": 2 if nw == 4 else 4}.items()))
+def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
+    words = nw * (2 if stage2 == 2 else 1)  # 32-bit words a step loads per row (stage-one + stage-two codes)
+    config = {"STAGE2": stage2, "NW": nw, **launch_shape(m, n // (64 * nw), words, batch, device_index)}
+    return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
@@ -92,10 +103,10 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = defines(stage2, layout(n), batch, n)
-    kern = nvrtc.kernel(SOURCE, ENTRY, d, x.device.index or 0)
+    d = dict(defines(stage2, layout(n), m, n, batch, x.device.index or 0))
+    kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
-    nvrtc.launch(kern, (m + 15) // 16, dict(d)["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+    nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale), np.uint32(r * 0x10001), nvrtc.ptr(y),
                  np.int32(m), np.int32(n))
     return y

@@ -13,6 +13,7 @@ import torch
 from ..formats import ScalarGroups
 from . import nvrtc
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
+from .tuning import launch_shape
 
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
 
@@ -32,15 +33,11 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int] | None:
     return None
 
 
-def launch_shape(bits: int, nw: int, batch: int, n: int) -> dict[str, int]:
-    """Compile-time configuration: n-tiles, warps splitting K, steps whose loads go out together."""
+def defines(bits: int, int_zero: bool, nw: int, m: int, n: int, batch: int, device_index: int = 0
+            ) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
-    steps = n // (4 * run)
-    return {"NT": 1 if batch <= 8 else 2, "WARPS": 8 if steps >= 8 else 4, "UNROLL": 2 if nw >= 3 else 4}
-
-
-def defines(bits: int, int_zero: bool, nw: int, batch: int, n: int) -> tuple[tuple[str, int], ...]:
-    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, **launch_shape(bits, nw, batch, n)}
+    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw,
+              **launch_shape(m, n // (4 * run), nw, batch, device_index)}
     return tuple(sorted(config.items()))
 
 
@@ -53,10 +50,9 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = defines(bits, int_zero, nw, batch, n)
-    kern = nvrtc.kernel(SOURCE, ENTRY, d, x.device.index or 0)
-    warps = dict(d)["WARPS"]
-    nvrtc.launch(kern, (m + 15) // 16, warps * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+    d = dict(defines(bits, int_zero, nw, m, n, batch, x.device.index or 0))
+    kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
+    nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y), np.int32(m),
                  np.int32(n))
     return y

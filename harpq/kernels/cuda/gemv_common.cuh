@@ -71,13 +71,13 @@ DEVICE u16 float_to_half(float f) {
 // Weights are read once: keep them out of L1. Activations and tables are re-read by every warp: cached.
 DEVICE void load_stream(const u32* p, u32* r, int n) {
     if (n == 4) {
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
     } else if (n == 2) {
-        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "l"(p));
+        asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "l"(p));
     } else {
         for (int i = 0; i < n; ++i)
-            asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r[i]) : "l"(p + i));
+            asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r[i]) : "l"(p + i));
     }
 }
 
@@ -87,41 +87,116 @@ DEVICE void load_cached(const u32* p, u32* r, int n, bool pred) {
     const u32 on = pred;
     int i = 0;
     for (; i + 4 <= n; i += 4)
-        asm volatile("{ .reg .pred p; setp.ne.u32 p, %5, 0;\n"
+        asm("{ .reg .pred p; setp.ne.u32 p, %5, 0;\n"
                      " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
                      : "+r"(r[i]), "+r"(r[i + 1]), "+r"(r[i + 2]), "+r"(r[i + 3]) : "l"(p + i), "r"(on));
     for (; i + 2 <= n; i += 2)
-        asm volatile("{ .reg .pred p; setp.ne.u32 p, %3, 0;\n"
+        asm("{ .reg .pred p; setp.ne.u32 p, %3, 0;\n"
                      " @p ld.global.nc.v2.u32 {%0, %1}, [%2]; }"
                      : "+r"(r[i]), "+r"(r[i + 1]) : "l"(p + i), "r"(on));
 }
 
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
 DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Sums the per-warp partial results of a 16-row tile and writes y[n][row] (fp16) for n < batch.
-// acc[nt*4 + c]: c = 0, 1 -> row g, batch 2t, 2t+1; c = 2, 3 -> row g+8 (mma's C layout).
-template <int NWARPS, int NTILES>
-DEVICE void reduce_and_store(const float* acc, float* red, float scale, u16* y, int row0, int M, int batch) {
+// ---------------------------------------------------------------------------------------------------
+// The driver shared by every format. Compile-time: MT (m-tiles of 16 rows per warp: 1 or 2), NT (n-tiles
+// of 8 batch rows: 1 or 2), WARPS (warps of a block, splitting K into steps), UNROLL (steps whose loads
+// go out together). A block owns 16·MT rows; warp w takes steps w, w + WARPS, ...; the loads of the next
+// UNROLL steps are issued before the current ones are decoded (software pipelining), and with one m-tile
+// the k-tiles alternate between two accumulator sets, so the tensor-core chain is never one long
+// dependency. The format policy P supplies:
+//   P::RUN, P::STEP          columns a thread / a warp covers per step (STEP = 4·RUN)
+//   P::Step                  what one step's loads bring for the thread's 2·MT rows
+//   p.load(rows, s, t, step) issue those loads
+//   p.compute(rows, s, t, step, xs, xv, acc)   decode + mma; xs: the thread's activations of step s
+
+constexpr int ACC_SETS = MT == 1 ? 2 : 1;
+constexpr int ACC = ACC_SETS * MT * NT * 4;
+
+struct Rows {
+    int row[2 * MT];      // rows g, g+8 of each m-tile
+    bool valid[2 * MT];
+};
+
+// acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt
+DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    const int set = ACC_SETS == 2 ? (kt & 1) : 0;
+    mma16816(acc + ((set * MT + mt) * NT + nt) * 4, a0, a1, a2, a3, b0, b1);
+}
+
+template <class P>
+DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* __restrict__ y, int M, int K,
+                        float scale) {
+    __shared__ float red[WARPS * MT * NT * 4 * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int row0 = blockIdx.x * 16 * MT;
+    Rows rows;
 #pragma unroll
-    for (int v = 0; v < NTILES * 4; ++v) red[(warp * NTILES * 4 + v) * 32 + lane] = acc[v];
+    for (int r = 0; r < 2 * MT; ++r) {
+        rows.row[r] = row0 + 16 * (r >> 1) + g + 8 * (r & 1);
+        rows.valid[r] = rows.row[r] < M;
+    }
+    const u32* xrow[NT];
+    bool xv[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        xv[nt] = g + 8 * nt < batch;
+        xrow[nt] = x + (long long)(xv[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
+    }
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
+
+    const int nsteps = K / P::STEP;
+    typename P::Step cur[UNROLL], nxt[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+        if (warp + u * WARPS < nsteps) p.load(rows, warp + u * WARPS, t, cur[u]);
+    for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
+        const int s1 = s0 + WARPS * UNROLL;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            if (s1 + u * WARPS < nsteps) p.load(rows, s1 + u * WARPS, t, nxt[u]);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int s = s0 + u * WARPS;
+            if (s < nsteps) {
+                const u32* xs[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + s * (P::STEP / 2);
+                p.compute(rows, s, t, cur[u], xs, xv, acc);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
+    }
+
+    // sum the accumulator sets, then the warps of the block
+    constexpr int V = MT * NT * 4;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+        float a = acc[v];
+        if (ACC_SETS == 2) a += acc[V + v];
+        red[(warp * V + v) * 32 + lane] = a;
+    }
     __syncthreads();
     if (warp != 0) return;
-    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int v = 0; v < NTILES * 4; ++v) {
-        float s = 0.f;
+    for (int v = 0; v < V; ++v) {
+        float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < NWARPS; ++w) s += red[(w * NTILES * 4 + v) * 32 + lane];
-        const int row = row0 + g + ((v & 3) >= 2 ? 8 : 0);
-        const int n = (v >> 2) * 8 + 2 * t + (v & 1);
-        if (row < M && n < batch) y[(long long)n * M + row] = float_to_half(s * scale);
+        for (int w = 0; w < WARPS; ++w) sum += red[(w * V + v) * 32 + lane];
+        const int mt = v / (NT * 4), nt = (v / 4) % NT, c = v & 3;
+        const int row = row0 + 16 * mt + g + (c >= 2 ? 8 : 0);
+        const int n = 8 * nt + 2 * t + (c & 1);
+        if (row < M && n < batch) y[(long long)n * M + row] = float_to_half(sum * scale);
     }
 }

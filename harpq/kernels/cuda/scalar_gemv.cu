@@ -2,8 +2,8 @@
 // (RTN/GPTQ: integer zeros; HQQ: fp16 zeros; QuIP: one scale per matrix, zero (2^b − 1)/2), batch 1–16.
 //
 // Compile-time configuration (NVRTC -D): BITS (1, 2, 3, 4, 8), INT_ZERO (1: zero-points are integers),
-// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), NT (n-tiles of 8 batch
-// rows: 1 or 2), WARPS (warps per block, splitting K), UNROLL (steps whose loads are issued together).
+// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), and the driver's MT, NT,
+// WARPS, UNROLL (gemv_common.cuh).
 //
 // Layout read as stored (harpq's bit stream: 32 codes fill exactly BITS words, lowest bits first); the
 // per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
@@ -19,12 +19,11 @@
 #include "gemv_common.cuh"
 
 #if BITS == 3
-constexpr int RUN = 32;  // a thread reads 3 words = 32 codes
+constexpr int RUN_ = 32;  // a thread reads 3 words = 32 codes
 #else
 constexpr int PER = 32 / BITS;  // codes per word
-constexpr int RUN = NW * PER;
+constexpr int RUN_ = NW * PER;
 #endif
-constexpr int STEP = 4 * RUN;  // columns of one step of a warp (4 threads per row)
 
 // -2^(10 - o) and 2^-o as half2
 __host__ __device__ constexpr u32 neg_magic(int o) { return (0x8000u | u32(25 - o) << 10) * 0x10001u; }
@@ -83,84 +82,99 @@ DEVICE u32 xpair(const u32* xr, int j, int half) {
     return prmt(xr[j / 2], xr[(j + half) / 2], (j & 1) ? 0x7632 : 0x5410);
 }
 
+struct ScalarPolicy {
+    static constexpr int RUN = RUN_;
+    static constexpr int STEP = 4 * RUN_;
+    const u32* codes;
+    int row_words;
+    const u32* meta;
+    int group_shift;
+    int M;
+
+    struct Step {
+        u32 w[2 * MT][NW];
+        u32 m[2 * MT];
+    };
+
+    DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
+        const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all of a row)
+#pragma unroll
+        for (int r = 0; r < 2 * MT; ++r) {
+            const int row = rows.valid[r] ? rows.row[r] : 0;
+            load_stream(codes + (long long)row * row_words + (4 * s + t) * NW, d.w[r], NW);
+            d.m[r] = rows.valid[r] ? meta[(long long)gi * M + row] : 0u;
+        }
+    }
+
+    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xv,
+                        float* acc) const {
+        RowMeta meta[2 * MT];
+#pragma unroll
+        for (int r = 0; r < 2 * MT; ++r) meta[r] = row_meta(d.m[r]);
+#if BITS == 3
+        u32 xr[NT][16];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16, xv[nt]);
+        u32 win[2 * MT][4], win8[2 * MT][4];
+#pragma unroll
+        for (int r = 0; r < 2 * MT; ++r) {
+            windows3(d.w[r], win[r]);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) win8[r][q] = win[r][q] >> 8;
+        }
+#pragma unroll
+        for (int kt = 0; kt < 8; ++kt) {
+            u32 b[NT][2];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                b[nt][0] = xpair(xr[nt], 2 * kt, 16);
+                b[nt][1] = xpair(xr[nt], 2 * kt + 1, 16);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int ra = 2 * mt, rb = 2 * mt + 1;
+                const u32 a0 = pair3(win[ra], win8[ra], 2 * kt, meta[ra]);
+                const u32 a2 = pair3(win[ra], win8[ra], 2 * kt + 1, meta[ra]);
+                const u32 a1 = pair3(win[rb], win8[rb], 2 * kt, meta[rb]);
+                const u32 a3 = pair3(win[rb], win8[rb], 2 * kt + 1, meta[rb]);
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mma_into(acc, kt, mt, nt, a0, a1, a2, a3, b[nt][0], b[nt][1]);
+            }
+        }
+#else
+#pragma unroll
+        for (int i = 0; i < NW; ++i) {
+            u32 xr[NT][PER / 2];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * (PER / 2), xr[nt], PER / 2, xv[nt]);
+#pragma unroll
+            for (int kt = 0; kt < PER / 4; ++kt) {
+                u32 b[NT][2];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    b[nt][0] = xpair(xr[nt], 2 * kt, PER / 2);
+                    b[nt][1] = xpair(xr[nt], 2 * kt + 1, PER / 2);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const u32 a = d.w[2 * mt][i], b8 = d.w[2 * mt + 1][i];
+                    const u32 a0 = pair(a, a >> 8, 2 * kt, meta[2 * mt]);
+                    const u32 a2 = pair(a, a >> 8, 2 * kt + 1, meta[2 * mt]);
+                    const u32 a1 = pair(b8, b8 >> 8, 2 * kt, meta[2 * mt + 1]);
+                    const u32 a3 = pair(b8, b8 >> 8, 2 * kt + 1, meta[2 * mt + 1]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                        mma_into(acc, i * (PER / 4) + kt, mt, nt, a0, a1, a2, a3, b[nt][0], b[nt][1]);
+                }
+            }
+        }
+#endif
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
                   const u32* __restrict__ meta, int group_shift, u16* __restrict__ y, int M, int K) {
-    __shared__ float red[WARPS * NT * 4 * 32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * 16;
-    const int ra = row0 + g, rb = ra + 8;
-    const bool va = ra < M, vb = rb < M;
-    const int nsteps = K / STEP;
-    const u32* ca = codes + (long long)(va ? ra : 0) * row_words + t * NW;
-    const u32* cb = codes + (long long)(vb ? rb : 0) * row_words + t * NW;
-    const u32* xrow[NT];
-    bool xv[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        xv[nt] = g + 8 * nt < batch;
-        xrow[nt] = x + (long long)(xv[nt] ? g + 8 * nt : 0) * (K / 2) + t * (RUN / 2);
-    }
-    float acc[NT * 4];
-#pragma unroll
-    for (int i = 0; i < NT * 4; ++i) acc[i] = 0.f;
-
-    for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
-        u32 wa[UNROLL][NW], wb[UNROLL][NW], ma[UNROLL], mb[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int s = s0 + u * WARPS;
-            if (s < nsteps) {
-                load_stream(ca + s * 4 * NW, wa[u], NW);
-                load_stream(cb + s * 4 * NW, wb[u], NW);
-                const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all)
-                ma[u] = va ? meta[(long long)gi * M + ra] : 0u;
-                mb[u] = vb ? meta[(long long)gi * M + rb] : 0u;
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int s = s0 + u * WARPS;
-            if (s >= nsteps) break;
-            const RowMeta mta = row_meta(ma[u]), mtb = row_meta(mb[u]);
-#if BITS == 3
-            u32 xr[NT][16];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_cached(xrow[nt] + s * (STEP / 2), xr[nt], 16, xv[nt]);
-            u32 pa[4], pb[4], pa8[4], pb8[4];
-            windows3(wa[u], pa);
-            windows3(wb[u], pb);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) { pa8[q] = pa[q] >> 8; pb8[q] = pb[q] >> 8; }
-#pragma unroll
-            for (int kt = 0; kt < 8; ++kt) {
-                const u32 a0 = pair3(pa, pa8, 2 * kt, mta), a2 = pair3(pa, pa8, 2 * kt + 1, mta);
-                const u32 a1 = pair3(pb, pb8, 2 * kt, mtb), a3 = pair3(pb, pb8, 2 * kt + 1, mtb);
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    mma16816(acc + 4 * nt, a0, a1, a2, a3, xpair(xr[nt], 2 * kt, 16), xpair(xr[nt], 2 * kt + 1, 16));
-            }
-#else
-#pragma unroll
-            for (int i = 0; i < NW; ++i) {
-                u32 xr[NT][PER / 2];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-                    load_cached(xrow[nt] + s * (STEP / 2) + i * (PER / 2), xr[nt], PER / 2, xv[nt]);
-                const u32 a = wa[u][i], b = wb[u][i], a8 = a >> 8, b8 = b >> 8;
-#pragma unroll
-                for (int kt = 0; kt < PER / 4; ++kt) {
-                    const u32 a0 = pair(a, a8, 2 * kt, mta), a2 = pair(a, a8, 2 * kt + 1, mta);
-                    const u32 a1 = pair(b, b8, 2 * kt, mtb), a3 = pair(b, b8, 2 * kt + 1, mtb);
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-                        mma16816(acc + 4 * nt, a0, a1, a2, a3, xpair(xr[nt], 2 * kt, PER / 2),
-                                 xpair(xr[nt], 2 * kt + 1, PER / 2));
-                }
-            }
-#endif
-        }
-    }
-    reduce_and_store<WARPS, NT>(acc, red, 1.0f, y, row0, M, batch);
+    const ScalarPolicy p{codes, row_words, meta, group_shift, M};
+    gemv_driver(p, x, batch, y, M, K, 1.0f);
 }

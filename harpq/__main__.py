@@ -1,0 +1,5 @@
+"""`python -m harpq ...`: the same command line as `harpq ...`."""
+
+from .cli.main import main
+
+main()

@@ -1,0 +1,31 @@
+"""Launch shapes of the decode GEMVs (`cuda/gemv_common.cuh`'s driver), chosen per call from the shape.
+
+MT: m-tiles of 16 rows per warp (two share each activation fragment: halves activation traffic, which
+dominates from batch 5 on). NT: n-tiles of 8 batch rows. WARPS: warps splitting K in a block (4 when
+there are enough row tiles to fill every SM, so that all blocks fit in one wave). UNROLL: steps whose
+loads go out together, as many as keep the code registers near 8 words per row. `OVERRIDE` lets a
+benchmark sweep them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+OVERRIDE: dict[str, int] = {}
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_index: int = 0) -> dict[str, int]:
+    """steps: K-steps of a row tile; words_per_row: 32-bit words one step loads per row and thread."""
+    nt = 1 if batch <= 8 else 2
+    mt = 1 if batch <= 4 else 2
+    tiles = -(-m // (16 * mt))
+    warps = 8 if tiles <= 2 * _sm_count(device_index) and steps >= 8 else 4
+    unroll = max(1, 8 // (mt * words_per_row))
+    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, **OVERRIDE}
