@@ -21,12 +21,13 @@ def test_e8_field_table_decodes_every_point_exactly():
 
 
 @pytest.mark.parametrize("bits,group,n,expect", [
-    (4, 128, 4096, (4, 2)), (4, 64, 4096, (4, 1)),
-    (2, 128, 11008, (4, 1)), (2, 64, 4096, (4, 0)), (1, 128, 4096, (4, 0)), (8, 128, 4096, (4, 3)),
+    (4, 128, 4096, (4, 2)), (4, 64, 4096, (2, 2)),
+    (2, 128, 11008, (2, 2)), (2, 64, 4096, (1, 2)), (1, 128, 4096, (1, 2)), (8, 128, 4096, (4, 3)),
     (3, 128, 4096, (3, 2)), (4, 0, 11008, (4, 31)), (4, 128, 1376, (1, 4)), (4, 100, 1000, None),
     (3, 128, 1376, None)])
 def test_scalar_layout_choice(bits, group, n, expect):
-    """Words per thread and step (as many as the width and the group allow) and log2(runs per group)."""
+    """Words per thread and step (as many as the width and the group allow: a step lies in one group) and
+    log2(runs per group)."""
     assert scalar_cuda.layout(ScalarGroups(bits, group, "int"), n) == expect
 
 

@@ -47,7 +47,10 @@ def test_quantized_model_runs_in_the_engine(tiny_gptq):
     ids = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(2))
     decoder = from_hf(model)
     decoder.setup_cache(1, 8)
-    assert decoder.blocks[0].qkv is None  # quantized linears are not concatenated
+    qkv = decoder.blocks[0].qkv  # processor-free quantized linears are stacked like fp16 ones
+    attn = model.model.layers[0].self_attn
+    assert qkv.out_features == sum(getattr(attn, n).out_features for n in ("q_proj", "k_proj", "v_proj"))
+    assert attn.k_proj.codes.data_ptr() == qkv.codes[attn.q_proj.out_features:].data_ptr()  # views, no copy
     with torch.no_grad():
         assert torch.allclose(decoder(ids, torch.arange(7)), model(ids).logits[:, -1], atol=1e-4)
 
@@ -157,3 +160,24 @@ def test_api_generate_engine_path_equals_hugging_face(tiny_path):
     hf = harpq.generate(model, "Once upon a time", max_new_tokens=20, tokenizer=tok, engine=False)
     ours = harpq.generate(model, "Once upon a time", max_new_tokens=20, tokenizer=tok, engine=True)
     assert ours == hf and len(hf) > 0
+
+
+@pytest.mark.parametrize("method,stackable", [("gptq", True), ("hqq", True), ("quip", False), ("quipsharp", False)])
+def test_quant_linears_stack_exactly_where_their_format_allows(method, stackable):
+    from helpers import random_hessian
+
+    from harpq.nn import QuantLinear
+    from harpq.pipeline.linear import quantize_linear
+
+    torch.manual_seed(0)
+    n, h = 256, random_hessian(256, tokens=1024)
+    recipe = harpq.Recipe.preset(method, bits=3).for_module("m")
+    mods = [quantize_linear("m", torch.randn(rows, n) * 0.02, h, recipe)[0] for rows in (64, 32, 48)]
+    x = torch.randn(5, n)
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in mods], dim=-1)
+        fused = QuantLinear.stack(mods)
+        assert (fused is not None) == stackable
+        if stackable:
+            assert torch.equal(fused(x), want)
+            assert torch.equal(torch.cat([m(x) for m in mods], dim=-1), want)  # originals still exact

@@ -3,7 +3,8 @@
 Owning the step (instead of calling Hugging Face `generate`) is what lets a whole token be captured in
 one CUDA graph: every tensor it touches is allocated once, positions live on the device, and nothing
 syncs with the host. Its linears are any modules (nn.Linear or QuantLinear); plain fp16 q/k/v and
-gate/up linears are concatenated into one matrix each, as fast fp16 engines do.
+gate/up linears are concatenated into one matrix each, as fast engines do, and so are quantized ones whose
+storage format can hold them as one matrix (no processor, per-group scales).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from .. import kernels
 from ..errors import HarpqError
 from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
+from ..nn import QuantLinear
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -57,6 +59,16 @@ def _fusable(mods: list[nn.Module]) -> bool:
     return all(type(m) is nn.Linear for m in mods) and len({m.weight.dtype for m in mods}) == 1
 
 
+def _stack(mods: list[nn.Module]) -> nn.Module | None:
+    """One module for linears that read the same input: fp16 weights concatenated, or quantized matrices
+    stacked where their format allows (`QuantLinear.stack`); None otherwise."""
+    if _fusable(mods):
+        return _concat(mods)
+    if all(isinstance(m, QuantLinear) for m in mods):
+        return QuantLinear.stack(mods)
+    return None
+
+
 def _concat(mods: list[nn.Module]) -> nn.Linear:
     """One linear over the stacked weights; the originals become views of it (no second copy in memory)."""
     weight = torch.cat([m.weight.data for m in mods])
@@ -81,8 +93,8 @@ class Block(nn.Module):
         super().__init__()
         self.shape = shape
         qkv, gate_up = [linears[k] for k in ATTN[:3]], [linears["gate_proj"], linears["up_proj"]]
-        self.qkv = _concat(qkv) if _fusable(qkv) else None
-        self.gate_up = _concat(gate_up) if _fusable(gate_up) else None
+        self.qkv = _stack(qkv)
+        self.gate_up = _stack(gate_up)
         self.linears = nn.ModuleDict({k: v for k, v in linears.items()
                                       if not (self.qkv is not None and k in ATTN[:3])
                                       and not (self.gate_up is not None and k in MLP[:2])})

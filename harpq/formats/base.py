@@ -34,6 +34,12 @@ class StorageFormat(ABC):
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         """Stored tensors -> the weight they encode (float32): the reference every kernel must match."""
 
+    def concat_rows(self, parts: list[tuple[dict[str, torch.Tensor], int]], in_features: int
+                    ) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of the matrices (buffers, rows) stacked along rows, or None where this format
+        cannot hold them as one matrix (a scale shared by a whole matrix, say)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config()})"
 

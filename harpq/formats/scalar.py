@@ -70,6 +70,18 @@ class ScalarGroups(StorageFormat):
         groups = self.num_groups(n)
         return scale, unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
 
+    def concat_rows(self, parts, in_features):
+        if self.zero == "mid":  # one scale per matrix
+            return None
+        out = {"codes": torch.cat([b["codes"] for b, _ in parts]), "scales": torch.cat([b["scales"] for b, _ in parts])}
+        if self.zero == "fp16":
+            out["zeros"] = torch.cat([b["zeros"] for b, _ in parts])
+        else:
+            groups = self.num_groups(in_features)
+            zeros = torch.cat([unpack_bits(b["zeros"].view(1, -1), self.bits, m * groups) for b, m in parts], dim=1)
+            out["zeros"] = pack_bits(zeros, self.bits).view(-1)
+        return out
+
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         m, n = out_features, in_features
         q = unpack_bits(buffers["codes"], self.bits, n).float()

@@ -19,14 +19,18 @@ SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
 
 
 def layout(fmt: ScalarGroups, n: int) -> tuple[int, int] | None:
-    """(words per thread and step, log2 runs per group) of the kernel for this shape, or None."""
+    """(words per thread and step, log2 runs per group) of the kernel for this shape, or None.
+
+    A step (4 threads' runs of columns) must lie inside one group: the scale is applied per step."""
     g = fmt.group_len(n)
     for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
         run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
-        if n % (4 * run) or g % run:
+        if n % (4 * run):
             continue
         if g >= n:
             return nw, 31  # one group per row: every run maps to group 0
+        if g % (4 * run):
+            continue
         runs = g // run
         if runs & (runs - 1) == 0:
             return nw, runs.bit_length() - 1

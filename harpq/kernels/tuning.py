@@ -1,10 +1,10 @@
 """Launch shapes of the decode GEMVs (`cuda/gemv_common.cuh`'s driver), chosen per call from the shape.
 
 MT: m-tiles of 16 rows per warp (two share each activation fragment: halves activation traffic, which
-dominates from batch 5 on). NT: n-tiles of 8 batch rows. WARPS: warps splitting K in a block (4 when
-there are enough row tiles to fill every SM, so that all blocks fit in one wave). UNROLL: steps whose
-loads go out together, as many as keep the code registers near 8 words per row. `OVERRIDE` lets a
-benchmark sweep them.
+dominates from batch 5 on). NT: n-tiles of 8 batch rows. WARPS: warps splitting K in a block. UNROLL:
+steps whose loads go out together. With more row tiles than two per SM, blocks of 4 warps loading one step
+ahead were fastest on the H200 (`benchmarks/gemv_speed.py --sweep`, Llama-2-7B shapes); with fewer, 8
+warps with about 8 words of codes per row in flight. `OVERRIDE` lets a benchmark sweep them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_inde
     nt = 1 if batch <= 8 else 2
     mt = 1 if batch <= 4 else 2
     tiles = -(-m // (16 * mt))
-    warps = 8 if tiles <= 2 * _sm_count(device_index) and steps >= 8 else 4
-    unroll = max(1, 8 // (mt * words_per_row))
+    if tiles > 2 * _sm_count(device_index) or steps < 8:
+        warps, unroll = 4, 1
+    else:
+        warps, unroll = 8, max(1, 8 // (mt * words_per_row))
     return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, **OVERRIDE}

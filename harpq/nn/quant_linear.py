@@ -59,6 +59,33 @@ class QuantLinear(nn.Module):
             device=device,
         )
 
+    @classmethod
+    def stack(cls, mods: list[QuantLinear]) -> QuantLinear | None:
+        """One module computing the outputs of `mods` (which read the same input) stacked, as fast engines
+        fuse q/k/v and gate/up; None where they cannot share one matrix (processors, per-matrix scales,
+        different formats). The originals' codes and scales become views of the stacked ones."""
+        first = mods[0]
+        if any(type(m) is not cls for m in mods) or any(m.processor.config()["name"] != "none" for m in mods):
+            return None
+        if any(m.in_features != first.in_features or m.format.config() != first.format.config()
+               or (m.bias is None) != (first.bias is None) for m in mods):
+            return None
+        parts = [(m._buffers_of(m._codebook_names), m.out_features) for m in mods]
+        stacked = first.format.concat_rows(parts, first.in_features)
+        if stacked is None:
+            return None
+        rows = sum(m.out_features for m in mods)
+        device = first.codes_device()
+        fused = cls(first.in_features, rows, first.codebook, first.processor, first.bias is not None, device=device)
+        fused.load_quantized(stacked, torch.cat([m.bias.data for m in mods]) if first.bias is not None else None)
+        start = 0
+        for m in mods:
+            for name in ("codes", "scales"):
+                setattr(m, name, getattr(fused, name)[start:start + m.out_features])
+            start += m.out_features
+        fused.use_kernels = first.use_kernels
+        return fused
+
     def spec(self) -> dict[str, Any]:
         return {
             "in_features": self.in_features,

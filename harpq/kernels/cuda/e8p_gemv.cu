@@ -76,13 +76,12 @@ struct E8PPolicy {
         }
     }
 
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xv,
-                        float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, float* acc) const {
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
             u32 xr[NT][8];  // the word's 16 columns as 8 pairs
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * 8, xr[nt], 8, xv[nt]);
+            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * 8, xr[nt], 8);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 u32 p[2][8];  // rows g, g+8

@@ -81,19 +81,15 @@ DEVICE void load_stream(const u32* p, u32* r, int n) {
     }
 }
 
-// n words (a multiple of 2) from p, or zeros where `pred` is false (a batch row that does not exist)
-DEVICE void load_cached(const u32* p, u32* r, int n, bool pred) {
-    for (int i = 0; i < n; ++i) r[i] = 0u;
-    const u32 on = pred;
+// n words (a multiple of 2) from p. Batch rows past the batch read row 0 instead: their products land in
+// output columns that are never stored, so they need neither predication nor zeroing.
+DEVICE void load_cached(const u32* p, u32* r, int n) {
     int i = 0;
     for (; i + 4 <= n; i += 4)
-        asm("{ .reg .pred p; setp.ne.u32 p, %5, 0;\n"
-                     " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
-                     : "+r"(r[i]), "+r"(r[i + 1]), "+r"(r[i + 2]), "+r"(r[i + 3]) : "l"(p + i), "r"(on));
+        asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(r[i]), "=r"(r[i + 1]), "=r"(r[i + 2]), "=r"(r[i + 3]) : "l"(p + i));
     for (; i + 2 <= n; i += 2)
-        asm("{ .reg .pred p; setp.ne.u32 p, %3, 0;\n"
-                     " @p ld.global.nc.v2.u32 {%0, %1}, [%2]; }"
-                     : "+r"(r[i]), "+r"(r[i + 1]) : "l"(p + i), "r"(on));
+        asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r[i]), "=r"(r[i + 1]) : "l"(p + i));
 }
 
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
@@ -115,7 +111,7 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   P::RUN, P::STEP          columns a thread / a warp covers per step (STEP = 4·RUN)
 //   P::Step                  what one step's loads bring for the thread's 2·MT rows
 //   p.load(rows, s, t, step) issue those loads
-//   p.compute(rows, s, t, step, xs, xv, acc)   decode + mma; xs: the thread's activations of step s
+//   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs: the thread's activations of step s
 
 constexpr int ACC_SETS = MT == 1 ? 2 : 1;
 constexpr int ACC = ACC_SETS * MT * NT * 4;
@@ -145,12 +141,9 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         rows.valid[r] = rows.row[r] < M;
     }
     const u32* xrow[NT];
-    bool xv[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        xv[nt] = g + 8 * nt < batch;
-        xrow[nt] = x + (long long)(xv[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
-    }
+    for (int nt = 0; nt < NT; ++nt)
+        xrow[nt] = x + (long long)(g + 8 * nt < batch ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
@@ -172,7 +165,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
                 const u32* xs[NT];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + s * (P::STEP / 2);
-                p.compute(rows, s, t, cur[u], xs, xv, acc);
+                p.compute(rows, s, t, cur[u], xs, acc);
             }
         }
 #pragma unroll

@@ -9,12 +9,13 @@
 // per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
 // warp's 16 rows of one group are 64 contiguous bytes.
 //
-// Decode, two codes at a time (about 1 integer and 1 fp16 operation per weight): one lop3 moves codes
-// j and j + P/2 of a word (P codes per word; 16 bits apart) into the mantissas of the half2
-// (1024 + c·2^o, 1024 + c'·2^o) (bit offset o ≤ 9, else from the word shifted by 8); one fma by
-// (2^−o, −1024·2^−o − z) gives (c − z) exactly for integer z (c exactly for fp16 z); one multiply by
-// the scale (an fma with −z·s for fp16 z) gives the weight, rounded once to fp16. The activations of
-// the pair's two columns are brought together by one prmt per pair and batch tile.
+// Decode, two codes at a time: one lop3 moves codes j and j + P/2 of a word (P codes per word; 16 bits
+// apart) into the mantissas of the half2 (1024 + c·2^o, 1024 + c'·2^o) (bit offset o ≤ 9, else from the
+// word shifted by 8); one fma by (2^−o, −1024·2^−o − z) gives c − z exactly for integer zeros (for fp16
+// zeros: c exactly, then one subtraction of z, rounded once as HQQ's own fp16 dequantization does). The
+// tensor cores multiply these small numbers by the activations; the group's scale multiplies the fp32
+// result once per step (a step never straddles two groups), not every weight. The activations of a
+// pair's two columns are brought together by one prmt per pair and batch tile.
 
 #include "gemv_common.cuh"
 
@@ -30,28 +31,21 @@ __host__ __device__ constexpr u32 neg_magic(int o) { return (0x8000u | u32(25 - 
 __host__ __device__ constexpr u32 pow2_neg(int o) { return (u32(15 - o) << 10) * 0x10001u; }
 
 struct RowMeta {
-    u32 scale;   // (s, s)
-    u32 zero;    // (z, z)
-    u32 nzs;     // −(z·s) in fp16 (fp16 zeros)
+    u32 zero;     // (z, z)
+    float scale;
 };
 
 DEVICE RowMeta row_meta(u32 m) {
-    RowMeta r;
-    r.scale = prmt(m, m, 0x1010);
-    r.zero = prmt(m, m, 0x3232);
-    r.nzs = hmul2(r.zero, r.scale) ^ 0x80008000u;
-    return r;
+    return {prmt(m, m, 0x3232), half_to_float(u16(m & 0xFFFFu))};
 }
 
-// code pair at mantissa offset o of `src` -> weight pair (fp16x2)
+// code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2)
 DEVICE u32 dequant(u32 src, int o, const RowMeta& m) {
     const u32 v = lop_and_or(src, ((1u << BITS) - 1) * 0x10001u << o, 0x64006400u);
 #if INT_ZERO
-    const u32 cz = hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
-    return hmul2(cz, m.scale);
+    return hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
 #else
-    const u32 c = hfma2(v, pow2_neg(o), neg_magic(o));  // c, exact
-    return hfma2(c, m.scale, m.nzs);
+    return hsub2(hfma2(v, pow2_neg(o), neg_magic(o)), m.zero);  // c exact, then c − z rounded once
 #endif
 }
 
@@ -106,15 +100,27 @@ struct ScalarPolicy {
         }
     }
 
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xv,
-                        float* acc) const {
+    // this step's products (c − z)·x into `step_acc`, then the rows' scales into `acc`
+    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, float* acc) const {
         RowMeta meta[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) meta[r] = row_meta(d.m[r]);
+        float step_acc[ACC];
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) step_acc[i] = 0.f;
+        products(d, meta, xs, step_acc);
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) {
+            const int mt = (i / (NT * 4)) % MT, c = i & 3;
+            acc[i] += meta[2 * mt + (c >= 2 ? 1 : 0)].scale * step_acc[i];
+        }
+    }
+
+    DEVICE void products(const Step& d, const RowMeta* meta, const u32* const* xs, float* acc) const {
 #if BITS == 3
         u32 xr[NT][16];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16, xv[nt]);
+        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16);
         u32 win[2 * MT][4], win8[2 * MT][4];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
@@ -146,7 +152,7 @@ struct ScalarPolicy {
         for (int i = 0; i < NW; ++i) {
             u32 xr[NT][PER / 2];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * (PER / 2), xr[nt], PER / 2, xv[nt]);
+            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * (PER / 2), xr[nt], PER / 2);
 #pragma unroll
             for (int kt = 0; kt < PER / 4; ++kt) {
                 u32 b[NT][2];
