@@ -44,7 +44,8 @@ def check(fmt, m, n, batch, seed=0, tol=2e-3):
     return y
 
 
-SCALAR = [(bits, g, zero) for bits in (1, 2, 3, 4, 8) for g, zero in ((128, "int"), (64, "fp16"), (0, "mid"))]
+SCALAR = [(bits, g, zero) for bits in (1, 2, 3, 4, 8)
+          for g, zero in ((128, "int"), (128 if bits == 1 else 64, "fp16"), (0, "mid"))]
 
 
 @pytest.mark.parametrize("bits,group,zero", SCALAR)
@@ -66,6 +67,19 @@ def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch):
 @pytest.mark.parametrize("batch", [1, 8, 12, 16])
 def test_e8p_kernel_matches_reference(bits, m, n, batch):
     check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=bits + m + batch)
+
+
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), E8PStages(3, 2.04)])
+def test_residual_is_added_in_the_kernel(fmt):
+    m, n = 48, 1024
+    buffers = random_buffers(fmt, m, n, 5)
+    x = torch.randn(3, n, device="cuda").half()
+    r = torch.randn(3, m, device="cuda").half()
+    backend = select(fmt, x, m, n)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    got = backend.matmul(fmt, buffers, prepared, x, m, n, residual=r)
+    want = backend.matmul(fmt, buffers, prepared, x, m, n).float() + r.float()
+    assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
 
 
 def test_unsupported_layouts_fall_back_to_the_reference():

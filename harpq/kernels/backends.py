@@ -36,8 +36,8 @@ class GemvBackend(ABC):
 
     @abstractmethod
     def matmul(self, fmt: StorageFormat, buffers: dict[str, torch.Tensor], prepared: tuple[torch.Tensor, ...],
-               x: torch.Tensor, m: int, n: int) -> torch.Tensor:
-        """x (B, n) -> (B, m) in x's dtype."""
+               x: torch.Tensor, m: int, n: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, n) -> x · Ŵᵀ (+ residual (B, m)) as (B, m) in x's dtype."""
 
 
 class ReferenceBackend(GemvBackend):
@@ -48,8 +48,9 @@ class ReferenceBackend(GemvBackend):
     def unusable(self, fmt, x, m, n):
         return None
 
-    def matmul(self, fmt, buffers, prepared, x, m, n):
-        return x @ fmt.decode(buffers, m, n).to(x.dtype).T
+    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None):
+        y = x @ fmt.decode(buffers, m, n).to(x.dtype).T
+        return y if residual is None else y + residual
 
 
 REFERENCE = ReferenceBackend()

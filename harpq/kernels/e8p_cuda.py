@@ -16,6 +16,7 @@ from ..formats import E8PStages
 from ..formats.lattice import e8_one_bit_points, e8p_abs_table, entry_parity
 from . import nvrtc
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
+from .scalar_cuda import _residual
 from .tuning import launch_shape
 
 SOURCE, ENTRY = "e8p_gemv.cu", "harpq_e8p_gemv"
@@ -90,14 +91,15 @@ def layout(n: int) -> int | None:
 
 def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
     words = nw * (2 if stage2 == 2 else 1)  # 32-bit words a step loads per row (stage-one + stage-two codes)
-    config = {"STAGE2": stage2, "NW": nw, **launch_shape(m, n // (64 * nw), words, batch, device_index)}
+    config = {"STAGE2": stage2, "NW": nw, **launch_shape(m, n // (64 * nw), words, batch, device_index, in_flight=8)}
     return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
 def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, tables: torch.Tensor,
-             scale: torch.Tensor, stage2: int, resid_inv: float) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) fp16 -> scale · x · Ŵᵀ (B, m)."""
+             scale: torch.Tensor, stage2: int, resid_inv: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) fp16 [, residual (B, m) fp16]
+    -> scale · x · Ŵᵀ (+ residual) (B, m)."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
@@ -108,12 +110,12 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale), np.uint32(r * 0x10001), nvrtc.ptr(y),
-                 np.int32(m), np.int32(n))
+                 nvrtc.ptr(_residual(residual, batch, m)), np.int32(m), np.int32(n))
     return y
 
 
 @e8p_gemv.register_fake
-def _(x, codes, codes2, tables, scale, stage2, resid_inv):
+def _(x, codes, codes2, tables, scale, stage2, resid_inv, residual=None):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -137,10 +139,11 @@ class E8PCuda(GemvBackend):
     def prepare(self, fmt, buffers, m, n):
         return (device_tables(fmt.stage2, buffers["codes"].device),)
 
-    def matmul(self, fmt, buffers, prepared, x, m, n):
+    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None):
         codes2 = buffers.get("codes2")
         return e8p_gemv(x, buffers["codes"].contiguous(), None if codes2 is None else codes2.contiguous(),
-                        prepared[0], buffers["scales"], STAGE2[fmt.stage2], 1.0 / fmt.resid if fmt.resid else 0.0)
+                        prepared[0], buffers["scales"], STAGE2[fmt.stage2], 1.0 / fmt.resid if fmt.resid else 0.0,
+                        residual)
 
 
 register(E8PStages.name, E8PCuda())

@@ -41,14 +41,15 @@ def defines(bits: int, int_zero: bool, nw: int, m: int, n: int, batch: int, devi
             ) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw,
-              **launch_shape(m, n // (4 * run), nw, batch, device_index)}
+              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4)}
     return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
 def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
-                group_shift: int) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, words) int32, meta (groups, m) int32 = half2 (scale, zero) -> (B, m) fp16."""
+                group_shift: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, n) fp16, codes (m, words) int32, meta (groups, m) int32 = half2 (scale, zero) [, residual (B, m)
+    fp16, added] -> (B, m) fp16."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
@@ -57,13 +58,21 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     d = dict(defines(bits, int_zero, nw, m, n, batch, x.device.index or 0))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
-                 np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y), np.int32(m),
-                 np.int32(n))
+                 np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
+                 nvrtc.ptr(_residual(residual, batch, m)), np.int32(m), np.int32(n))
     return y
 
 
+def _residual(residual: torch.Tensor | None, batch: int, m: int) -> torch.Tensor | None:
+    if residual is None:
+        return None
+    if residual.shape != (batch, m) or residual.dtype != torch.float16:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} {residual.dtype}, expected ({batch}, {m}) fp16")
+    return residual.contiguous()
+
+
 @scalar_gemv.register_fake
-def _(x, codes, meta, bits, int_zero, nw, group_shift):
+def _(x, codes, meta, bits, int_zero, nw, group_shift, residual=None):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -89,11 +98,11 @@ class ScalarCuda(GemvBackend):
         pairs = torch.stack([scale.half(), zero.half()], dim=-1).contiguous()  # exact: both are fp16 values
         return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
 
-    def matmul(self, fmt, buffers, prepared, x, m, n):
+    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None):
         nw, shift = layout(fmt, n)
         codes = buffers["codes"]
         return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
-                           fmt.zero == "int", nw, shift)
+                           fmt.zero == "int", nw, shift, residual)
 
 
 register(ScalarGroups.name, ScalarCuda())

@@ -142,7 +142,9 @@ class QuantLinear(nn.Module):
             hit = self._kernel_meta[key] = (version, (prepared, plans))
         return hit[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """y = U Ŵ̃ Vᵀ x + b (+ residual: a decoder layer's skip connection, fused into the kernel's store
+        where there is no output transform or bias)."""
         pb = self._buffers_of(self._processor_names)
         cb = self._buffers_of(self._codebook_names)
         m, n = self.out_features, self.in_features
@@ -156,11 +158,15 @@ class QuantLinear(nn.Module):
             rows = apply_plan(plans[1], rows, False)
         else:
             rows = self.processor.apply_input(pb, rows)
-        z = backend.matmul(self.format, cb, prepared, rows, m, n)
+        fuse = residual is not None and self.bias is None and self.processor.config()["name"] == "none" \
+            and residual.dtype == rows.dtype
+        z = backend.matmul(self.format, cb, prepared, rows, m, n, residual.reshape(-1, m) if fuse else None)
         y = apply_plan(plans[0], z, True) if plans else self.processor.apply_output(pb, z)
         y = y.view(*x.shape[:-1], m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
+        if residual is not None and not fuse:
+            y = residual + y
         return y
 
     def stored_bits(self) -> int:

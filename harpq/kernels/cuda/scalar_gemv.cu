@@ -180,7 +180,8 @@ struct ScalarPolicy {
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
-                  const u32* __restrict__ meta, int group_shift, u16* __restrict__ y, int M, int K) {
+                  const u32* __restrict__ meta, int group_shift, u16* __restrict__ y,
+                  const u16* __restrict__ residual, int M, int K) {
     const ScalarPolicy p{codes, row_words, meta, group_shift, M};
-    gemv_driver(p, x, batch, y, M, K, 1.0f);
+    gemv_driver(p, x, batch, y, residual, M, K, 1.0f);
 }
