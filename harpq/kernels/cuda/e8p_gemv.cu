@@ -36,10 +36,24 @@ DEVICE void field_pairs(u32 q, u32 offset, u32* p) {
     p[3] = hsub2(lop_and_or(q >> 8, FIELDS, EXP32), offset);
 }
 
+DEVICE u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// table word at byte `sel` of w (prmt selector 0x444k picks byte k, zero-extended) of the table at `base`
+DEVICE u32 lookup(u32 base, u32 w, u32 sel) {
+    u32 r;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(base + prmt(w, 0u, sel) * 4u));
+    return r;
+}
+
 // the 8 weight pairs of the two E8P codes in word w
 DEVICE void e8p_word(u32 w, u32* p) {
-    field_pairs(mag[w & 0xFFu] ^ sgn[(w >> 8) & 0xFFu], OFFSET, p);
-    field_pairs(mag[(w >> 16) & 0xFFu] ^ sgn[w >> 24], OFFSET, p + 4);
+    const u32 m = shared_address(mag), g = shared_address(sgn);
+    field_pairs(lookup(m, w, 0x4440) ^ lookup(g, w, 0x4441), OFFSET, p);
+    field_pairs(lookup(m, w, 0x4442) ^ lookup(g, w, 0x4443), OFFSET, p + 4);
 }
 
 struct E8PPolicy {
@@ -97,8 +111,9 @@ struct E8PPolicy {
 #elif STAGE2 == 1
                     const u32 c2 = d.w2[r][i / 2] >> (16 * (i & 1));
                     u32 q[8];
-                    field_pairs(e8f[c2 & 0xFFu], E8_OFFSET, q);
-                    field_pairs(e8f[(c2 >> 8) & 0xFFu], E8_OFFSET, q + 4);
+                    const u32 e = shared_address(e8f);
+                    field_pairs(lookup(e, c2, 0x4440), E8_OFFSET, q);
+                    field_pairs(lookup(e, c2, 0x4441), E8_OFFSET, q + 4);
 #pragma unroll
                     for (int k = 0; k < 8; ++k) p[h][k] = hfma2(q[k], resid_inv, p[h][k]);
 #endif
