@@ -28,6 +28,7 @@ from harpq.kernels import select, tuning
 
 SHAPES = {
     "7b": [(4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008)],
+    "sweep": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "70b": [(8192, 8192), (10240, 8192), (28672, 8192), (8192, 28672)],
 }
 
@@ -119,7 +120,8 @@ def time_format(fmt, m: int, n: int, batch: int, gen: torch.Generator) -> tuple[
 
 def sweep(shapes: list[tuple[int, int]], formats: list[str], batches: list[int], gen: torch.Generator) -> None:
     """Time every launch shape; print the default's time and the best one's."""
-    configs = [{"MT": mt, "WARPS": w, "UNROLL": u} for mt in (1, 2) for w in (4, 8) for u in (1, 2, 4)]
+    configs = [{"MT": mt, "WARPS": w, "UNROLL": u, "XEARLY": e} for mt in (1, 2) for w in (4, 8) for u in (1, 2, 4)
+               for e in (0, 1)]
     print("| format | shape | batch | default µs | best µs | best config |")
     print("|---|---|---|---|---|---|")
     for name in formats:

@@ -34,4 +34,4 @@ def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_inde
         warps, unroll = 4, max(1, in_flight // (mt * words_per_row))
     else:
         warps, unroll = 8, max(1, 8 // (mt * words_per_row))
-    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, **OVERRIDE}
+    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": 1, **OVERRIDE}

@@ -90,12 +90,13 @@ struct E8PPolicy {
         }
     }
 
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xon,
+                        float* acc) const {
+        u32 xr[NT][RUN / 2];  // the step's activations, all requested before the first decode
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], RUN / 2, xon[nt]);
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
-            u32 xr[NT][8];  // the word's 16 columns as 8 pairs
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * 8, xr[nt], 8);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 u32 p[2][8];  // rows g, g+8
@@ -123,7 +124,7 @@ struct E8PPolicy {
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                         mma_into(acc, i * 4 + kt, mt, nt, p[0][2 * kt], p[1][2 * kt], p[0][2 * kt + 1],
-                                 p[1][2 * kt + 1], xr[nt][2 * kt], xr[nt][2 * kt + 1]);
+                                 p[1][2 * kt + 1], xr[nt][8 * i + 2 * kt], xr[nt][8 * i + 2 * kt + 1]);
             }
         }
     }

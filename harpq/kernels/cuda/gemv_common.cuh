@@ -81,15 +81,28 @@ DEVICE void load_stream(const u32* p, u32* r, int n) {
     }
 }
 
-// n words (a multiple of 2) from p. Batch rows past the batch read row 0 instead: their products land in
-// output columns that are never stored, so they need neither predication nor zeroing.
-DEVICE void load_cached(const u32* p, u32* r, int n) {
+// n words (a multiple of 2) from p where `on` (a batch row that exists). Lanes of absent batch rows leave
+// their registers undefined: those products land in output columns that are never stored, so they need
+// no zeroing, and skipping their loads keeps L1 traffic at what the batch needs (a warp-wide 16-byte load
+// moves 512 bytes through L1 even when all lanes share 4 addresses). With XEARLY the loads are volatile
+// with a memory clobber, so that a step's activation loads go out together before its decode (more
+// registers); without, the compiler places each before its first use.
+#if XEARLY
+#define X_ASM asm volatile
+#define X_CLOBBER : "memory"
+#else
+#define X_ASM asm
+#define X_CLOBBER
+#endif
+DEVICE void load_cached(const u32* p, u32* r, int n, bool on) {
+    const u32 pred = on;
     int i = 0;
     for (; i + 4 <= n; i += 4)
-        asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(r[i]), "=r"(r[i + 1]), "=r"(r[i + 2]), "=r"(r[i + 3]) : "l"(p + i));
+        X_ASM("{ .reg .pred q; setp.ne.u32 q, %5, 0; @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4]; }"
+              : "=r"(r[i]), "=r"(r[i + 1]), "=r"(r[i + 2]), "=r"(r[i + 3]) : "l"(p + i), "r"(pred) X_CLOBBER);
     for (; i + 2 <= n; i += 2)
-        asm("ld.global.nc.v2.u32 {%0, %1}, [%2];" : "=r"(r[i]), "=r"(r[i + 1]) : "l"(p + i));
+        X_ASM("{ .reg .pred q; setp.ne.u32 q, %3, 0; @q ld.global.nc.v2.u32 {%0, %1}, [%2]; }"
+              : "=r"(r[i]), "=r"(r[i + 1]) : "l"(p + i), "r"(pred) X_CLOBBER);
 }
 
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
@@ -104,14 +117,16 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 // ---------------------------------------------------------------------------------------------------
 // The driver shared by every format. Compile-time: MT (m-tiles of 16 rows per warp: 1 or 2), NT (n-tiles
 // of 8 batch rows: 1 or 2), WARPS (warps of a block, splitting K into steps), UNROLL (steps whose loads
-// go out together). A block owns 16·MT rows; warp w takes steps w, w + WARPS, ...; the loads of the next
-// UNROLL steps are issued before the current ones are decoded (software pipelining), and with one m-tile
+// go out together), XEARLY (see load_cached). A block owns 16·MT rows; warp w takes steps w, w + WARPS,
+// ...; the loads of the next UNROLL steps are issued before the current ones are decoded (software
+// pipelining), and with one m-tile
 // the k-tiles alternate between two accumulator sets, so the tensor-core chain is never one long
 // dependency. The format policy P supplies:
 //   P::RUN, P::STEP          columns a thread / a warp covers per step (STEP = 4·RUN)
 //   P::Step                  what one step's loads bring for the thread's 2·MT rows
 //   p.load(rows, s, t, step) issue those loads
-//   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs: the thread's activations of step s
+//   p.compute(rows, s, t, step, xs, xon, acc)   decode + mma; xs: the thread's activations of step s,
+//                            xon: whether its batch rows exist
 
 constexpr int ACC_SETS = MT == 1 ? 2 : 1;
 constexpr int ACC = ACC_SETS * MT * NT * 4;
@@ -142,9 +157,12 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         rows.valid[r] = rows.row[r] < M;
     }
     const u32* xrow[NT];
+    bool xon[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-        xrow[nt] = x + (long long)(g + 8 * nt < batch ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
+    for (int nt = 0; nt < NT; ++nt) {
+        xon[nt] = g + 8 * nt < batch;
+        xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
+    }
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
@@ -166,7 +184,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
                 const u32* xs[NT];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + s * (P::STEP / 2);
-                p.compute(rows, s, t, cur[u], xs, acc);
+                p.compute(rows, s, t, cur[u], xs, xon, acc);
             }
         }
 #pragma unroll

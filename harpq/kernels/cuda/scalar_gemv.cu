@@ -101,14 +101,15 @@ struct ScalarPolicy {
     }
 
     // this step's products (c − z)·x into `step_acc`, then the rows' scales into `acc`
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xon,
+                        float* acc) const {
         RowMeta meta[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) meta[r] = row_meta(d.m[r]);
         float step_acc[ACC];
 #pragma unroll
         for (int i = 0; i < ACC; ++i) step_acc[i] = 0.f;
-        products(d, meta, xs, step_acc);
+        products(d, meta, xs, xon, step_acc);
 #pragma unroll
         for (int i = 0; i < ACC; ++i) {
             const int mt = (i / (NT * 4)) % MT, c = i & 3;
@@ -116,11 +117,12 @@ struct ScalarPolicy {
         }
     }
 
-    DEVICE void products(const Step& d, const RowMeta* meta, const u32* const* xs, float* acc) const {
+    DEVICE void products(const Step& d, const RowMeta* meta, const u32* const* xs, const bool* xon,
+                         float* acc) const {
 #if BITS == 3
         u32 xr[NT][16];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16);
+        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16, xon[nt]);
         u32 win[2 * MT][4], win8[2 * MT][4];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
@@ -148,18 +150,18 @@ struct ScalarPolicy {
             }
         }
 #else
+        u32 xr[NT][RUN / 2];  // the step's activations, all requested before the first decode
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], RUN / 2, xon[nt]);
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
-            u32 xr[NT][PER / 2];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt] + i * (PER / 2), xr[nt], PER / 2);
 #pragma unroll
             for (int kt = 0; kt < PER / 4; ++kt) {
                 u32 b[NT][2];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    b[nt][0] = xpair(xr[nt], 2 * kt, PER / 2);
-                    b[nt][1] = xpair(xr[nt], 2 * kt + 1, PER / 2);
+                    b[nt][0] = xpair(xr[nt] + i * (PER / 2), 2 * kt, PER / 2);
+                    b[nt][1] = xpair(xr[nt] + i * (PER / 2), 2 * kt + 1, PER / 2);
                 }
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
