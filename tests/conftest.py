@@ -11,7 +11,8 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on th
 
 import harpq  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# the data and models beside the checkout; HARPQ_SHARED points elsewhere (a GPU machine gets only the repo)
+SHARED = Path(os.environ.get("HARPQ_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 TINY = SHARED / "models" / "llama-tiny"
 CALIB = SHARED / "data" / "gutenberg_valid.txt"
 TEST_TEXT = SHARED / "data" / "gutenberg_test.txt"

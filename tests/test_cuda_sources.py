@@ -21,13 +21,13 @@ def test_e8_field_table_decodes_every_point_exactly():
 
 
 @pytest.mark.parametrize("bits,group,n,expect", [
-    (4, 128, 4096, (4, 2)), (4, 64, 4096, (2, 2)),
-    (2, 128, 11008, (2, 2)), (2, 64, 4096, (1, 2)), (1, 128, 4096, (1, 2)), (8, 128, 4096, (4, 3)),
-    (3, 128, 4096, (3, 2)), (4, 0, 11008, (4, 31)), (4, 128, 1376, (1, 4)), (4, 100, 1000, None),
-    (3, 128, 1376, None)])
+    (4, 128, 4096, (4, 2, 1)), (4, 64, 4096, (2, 2, 1)), (2, 128, 11008, (2, 2, 1)), (2, 64, 4096, (1, 2, 1)),
+    (1, 128, 4096, (1, 2, 1)), (8, 128, 4096, (4, 3, 1)), (3, 128, 4096, (3, 2, 1)), (4, 0, 11008, (4, 31, 1)),
+    (4, 128, 1376, (1, 4, 1)), (3, 64, 4096, (3, 1, 0)), (1, 64, 4096, (2, 0, 0)), (2, 32, 512, (2, 0, 0)),
+    (4, 100, 1000, None), (3, 128, 1376, None)])
 def test_scalar_layout_choice(bits, group, n, expect):
-    """Words per thread and step (as many as the width and the group allow: a step lies in one group) and
-    log2(runs per group)."""
+    """Words per thread and step (as many as the width and the group allow), log2(runs per group), and
+    whether a step lies in one group (scale per step) or only a thread's run does (scale per weight)."""
     assert scalar_cuda.layout(ScalarGroups(bits, group, "int"), n) == expect
 
 
@@ -42,11 +42,11 @@ def _no_gpu_needed(monkeypatch):
 
 def _scalar_configs():
     seen = set()
-    for bits, group, n, batch, zero, m in itertools.product((1, 2, 3, 4, 8), (32, 64, 128, 0), (512, 4096, 11008),
+    for bits, group, n, batch, zero, m in itertools.product((1, 2, 3, 4, 8), (16, 32, 64, 128, 0), (512, 4096, 11008),
                                                            BATCHES, ("int", "fp16"), ROWS):
         lay = scalar_cuda.layout(ScalarGroups(bits, group, zero), n)
         if lay:
-            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], m, n, batch))
+            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch))
     return sorted(seen)
 
 

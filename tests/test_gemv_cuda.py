@@ -44,8 +44,7 @@ def check(fmt, m, n, batch, seed=0, tol=2e-3):
     return y
 
 
-SCALAR = [(bits, g, zero) for bits in (1, 2, 3, 4, 8)
-          for g, zero in ((128, "int"), (128 if bits == 1 else 64, "fp16"), (0, "mid"))]
+SCALAR = [(bits, g, zero) for bits in (1, 2, 3, 4, 8) for g, zero in ((128, "int"), (64, "fp16"), (0, "mid"))]
 
 
 @pytest.mark.parametrize("bits,group,zero", SCALAR)
@@ -55,10 +54,12 @@ def test_scalar_kernel_matches_reference(bits, group, zero, batch):
 
 
 @pytest.mark.parametrize("bits,n,group", [(4, 4096, 128), (4, 11008, 128), (2, 4096, 128), (2, 11008, 64),
-                                          (3, 4096, 128), (4, 1376, 32), (2, 512, 32), (8, 4096, 128)])
+                                          (3, 4096, 128), (4, 1376, 32), (2, 512, 32), (8, 4096, 128),
+                                          (3, 4096, 32), (1, 4096, 64), (4, 4096, 16)])
 @pytest.mark.parametrize("batch", [1, 9])
 def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch):
-    """Model widths, and widths/groups that force fewer words per thread (NW = 2, 1)."""
+    """Model widths, widths/groups that force fewer words per thread (NW = 2, 1), and groups smaller than a
+    step (the scale then multiplies each weight pair)."""
     check(ScalarGroups(bits, group, "int"), 272, n, batch, seed=n + bits)
 
 

@@ -92,7 +92,7 @@ def layout(n: int) -> int | None:
 def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
     words = nw * (2 if stage2 == 2 else 1)  # 32-bit words a step loads per row (stage-one + stage-two codes)
     config = {"STAGE2": stage2, "NW": nw,
-              **launch_shape(m, n // (64 * nw), words, batch, device_index, in_flight=8)}
+              **launch_shape(m, n // (64 * nw), words, batch, device_index, in_flight=8, xearly_many=1)}
     return tuple(sorted(config.items()))
 
 

@@ -18,36 +18,38 @@ from .tuning import launch_shape
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
 
 
-def layout(fmt: ScalarGroups, n: int) -> tuple[int, int] | None:
-    """(words per thread and step, log2 runs per group) of the kernel for this shape, or None.
+def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
+    """(words per thread and step, log2 runs per group, step scale) of the kernel for this shape, or None.
 
-    A step (4 threads' runs of columns) must lie inside one group: the scale is applied per step."""
+    Preferred: a step (4 threads' runs of columns) inside one group, so the scale multiplies the step's
+    fp32 products (step scale 1); else a thread's run inside one group, the scale per weight pair (0)."""
     g = fmt.group_len(n)
-    for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
-        run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
-        if n % (4 * run):
-            continue
-        if g >= n:
-            return nw, 31  # one group per row: every run maps to group 0
-        if g % (4 * run):
-            continue
-        runs = g // run
-        if runs & (runs - 1) == 0:
-            return nw, runs.bit_length() - 1
+    for step_scale in (1, 0):
+        for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
+            run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
+            if n % (4 * run):
+                continue
+            if g >= n:
+                return nw, 31, 1  # one group per row: every run maps to group 0
+            if g % ((4 if step_scale else 1) * run):
+                continue
+            runs = g // run
+            if runs & (runs - 1) == 0:
+                return nw, runs.bit_length() - 1, step_scale
     return None
 
 
-def defines(bits: int, int_zero: bool, nw: int, m: int, n: int, batch: int, device_index: int = 0
-            ) -> tuple[tuple[str, int], ...]:
+def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
+            device_index: int = 0) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
-    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw,
-              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4)}
+    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale,
+              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0)}
     return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
 def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
-                group_shift: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+                group_shift: int, step_scale: int, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, n) fp16, codes (m, words) int32, meta (groups, m) int32 = half2 (scale, zero) [, residual (B, m)
     fp16, added] -> (B, m) fp16."""
     if x.data_ptr() % 16 or not x.is_contiguous():
@@ -55,7 +57,7 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(bits, int_zero, nw, m, n, batch, x.device.index or 0))
+    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
@@ -72,7 +74,7 @@ def _residual(residual: torch.Tensor | None, batch: int, m: int) -> torch.Tensor
 
 
 @scalar_gemv.register_fake
-def _(x, codes, meta, bits, int_zero, nw, group_shift, residual=None):
+def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -99,10 +101,10 @@ class ScalarCuda(GemvBackend):
         return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
 
     def matmul(self, fmt, buffers, prepared, x, m, n, residual=None):
-        nw, shift = layout(fmt, n)
+        nw, shift, step_scale = layout(fmt, n)
         codes = buffers["codes"]
         return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
-                           fmt.zero == "int", nw, shift, residual)
+                           fmt.zero == "int", nw, shift, step_scale, residual)
 
 
 register(ScalarGroups.name, ScalarCuda())

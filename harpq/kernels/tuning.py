@@ -1,10 +1,10 @@
 """Launch shapes of the decode GEMVs (`cuda/gemv_common.cuh`'s driver), chosen per call from the shape.
 
-MT: m-tiles of 16 rows per warp (two share each activation fragment: halves activation traffic, which
-dominates from batch 5 on). NT: n-tiles of 8 batch rows. WARPS: warps splitting K in a block. UNROLL:
-steps whose loads go out together. With more row tiles than two per SM, blocks of 4 warps with about 4
-words of codes per row in flight were fastest for scalar grids on the H200, 8 for E8P
-(`benchmarks/gemv_speed.py --sweep`, Llama-2-7B shapes); with fewer, 8 warps with about 8 words.
+MT: m-tiles of 16 rows per warp (two share each activation fragment). NT: n-tiles of 8 batch rows. WARPS:
+warps splitting K in a block. UNROLL: steps whose loads go out together. XEARLY: a step's activation
+loads issued together. Chosen from a sweep on the H200 (`benchmarks/gemv_speed.py --sweep`, batch 1,
+Llama-2-7B shapes, results in benchmarks/RESULTS.md): with more rows than two 16-row tiles per SM, two
+m-tiles in blocks of 4 warps loading one step ahead; with fewer, one m-tile (two from batch 5 on), 8 warps.
 `OVERRIDE` lets a benchmark sweep them.
 """
 
@@ -23,15 +23,15 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_index: int = 0,
-                 in_flight: int = 4) -> dict[str, int]:
+                 in_flight: int = 4, xearly_many: int = 1) -> dict[str, int]:
     """steps: K-steps of a row tile; words_per_row: 32-bit words one step loads per row and thread;
-    in_flight: words per row a warp should have in flight with many row tiles (the format's decode cost
-    decides: more for E8P, whose decode takes longer)."""
+    in_flight: words per row a warp should have in flight with many row tiles; xearly_many: XEARLY then
+    (the sweep preferred it for E8P, not for scalar grids)."""
     nt = 1 if batch <= 8 else 2
-    mt = 1 if batch <= 4 else 2
-    tiles = -(-m // (16 * mt))
-    if tiles > 2 * _sm_count(device_index) or steps < 8:
-        warps, unroll = 4, max(1, in_flight // (mt * words_per_row))
+    if m > 2 * _sm_count(device_index) * 16:
+        mt, warps, xearly = 2, 4, xearly_many
+        unroll = max(1, in_flight // (mt * words_per_row))
     else:
-        warps, unroll = 8, max(1, 8 // (mt * words_per_row))
-    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": 1, **OVERRIDE}
+        mt, warps, xearly = (1 if batch <= 4 else 2), (8 if steps >= 8 else 4), 1
+        unroll = 2 if mt * words_per_row <= 2 else 1
+    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": xearly, **OVERRIDE}

@@ -2,8 +2,9 @@
 // (RTN/GPTQ: integer zeros; HQQ: fp16 zeros; QuIP: one scale per matrix, zero (2^b − 1)/2), batch 1–16.
 //
 // Compile-time configuration (NVRTC -D): BITS (1, 2, 3, 4, 8), INT_ZERO (1: zero-points are integers),
-// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), and the driver's MT, NT,
-// WARPS, UNROLL (gemv_common.cuh).
+// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), STEP_SCALE (1: a step lies
+// in one group, its scale multiplies the step's fp32 products; 0: groups smaller than a step, the scale
+// multiplies each weight pair in fp16), and the driver's MT, NT, WARPS, UNROLL, XEARLY (gemv_common.cuh).
 //
 // Layout read as stored (harpq's bit stream: 32 codes fill exactly BITS words, lowest bits first); the
 // per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
@@ -32,21 +33,23 @@ __host__ __device__ constexpr u32 pow2_neg(int o) { return (u32(15 - o) << 10) *
 
 struct RowMeta {
     u32 zero;     // (z, z)
+    u32 scale2;   // (s, s)
     float scale;
 };
 
 DEVICE RowMeta row_meta(u32 m) {
-    return {prmt(m, m, 0x3232), half_to_float(u16(m & 0xFFFFu))};
+    return {prmt(m, m, 0x3232), prmt(m, m, 0x1010), half_to_float(u16(m & 0xFFFFu))};
 }
 
-// code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2)
+// code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2), times the scale unless STEP_SCALE
 DEVICE u32 dequant(u32 src, int o, const RowMeta& m) {
     const u32 v = lop_and_or(src, ((1u << BITS) - 1) * 0x10001u << o, 0x64006400u);
 #if INT_ZERO
-    return hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
+    const u32 cz = hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
 #else
-    return hsub2(hfma2(v, pow2_neg(o), neg_magic(o)), m.zero);  // c exact, then c − z rounded once
+    const u32 cz = hsub2(hfma2(v, pow2_neg(o), neg_magic(o)), m.zero);  // c exact, then c − z rounded once
 #endif
+    return STEP_SCALE ? cz : hmul2(cz, m.scale2);
 }
 
 #if BITS == 3
@@ -106,6 +109,10 @@ struct ScalarPolicy {
         RowMeta meta[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) meta[r] = row_meta(d.m[r]);
+        if (!STEP_SCALE) {  // scaled weight by weight
+            products(d, meta, xs, xon, acc);
+            return;
+        }
         float step_acc[ACC];
 #pragma unroll
         for (int i = 0; i < ACC; ++i) step_acc[i] = 0.f;
