@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .base import BufferSpec, StorageFormat
-from .lattice import e8_one_bit_points, e8p_decode
+from .lattice import e8p_decode, on_device
 
 STAGE2 = {2: None, 3: "e8", 4: "e8p"}
 
@@ -49,7 +49,7 @@ class E8PStages(StorageFormat):
         if self.stage2:
             c2 = buffers["codes2"].to(torch.int64)
             if self.stage2 == "e8":
-                q2 = e8_one_bit_points().to(device=c2.device, dtype=torch.float32)[c2 & 0xFF]
+                q2 = on_device("one_bit", c2.device, torch.float32)[c2 & 0xFF]
             else:
                 q2 = e8p_decode(c2)
             q = q + q2 / self.resid

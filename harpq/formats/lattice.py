@@ -76,10 +76,16 @@ def entry_parity(device: torch.device) -> torch.Tensor:
     return _PARITY[device]
 
 
+@cache
+def on_device(table: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A table of this module on a device, made once (a CUDA graph may not copy from the host)."""
+    return {"abs": e8p_abs_table, "one_bit": e8_one_bit_points}[table]().to(device=device, dtype=dtype)
+
+
 def e8p_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int codes (...) -> codewords (..., 8)."""
     c = codes.to(torch.int64) & 0xFFFF
-    s = e8p_abs_table().to(device=codes.device, dtype=dtype)
+    s = on_device("abs", codes.device, dtype)
     mag = s[c & 0xFF]  # (..., 8)
     bits = (c[..., None] >> torch.arange(8, 15, device=c.device)) & 1  # signs of coords 0..6
     twice = (2 * mag).round().to(torch.int64)

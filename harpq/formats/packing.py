@@ -38,12 +38,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @functools.cache
-def _slot_layout(bits: int) -> tuple[list[int], list[int], list[int]]:
-    """For each of the 32 codes of a run: its word, its bit offset, and the word holding its spill-over."""
+def _slot_layout(bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For each of the 32 codes of a run: its word, its bit offset, and the word holding its spill-over
+    (int32 tensors on `device`, made once: a CUDA graph may not copy from the host)."""
     word = [i * bits // 32 for i in range(32)]
     offset = [i * bits % 32 for i in range(32)]
     spill = [w + 1 if o + bits > 32 else w for w, o in zip(word, offset, strict=True)]
-    return word, offset, spill
+    return tuple(torch.tensor(t, device=device, dtype=torch.int32) for t in (word, offset, spill))
 
 
 def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -54,7 +55,7 @@ def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     *lead, total = words.shape
     chunks = total // bits
     w = words.view(*lead, chunks, bits)
-    word, offset, spill = (torch.tensor(t, device=words.device, dtype=torch.int32) for t in _slot_layout(bits))
+    word, offset, spill = _slot_layout(bits, words.device)
     low = (w[..., word.long()] >> offset) & ((1 << (32 - offset).clamp(max=bits)) - 1)  # drop sign extension
     high = torch.where(spill != word, w[..., spill.long()] << (32 - offset), 0)
     codes = (low | high) & ((1 << bits) - 1)

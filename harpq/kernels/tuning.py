@@ -3,8 +3,9 @@
 MT: m-tiles of 16 rows per warp (two share each activation fragment). NT: n-tiles of 8 batch rows. WARPS:
 warps splitting K in a block. UNROLL: steps whose loads go out together. XEARLY: a step's activation
 loads issued together. Chosen from a sweep on the H200 (`benchmarks/gemv_speed.py --sweep`, batch 1,
-Llama-2-7B shapes, results in benchmarks/RESULTS.md): with more rows than two 16-row tiles per SM, two
-m-tiles in blocks of 4 warps loading one step ahead; with fewer, one m-tile (two from batch 5 on), 8 warps.
+Llama-2-7B shapes, results in benchmarks/RESULTS.md): with more rows than two 16-row tiles per SM, blocks
+of 4 warps loading one step ahead, two m-tiles except for 4-word scalar steps at batch ≤ 4; with fewer,
+8 warps, one m-tile (two from batch 5 on).
 `OVERRIDE` lets a benchmark sweep them.
 """
 
@@ -28,10 +29,12 @@ def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_inde
     in_flight: words per row a warp should have in flight with many row tiles; xearly_many: XEARLY then
     (the sweep preferred it for E8P, not for scalar grids)."""
     nt = 1 if batch <= 8 else 2
+    xearly = 1 if nt == 1 else 0  # with two n-tiles the early activations cost too many registers
     if m > 2 * _sm_count(device_index) * 16:
-        mt, warps, xearly = 2, 4, xearly_many
-        unroll = max(1, in_flight // (mt * words_per_row))
+        mt = 2 if batch > 4 or words_per_row < 4 or in_flight > 4 else 1
+        warps, unroll = 4, max(1, in_flight // (mt * words_per_row))
+        xearly = xearly and xearly_many
     else:
-        mt, warps, xearly = (1 if batch <= 4 else 2), (8 if steps >= 8 else 4), 1
-        unroll = 2 if mt * words_per_row <= 2 else 1
+        mt, warps = (1 if batch <= 4 else 2), (8 if steps >= 8 else 4)
+        unroll = 2 if mt * words_per_row <= 4 else 1
     return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": xearly, **OVERRIDE}
