@@ -51,7 +51,7 @@ def _scalar_configs():
 
 
 def _e8p_configs():
-    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n), m, n, batch)
+    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch)
                    for s, n, batch, m in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS)})
 
 

@@ -84,9 +84,10 @@ def _device_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def layout(n: int) -> int | None:
-    """Code words (pairs of codes) per thread and step for in_features n, or None."""
-    return next((nw for nw in (4, 2, 1) if n % (64 * nw) == 0), None)
+def layout(n: int, batch: int = 1) -> int | None:
+    """Code words (pairs of codes) per thread and step for in_features n, or None. From batch 9 on (two
+    n-tiles) two words: four need about 180 registers with the E8P residual stage."""
+    return next((nw for nw in ((2, 1) if batch > 8 else (4, 2, 1)) if n % (64 * nw) == 0), None)
 
 
 def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
@@ -106,7 +107,7 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(stage2, layout(n), m, n, batch, x.device.index or 0))
+    d = dict(defines(stage2, layout(n, batch), m, n, batch, x.device.index or 0))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
