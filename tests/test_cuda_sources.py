@@ -65,3 +65,9 @@ def test_every_kernel_configuration_compiles(arch):
     for source, defines in configs:
         cubin = compile_cubin(source, dict(defines), arch)
         assert cubin[:4] == b"\x7fELF", (source, defines)
+
+
+def test_fp16_zeros_prefer_longer_runs_scaled_per_weight():
+    """HQQ's fp16 zeros cost an fp16 operation per pair either way: four words per step, scale per pair."""
+    assert scalar_cuda.layout(ScalarGroups(4, 64, "fp16"), 4096) == (4, 1, 0)
+    assert scalar_cuda.layout(ScalarGroups(4, 64, "int"), 4096) == (2, 2, 1)

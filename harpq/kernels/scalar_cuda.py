@@ -21,10 +21,12 @@ SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
 def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     """(words per thread and step, log2 runs per group, step scale) of the kernel for this shape, or None.
 
-    Preferred: a step (4 threads' runs of columns) inside one group, so the scale multiplies the step's
-    fp32 products (step scale 1); else a thread's run inside one group, the scale per weight pair (0)."""
+    Integer zeros prefer a step (4 threads' runs of columns) inside one group, so the scale multiplies the
+    step's fp32 products (step scale 1): one fp16 operation per weight pair less. Else, and first for fp16
+    zeros (c − z costs that operation either way, and longer runs load more per step), a thread's run
+    inside one group, the scale per weight pair (0)."""
     g = fmt.group_len(n)
-    for step_scale in (1, 0):
+    for step_scale in ((1, 0) if fmt.zero == "int" else (0, 1)):
         for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
             run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
             if n % (4 * run):

@@ -34,11 +34,13 @@ __host__ __device__ constexpr u32 pow2_neg(int o) { return (u32(15 - o) << 10) *
 struct RowMeta {
     u32 zero;     // (z, z)
     u32 scale2;   // (s, s)
+    u32 nzs;      // −(z·s) in fp16
     float scale;
 };
 
 DEVICE RowMeta row_meta(u32 m) {
-    return {prmt(m, m, 0x3232), prmt(m, m, 0x1010), half_to_float(u16(m & 0xFFFFu))};
+    const u32 z = prmt(m, m, 0x3232), s = prmt(m, m, 0x1010);
+    return {z, s, hmul2(z, s) ^ 0x80008000u, half_to_float(u16(m & 0xFFFFu))};
 }
 
 // code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2), times the scale unless STEP_SCALE
@@ -46,10 +48,11 @@ DEVICE u32 dequant(u32 src, int o, const RowMeta& m) {
     const u32 v = lop_and_or(src, ((1u << BITS) - 1) * 0x10001u << o, 0x64006400u);
 #if INT_ZERO
     const u32 cz = hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
-#else
-    const u32 cz = hsub2(hfma2(v, pow2_neg(o), neg_magic(o)), m.zero);  // c exact, then c − z rounded once
-#endif
     return STEP_SCALE ? cz : hmul2(cz, m.scale2);
+#else
+    const u32 c = hfma2(v, pow2_neg(o), neg_magic(o));  // c, exact
+    return STEP_SCALE ? hsub2(c, m.zero) : hfma2(c, m.scale2, m.nzs);  // c − z, or c·s − z·s
+#endif
 }
 
 #if BITS == 3
