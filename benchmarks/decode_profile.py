@@ -21,8 +21,8 @@ from harpq.engine.decoder import SHAPES
 from harpq.engine.runner import DecodeRunner
 
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
-    ("e8p gemv", ("_e8p_gemv",)),
-    ("scalar gemv", ("_grouped_gemv", "_bitstream_gemv")),
+    ("e8p gemv", ("harpq_e8p_gemv",)),
+    ("scalar gemv", ("harpq_scalar_gemv",)),
     ("transforms", ("_stage",)),
     ("attention", ("flash", "fmha", "attention", "softmax", "sdpa")),
     ("norm / rope / silu", ("_rms_norm", "_rope", "_silu")),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gemv_speed import cuda_time  # the same graph-replay timer (this folder is on sys.path)
+from gemv_speed import graph_time  # the same graph-replay timer (this folder is on sys.path)
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def per_launch(n: int, chain: int = 200, replays: int = 20) -> float:
     """Seconds per kernel in a graph of `chain` dependent launches over an n-element fp16 vector."""
     x = torch.zeros(n, device="cuda", dtype=torch.float16)
     block = min(1024, triton.next_power_of_2(n))
-    return cuda_time(lambda: _bump[(triton.cdiv(n, block),)](x, n, BLOCK=block), repeat=chain, replays=replays)
+    return graph_time(lambda i: _bump[(triton.cdiv(n, block),)](x, n, BLOCK=block), 1, calls=chain, replays=replays)
 
 
 def main() -> None:
