@@ -44,17 +44,6 @@ FORMATS = {
 }
 
 
-def random_buffers(fmt, m: int, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (shape, dtype) in fmt.buffer_specs(m, n).items():
-        if dtype.is_floating_point:
-            out[name] = (torch.rand(shape, device="cuda", generator=gen) * 0.01 + 0.001).to(dtype)
-        else:
-            info = torch.iinfo(dtype)
-            out[name] = torch.randint(info.min, info.max + 1, shape, dtype=dtype, device="cuda", generator=gen)
-    return out
-
-
 def graph_time(fn: Callable[[int], object], copies: int, calls: int = 200, replays: int = 7) -> float:
     """Seconds per call of fn(i % copies), from replays of a CUDA graph of `calls` calls."""
     stream = torch.cuda.Stream()
@@ -108,10 +97,10 @@ def time_tinygemm(m: int, n: int, batch: int, gen: torch.Generator) -> float | N
 
 
 def time_format(fmt, m: int, n: int, batch: int, gen: torch.Generator) -> tuple[float, str]:
-    one = random_buffers(fmt, m, n, gen)
+    one = fmt.random_buffers(m, n, gen, "cuda")
     nbytes = sum(t.numel() * t.element_size() for t in one.values())
     copies = copies_for(nbytes)
-    sets = [one] + [random_buffers(fmt, m, n, gen) for _ in range(copies - 1)]
+    sets = [one] + [fmt.random_buffers(m, n, gen, "cuda") for _ in range(copies - 1)]
     x = torch.randn(batch, n, device="cuda", generator=gen).half()
     backend = select(fmt, x, m, n)
     prepared = [backend.prepare(fmt, b, m, n) for b in sets]

@@ -16,17 +16,7 @@ if nvrtc.available():
 
 
 def random_buffers(fmt, m, n, seed):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    out = {}
-    for name, (shape, dtype) in fmt.buffer_specs(m, n).items():
-        if dtype.is_floating_point:
-            out[name] = (torch.rand(shape, device="cuda", generator=gen) * 0.02 + 0.001).to(dtype)
-        else:
-            info = torch.iinfo(dtype)
-            out[name] = torch.randint(info.min, info.max + 1, shape, dtype=dtype, device="cuda", generator=gen)
-    if "zeros" in out and out["zeros"].dtype == torch.float16:  # fractional HQQ zeros inside the grid
-        out["zeros"] = (torch.rand(out["zeros"].shape, device="cuda", generator=gen) * (2**fmt.bits - 1)).half()
-    return out
+    return fmt.random_buffers(m, n, torch.Generator(device="cuda").manual_seed(seed), "cuda")
 
 
 def check(fmt, m, n, batch, seed=0, tol=2e-3):

@@ -34,6 +34,20 @@ class StorageFormat(ABC):
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         """Stored tensors -> the weight they encode (float32): the reference every kernel must match."""
 
+    def random_buffers(self, out_features: int, in_features: int, generator: torch.Generator,
+                       device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Random but valid stored tensors (any integer pattern is a legal code; scales small, positive):
+        what kernel tests and speed benchmarks run on."""
+        out = {}
+        for name, (shape, dtype) in self.buffer_specs(out_features, in_features).items():
+            if dtype.is_floating_point:
+                rand = torch.rand(shape, device=device, generator=generator)
+                out[name] = (rand * 0.02 + 0.001).to(dtype)
+            else:
+                lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max + 1
+                out[name] = torch.randint(lo, hi, shape, dtype=dtype, device=device, generator=generator)
+        return out
+
     def concat_rows(self, parts: list[tuple[dict[str, torch.Tensor], int]], in_features: int
                     ) -> dict[str, torch.Tensor] | None:
         """The stored tensors of the matrices (buffers, rows) stacked along rows, or None where this format

@@ -70,6 +70,13 @@ class ScalarGroups(StorageFormat):
         groups = self.num_groups(n)
         return scale, unpack_bits(buffers["zeros"].view(1, -1), self.bits, m * groups).view(m, groups).float()
 
+    def random_buffers(self, out_features, in_features, generator, device="cpu"):
+        out = super().random_buffers(out_features, in_features, generator, device)
+        if self.zero == "fp16":  # fractional zeros inside the grid, as HQQ fits them
+            rand = torch.rand(out["zeros"].shape, device=device, generator=generator)
+            out["zeros"] = (rand * ((1 << self.bits) - 1)).half()
+        return out
+
     def concat_rows(self, parts, in_features):
         if self.zero == "mid":  # one scale per matrix
             return None

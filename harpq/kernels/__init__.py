@@ -13,7 +13,7 @@ import os
 import torch
 
 from . import e8p_cuda, scalar_cuda  # noqa: F401  (register their backends)
-from .backends import MAX_DECODE_BATCH, GemvBackend, backends, register, select
+from .backends import MAX_DECODE_BATCH, GemvBackend, backends_for, register, select
 
 
 def triton_available(x: torch.Tensor) -> bool:
@@ -27,4 +27,4 @@ def triton_available(x: torch.Tensor) -> bool:
     return True
 
 
-__all__ = ["MAX_DECODE_BATCH", "GemvBackend", "backends", "register", "select", "triton_available"]
+__all__ = ["MAX_DECODE_BATCH", "GemvBackend", "backends_for", "register", "select", "triton_available"]

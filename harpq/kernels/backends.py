@@ -63,7 +63,8 @@ def register(format_name: str, backend: GemvBackend) -> None:
     _BACKENDS.setdefault(format_name, []).append(backend)
 
 
-def backends(format_name: str) -> list[GemvBackend]:
+def backends_for(format_name: str) -> list[GemvBackend]:
+    """The backends offered for a format, in the order `select` tries them (the reference last)."""
     return [*_BACKENDS.get(format_name, []), REFERENCE]
 
 

@@ -16,7 +16,6 @@ from ..formats import E8PStages
 from ..formats.lattice import e8_one_bit_points, e8p_abs_table, entry_parity
 from . import nvrtc
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
-from .scalar_cuda import _residual
 from .tuning import launch_shape
 
 SOURCE, ENTRY = "e8p_gemv.cu", "harpq_e8p_gemv"
@@ -112,7 +111,7 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale), np.uint32(r * 0x10001), nvrtc.ptr(y),
-                 nvrtc.ptr(_residual(residual, batch, m)), np.int32(m), np.int32(n))
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
     return y
 
 
@@ -125,18 +124,10 @@ class E8PCuda(GemvBackend):
     name = "cuda"
 
     def unusable(self, fmt, x, m, n):
-        if not x.is_cuda:
-            return "input not on a CUDA device"
-        why = nvrtc.available()
-        if why:
-            return why
-        if x.dtype != torch.float16:
-            return f"{x.dtype} activations (the CUDA kernels take float16)"
-        if x.shape[0] > MAX_DECODE_BATCH:
-            return f"batch {x.shape[0]} > {MAX_DECODE_BATCH}"
-        if layout(n) is None:
-            return f"in_features {n} not a multiple of 64"
-        return None
+        why = nvrtc.decode_unusable(x, MAX_DECODE_BATCH)
+        if why is None and layout(n) is None:
+            why = f"in_features {n} not a multiple of 64"
+        return why
 
     def prepare(self, fmt, buffers, m, n):
         return (device_tables(fmt.stage2, buffers["codes"].device),)

@@ -50,6 +50,29 @@ def available() -> str | None:
     return None
 
 
+def decode_unusable(x: torch.Tensor, max_batch: int) -> str | None:
+    """Why the CUDA decode GEMVs cannot take activations x (B, n), whatever the format, or None."""
+    if not x.is_cuda:
+        return "input not on a CUDA device"
+    why = available()
+    if why:
+        return why
+    if x.dtype != torch.float16:
+        return f"{x.dtype} activations (the CUDA kernels take float16)"
+    if x.shape[0] > max_batch:
+        return f"batch {x.shape[0]} > {max_batch}"
+    return None
+
+
+def residual_arg(residual: torch.Tensor | None, batch: int, m: int) -> torch.Tensor | None:
+    """The residual a GEMV adds in its store: (batch, m) fp16, contiguous."""
+    if residual is None:
+        return None
+    if residual.shape != (batch, m) or residual.dtype != torch.float16:
+        raise ValueError(f"residual of shape {tuple(residual.shape)} {residual.dtype}, expected ({batch}, {m}) fp16")
+    return residual.contiguous()
+
+
 def _sources_digest() -> str:
     h = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*")):

@@ -63,16 +63,8 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
-                 nvrtc.ptr(_residual(residual, batch, m)), np.int32(m), np.int32(n))
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
     return y
-
-
-def _residual(residual: torch.Tensor | None, batch: int, m: int) -> torch.Tensor | None:
-    if residual is None:
-        return None
-    if residual.shape != (batch, m) or residual.dtype != torch.float16:
-        raise ValueError(f"residual of shape {tuple(residual.shape)} {residual.dtype}, expected ({batch}, {m}) fp16")
-    return residual.contiguous()
 
 
 @scalar_gemv.register_fake
@@ -84,18 +76,10 @@ class ScalarCuda(GemvBackend):
     name = "cuda"
 
     def unusable(self, fmt, x, m, n):
-        if not x.is_cuda:
-            return "input not on a CUDA device"
-        why = nvrtc.available()
-        if why:
-            return why
-        if x.dtype != torch.float16:
-            return f"{x.dtype} activations (the CUDA kernels take float16)"
-        if x.shape[0] > MAX_DECODE_BATCH:
-            return f"batch {x.shape[0]} > {MAX_DECODE_BATCH}"
-        if layout(fmt, n) is None:
-            return f"{fmt.bits}-bit groups of {fmt.group_len(n)} over {n} columns"
-        return None
+        why = nvrtc.decode_unusable(x, MAX_DECODE_BATCH)
+        if why is None and layout(fmt, n) is None:
+            why = f"{fmt.bits}-bit groups of {fmt.group_len(n)} over {n} columns"
+        return why
 
     def prepare(self, fmt, buffers, m, n):
         scale, zero = fmt.scale_zero(buffers, m, n)

@@ -1,0 +1,61 @@
+"""Storage formats on the CPU: random valid buffers, stacking rows, and which backend runs a call."""
+
+import logging
+
+import pytest
+import torch
+
+from harpq.formats import E8PStages, ScalarGroups
+from harpq.kernels import backends as registry
+from harpq.kernels import backends_for, select
+from harpq.kernels.backends import REFERENCE
+
+FORMATS = [ScalarGroups(4, 64, "int"), ScalarGroups(3, 32, "fp16"), ScalarGroups(2, 0, "mid"), E8PStages(2, None),
+           E8PStages(3, 2.04), E8PStages(4, 3.45)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=repr)
+def test_random_buffers_match_the_specs_and_decode(fmt):
+    gen = torch.Generator().manual_seed(0)
+    buffers = fmt.random_buffers(24, 256, gen)
+    specs = fmt.buffer_specs(24, 256)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in buffers.items()} == specs
+    w = fmt.decode(buffers, 24, 256)
+    assert w.shape == (24, 256) and torch.isfinite(w).all() and w.abs().sum() > 0
+
+
+@pytest.mark.parametrize("zero", ["int", "fp16"])
+def test_scalar_rows_stack_exactly(zero):
+    fmt = ScalarGroups(3, 64, zero)
+    gen = torch.Generator().manual_seed(1)
+    parts = [(fmt.random_buffers(rows, 192, gen), rows) for rows in (8, 5, 11)]  # 5·3 zeros: words straddle
+    stacked = fmt.concat_rows(parts, 192)
+    want = torch.cat([fmt.decode(b, rows, 192) for b, rows in parts])
+    assert torch.equal(fmt.decode(stacked, 24, 192), want)
+
+
+def test_formats_with_a_scale_per_matrix_do_not_stack():
+    gen = torch.Generator().manual_seed(2)
+    for fmt in (ScalarGroups(4, 0, "mid"), E8PStages(2, None)):
+        assert fmt.concat_rows([(fmt.random_buffers(8, 64, gen), 8)] * 2, 64) is None
+
+
+def test_cpu_calls_run_the_reference_and_say_why_once(caplog):
+    fmt = E8PStages(2, None)
+    x = torch.randn(2, 64)
+    with caplog.at_level(logging.INFO, logger="harpq.kernels"):
+        registry._ANNOUNCED.clear()
+        assert select(fmt, x, 8, 64) is REFERENCE
+        assert select(fmt, x, 8, 64) is REFERENCE
+    said = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
+    assert len(said) == 1 and "not on a CUDA device" in said[0]
+    assert [b.name for b in backends_for(fmt.name)] == ["cuda", "reference"]
+    assert select(fmt, x, 8, 64, fast=False) is REFERENCE
+
+
+def test_reference_backend_adds_the_residual():
+    fmt = ScalarGroups(4, 64, "int")
+    buffers = fmt.random_buffers(8, 128, torch.Generator().manual_seed(3))
+    x, r = torch.randn(3, 128), torch.randn(3, 8)
+    want = x @ fmt.decode(buffers, 8, 128).T + r
+    assert torch.allclose(REFERENCE.matmul(fmt, buffers, (), x, 8, 128, residual=r), want)
