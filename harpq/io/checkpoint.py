@@ -1,7 +1,9 @@
 """Quantized model directories: sharded safetensors, config with `quantization_config`, a manifest.
 
-Everything is written into a temporary sibling directory and renamed into place only when complete,
-so an interrupted or failed run never leaves an output that looks finished. `harpq_manifest.json`
+Everything is written into a working directory beside OUT and renamed into place only when complete
+(an OUT being replaced is renamed aside first and removed last), so an interrupted or failed run never
+leaves an output that looks finished, and never loses the old one. An OUT that is, contains or lies in
+what the run reads, or contains the working directory, is refused whatever --overwrite says. `harpq_manifest.json`
 holds the SHA-256 of every file; loading checks it and refuses a corrupt or modified checkpoint.
 """
 
@@ -12,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,24 +29,115 @@ AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 
 
-@contextlib.contextmanager
-def staging_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` on success and vanishes on any failure."""
-    out = Path(out)
+PARTIAL = ".{}.harpq-partial"  # the run's working directory beside OUT (kept by a killed run: resumable)
+OLD = ".{}.harpq-old-{}"  # an OUT being replaced, renamed aside until the new one is in place
+OWNER = "owner.pid"
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_output(out: Path, overwrite: bool, reads: Sequence[str | Path] = ()) -> None:
+    """Refuse an OUT whose writing or replacing could destroy what the run reads or the working directory,
+    whatever --overwrite says; and an existing OUT without --overwrite."""
+    if out.is_symlink():
+        raise HarpqError(f"output {out} is a symbolic link: give the real directory")
+    target = _real(out)
+    for src in reads:
+        real = _real(Path(src))
+        if target == real or target in real.parents:
+            raise HarpqError(f"output {out} would replace {src}, which this run reads")
+        if real in target.parents:
+            raise HarpqError(f"output {out} is inside {src}, which this run reads")
+    cwd = _real(Path.cwd())
+    if target == cwd or target in cwd.parents:
+        raise HarpqError(f"output {out} is or contains the working directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise HarpqError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.harpq-partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(partial: Path) -> int | None:
+    try:
+        return int((partial / OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recover_stale(out: Path) -> None:
+    """Undo what killed runs left beside OUT: an OUT renamed aside but never replaced is put back, older
+    leftovers are removed. (A partial directory is left to the next run, which resumes or clears it.)"""
+    prefix = f".{out.name}.harpq-old-"
+    for p in out.parent.glob(f"{prefix}*"):
+        pid = p.name[len(prefix):]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if not out.exists():
+            p.rename(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in out.parent.glob(f".{out.name}.harpq-partial-*"):  # per-process names of earlier versions
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the finished `new` at `out`: an old OUT is renamed aside first and removed only after."""
+    if out.exists() or out.is_symlink():
+        old = out.parent / OLD.format(out.name, os.getpid())
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        new.rename(out)
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | Path, overwrite: bool = False, reads: Sequence[str | Path] = (),
+                resumable: bool = False) -> Iterator[Path]:
+    """Yield the run's working directory, which becomes `out` on success.
+
+    It is `.OUT.harpq-partial` beside OUT, owned by this process. A failure removes it, except that a
+    `resumable` run interrupted from the keyboard keeps it (a killed run keeps it too), so the same
+    command continues; a live run that owns it is never touched."""
+    out = Path(out)
+    check_output(out, overwrite, reads)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HarpqError(f"cannot create the folder of {out}: {e.strerror or e}") from None
+    recover_stale(out)
+    tmp = out.parent / PARTIAL.format(out.name)
+    owner = _owner(tmp) if tmp.exists() else None
+    if owner is not None and owner != os.getpid() and _alive(owner):
+        raise HarpqError(f"another harpq run (process {owner}) is writing {out}")
+    if tmp.exists() and not resumable:
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(exist_ok=True)
+        (tmp / OWNER).write_text(str(os.getpid()))
+    except OSError as e:
+        raise HarpqError(f"cannot write beside {out}: {e.strerror or e}") from None
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if not (resumable and isinstance(e, KeyboardInterrupt)):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+    (tmp / OWNER).unlink(missing_ok=True)
+    try:
+        replace_dir(tmp, out)
+    except OSError as e:
+        raise HarpqError(f"cannot put the result at {out}: {e.strerror or e}") from None
 
 
 def sha256(path: Path) -> str:
@@ -138,7 +231,7 @@ def finish_checkpoint(directory: Path, config: dict, source: str | Path, quantiz
 
 
 def write_manifest(directory: Path) -> None:
-    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, OWNER))
     manifest = {"format_version": 1, "sha256": {name: sha256(directory / name) for name in files}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

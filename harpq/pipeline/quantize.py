@@ -238,7 +238,8 @@ def quantize(
     read_config(model)
     if calib is not None and not Path(calib).is_file():
         raise HarpqError(f"calibration file not found: {calib}")
-    with staging_dir(out, overwrite) as tmp:
+    reads = [model] + ([calib] if calib is not None else [])
+    with staging_dir(out, overwrite, reads) as tmp:
         started = time.perf_counter()
         stream = calib is None and not any(r.needs_hessian for r in recipe.layer_variants())
         if stream:  # no data needed: quantize tensor by tensor from the files, never loading the model
