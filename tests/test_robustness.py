@@ -1,5 +1,7 @@
 """Nothing lost, nothing silent: what a run may never destroy, and how interrupted runs are recovered."""
 
+import importlib
+import json
 import os
 import shutil
 
@@ -134,3 +136,69 @@ def test_keyboard_interrupt_keeps_a_resumable_run(tmp_path):
         with staging_dir(out, resumable=True) as tmp:
             raise RuntimeError("bug")
     assert not (tmp_path / ".out.harpq-partial").exists()
+
+
+def _gptq(src, out, **kw):
+    from conftest import CALIB
+
+    return harpq.quantize(src, out, Recipe.preset("gptq", bits=3, group_size=0), calib=CALIB, nsamples=4,
+                          seqlen=64, progress=False, **kw)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_bit_identically(model, tmp_path, monkeypatch, caplog):
+    pipeline = importlib.import_module("harpq.pipeline.quantize")
+
+    whole = _gptq(model, tmp_path / "whole")
+    real = pipeline.quantize_linear
+    calls = []
+
+    def interrupted(name, *args, **kw):
+        calls.append(name)
+        if ".layers.1." in name:
+            raise KeyboardInterrupt  # Ctrl-C in the second decoder layer
+        return real(name, *args, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "quantize_linear", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _gptq(model, out)
+    assert not out.exists() and (tmp_path / ".out.harpq-partial" / "resume" / "state.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(pipeline, "quantize_linear", lambda name, *a, **k: calls.append(name) or real(name, *a, **k))
+    with caplog.at_level("WARNING"):
+        _gptq(model, out)
+    assert "resuming: 1 decoder layers" in caplog.text
+    assert calls and not any(".layers.0." in c for c in calls)  # the finished layer was not redone
+    for name in ("model.safetensors", "config.json"):  # the manifest also hashes the log with its timings
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    assert sorted(r["module"] for r in log) == sorted(json.loads(line)["module"] for line in
+                                                      (whole / "quant_log.jsonl").read_text().splitlines())
+    assert not (out / "resume").exists()
+
+
+def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
+    pipeline = importlib.import_module("harpq.pipeline.quantize")
+
+    real = pipeline.quantize_linear
+
+    def interrupted(name, *args, **kw):
+        if ".layers.1." in name:
+            raise KeyboardInterrupt
+        return real(name, *args, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "quantize_linear", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _gptq(model, out)
+    monkeypatch.setattr(pipeline, "quantize_linear", real)
+    with caplog.at_level("WARNING"):
+        harpq.quantize(model, out, Recipe.preset("gptq", bits=4, group_size=0), calib=__import__("conftest").CALIB,
+                       nsamples=4, seqlen=64, progress=False)
+    assert "starting fresh" in caplog.text and "resuming" not in caplog.text
+
+
+def test_two_identical_runs_write_identical_files(model, tmp_path):
+    a, b = _gptq(model, tmp_path / "a"), _gptq(model, tmp_path / "b")
+    for name in ("model.safetensors", "config.json"):  # the manifest also hashes the log with its timings
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .hessian import HessianCollector
 from .linear import check_recipe, check_recipe_fits, quantize_linear
+from .resume import LayerCheckpoints, file_digest, model_digest
 from .stream import meta_skeleton, quantize_streaming
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,12 @@ def _apply_scale_sweep(
             scores[rho] += quantize_linear(rel, linears[rel], collector.hessian(rel), trial)[1].proxy_loss
     best = min(scores, key=scores.get)
     log.info("scale sweep (rho: summed proxy loss of layer 0): %s -> %s", scores, best)
-    recipe.layer = replace(recipe.layer, e8p_scale=best)
-    return [{rel: replace(r, e8p_scale=best) if r.codebook == "e8p" else r for rel, r in chosen.items()}
+    return _set_e8p_scale(recipe, plan, best)
+
+
+def _set_e8p_scale(recipe: Recipe, plan: list[dict[str, LayerRecipe]], rho: float) -> list[dict[str, LayerRecipe]]:
+    recipe.layer = replace(recipe.layer, e8p_scale=rho)
+    return [{rel: replace(r, e8p_scale=rho) if r.codebook == "e8p" else r for rel, r in chosen.items()}
             for chosen in plan]
 
 
@@ -178,6 +182,7 @@ def quantize_model(
 def _quantize_planned(
     model: nn.Module, recipe: Recipe, plan: list[dict[str, LayerRecipe]], tokens: torch.Tensor | None,
     dev: torch.device, batch_size: int, log_path: Path | None, progress: bool,
+    checkpoints: LayerCheckpoints | None = None,
 ) -> dict[str, dict]:
     prefix, layers = find_decoder_layers(model)
     inputs = kwargs = None
@@ -185,8 +190,20 @@ def _quantize_planned(
         inputs, kwargs = capture_layer_inputs(model, layers[0], tokens, dev)
 
     specs: dict[str, dict] = {}
+    done = checkpoints.done if checkpoints is not None else 0
+    if done and "e8p_scale" in checkpoints.extra:  # the sweep of the first run decided the scale
+        plan = _set_e8p_scale(recipe, plan, checkpoints.extra["e8p_scale"])
     for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", disable=not progress)):
         layer_dtype = next(layer.parameters()).dtype
+        if i < done:  # finished by an interrupted run of this command: load it, recompute what follows
+            specs.update(checkpoints.restore(i, layer, prefix))
+            if inputs is not None:
+                layer.to(dev, torch.float32)
+                inputs = run_layer(layer, inputs, kwargs, batch_size)
+                layer.to("cpu", layer_dtype)
+            if i == done - 1:
+                checkpoints.restore_rng()
+            continue
         layer.to(dev, torch.float32)
         linears = layer_linears(layer)
         collector = None
@@ -196,6 +213,8 @@ def _quantize_planned(
             collector.remove()
         if i == 0 and recipe.scale_sweep:
             plan = _apply_scale_sweep(recipe, plan, prefix, linears, collector)
+            if checkpoints is not None:
+                checkpoints.extra["e8p_scale"] = recipe.layer.e8p_scale
         for rel, layer_recipe in plan[i].items():
             full = f"{prefix}.{i}.{rel}"
             hessian = None
@@ -212,6 +231,8 @@ def _quantize_planned(
         if inputs is not None:
             inputs = run_layer(layer, inputs, kwargs, batch_size)
         layer.to("cpu", layer_dtype)
+        if checkpoints is not None:
+            checkpoints.commit(i, layer, specs)
     return specs
 
 
@@ -229,7 +250,10 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Quantize the model directory `model` into the new directory `out`; returns `out`."""
+    """Quantize the model directory `model` into the new directory `out`; returns `out`.
+
+    The layer-wise path commits each finished decoder layer; the same call after an interruption
+    continues from the first unfinished one (`pipeline.resume`)."""
     from .. import __version__
 
     recipe = copy.deepcopy(recipe or Recipe.preset("rtn"))  # a scale sweep records its choice in it
@@ -239,9 +263,8 @@ def quantize(
     if calib is not None and not Path(calib).is_file():
         raise HarpqError(f"calibration file not found: {calib}")
     reads = [model] + ([calib] if calib is not None else [])
-    with staging_dir(out, overwrite, reads) as tmp:
-        started = time.perf_counter()
-        stream = calib is None and not any(r.needs_hessian for r in recipe.layer_variants())
+    stream = calib is None and not any(r.needs_hessian for r in recipe.layer_variants())
+    with staging_dir(out, overwrite, reads, resumable=not stream) as tmp:
         if stream:  # no data needed: quantize tensor by tensor from the files, never loading the model
             skeleton = meta_skeleton(model)
             prefix, layers = find_decoder_layers(skeleton)
@@ -258,8 +281,14 @@ def quantize(
             tokens = None
             if calib is not None:
                 tokens = calibration_windows(load_tokenizer(model), calib, nsamples, seqlen, seed)
-            specs = _quantize_planned(lm, recipe, plan, tokens, resolve_device(device), batch_size,
-                                      tmp / "quant_log.jsonl", progress)
+            dev = resolve_device(device)
+            fingerprint = {"recipe": recipe.to_dict(), "model": model_digest(model), "device": dev.type,
+                           "batch_size": batch_size, "harpq": __version__, "calibration": None if calib is None
+                           else {"file": file_digest(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed}}
+            checkpoints = LayerCheckpoints(tmp, fingerprint)
+            specs = _quantize_planned(lm, recipe, plan, tokens, dev, batch_size, tmp / "quant_log.jsonl", progress,
+                                      checkpoints)
+            checkpoints.finish()
             config = lm.config.to_dict()
         quantization_config = {
             "quant_method": QUANT_METHOD,
@@ -268,7 +297,6 @@ def quantize(
             "recipe": recipe.to_dict(),
             "calibration": None if calib is None else
             {"file": Path(calib).name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-            "seconds": round(time.perf_counter() - started, 2),
             "modules": specs,
         }
         if stream:
