@@ -81,7 +81,7 @@ def test_nan_and_inf_weights(tmp_path, tiny_path, out):
     tensors[name][3, 7] = float("nan")
     tensors[name][4, 2] = float("inf")
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
-    quantize_fails(d, out, Recipe.preset("rtn", group_size=0), "model.layers.1.mlp.up_proj has 2 NaN/Inf values")
+    quantize_fails(d, out, Recipe.preset("rtn", group_size=0), "model.layers.1.mlp.up_proj.weight has 2 NaN/Inf values")
 
 
 def test_calibration_text_shorter_than_one_window(tmp_path, tiny_path, out):

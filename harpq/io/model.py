@@ -46,15 +46,26 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto", device: str 
 
     read_config(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=dtype, device_map=device if device != "cpu" else None,
-            use_safetensors=True, trust_remote_code=False, local_files_only=True,
+            use_safetensors=True, trust_remote_code=False, local_files_only=True, output_loading_info=True,
         )
+    except HarpqError:
+        raise
     except Exception as e:  # any failure inside transformers/safetensors is a bad checkpoint to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HarpqError(f"cannot load {path}: {first}") from None
+    for kind, what in (("missing_keys", "missing from"), ("mismatched_keys", "of the wrong shape in"),
+                       ("unexpected_keys", "not part of the architecture, found in")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise HarpqError(f"{keys[0]}{more} {what} the checkpoint {path} (config.json and weights disagree)")
     model.eval()
     find_decoder_layers(model)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and t.device.type != "meta":
+            check_finite(name, t)
     return model
 
 

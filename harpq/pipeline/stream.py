@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ..errors import HarpqError
 from ..io.checkpoint import ShardWriter
 from ..io.model import check_finite, find_decoder_layers, layer_linears
 from ..recipe import LayerRecipe
@@ -51,6 +52,8 @@ def quantize_streaming(
     `skeleton` is the model on the meta device that `plan` was made from.
     """
     targets = planned_weights(skeleton, plan, prefix)
+    expected = expected_tensors(skeleton)
+    seen: set[str] = set()
     writer = ShardWriter(tmp)
     specs: dict[str, dict] = {}
     shards = sorted(Path(model_path).glob("*.safetensors"))
@@ -65,16 +68,37 @@ def quantize_streaming(
                 for key in f.keys():
                     bar.update(1)
                     tensor = f.get_tensor(key)
+                    if key in expected:
+                        if tuple(tensor.shape) != expected[key]:
+                            raise HarpqError(f"{key} in {shard.name} has shape {tuple(tensor.shape)}, the "
+                                             f"architecture needs {expected[key]}: the checkpoint does not match "
+                                             "its config.json")
+                        seen.add(key)
+                    if tensor.is_floating_point():
+                        check_finite(key, tensor)
                     if key not in targets:
                         writer.add(key, tensor)
                         continue
                     name, layer_recipe, has_bias = targets[key]
-                    check_finite(name, tensor)
                     module, report = quantize_linear(name, tensor.to(device), None, layer_recipe)
                     specs[name] = {**module.spec(), "bias": has_bias}  # the bias is copied as it stands
                     for buf, value in module.state_dict().items():
                         writer.add(f"{name}.{buf}", value)
                     log.write(json.dumps(report.to_dict()) + "\n")
     bar.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise HarpqError(f"{missing[0]}{more} missing from the checkpoint {model_path}")
     writer.close()
     return specs
+
+
+def expected_tensors(skeleton: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture stores -> its shape (a tied output head is not stored)."""
+    shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if getattr(skeleton.config, "tie_word_embeddings", False):
+        out = skeleton.get_output_embeddings()
+        for k in [k for k in shapes if out is not None and k.endswith("weight") and k.startswith("lm_head")]:
+            shapes.pop(k)
+    return shapes
