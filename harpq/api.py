@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,13 @@ from torch import nn
 from .errors import HarpqError
 from .eval import bits_per_weight, evaluate_tasks, perplexity
 from .eval.zeroshot import DEFAULT_TASKS_DIR, load_task
-from .io.checkpoint import verify_manifest
+from .io.checkpoint import MANIFEST, verify_manifest
+from .io.hf_integration import QUANT_METHOD, VERIFIED
 from .io.model import load_model, load_tokenizer, read_config
 from .io.text import read_text
 from .pipeline import quantize, quantize_model
 from .pipeline.calibration import tokenize_text
+from .pipeline.quantize import resolve_device
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -26,10 +29,20 @@ def default_dtype(device: str) -> torch.dtype:
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, verify: bool = True) -> nn.Module:
     """Load a model directory, quantized by harpq or not. A harpq checkpoint is checked against its
     manifest first (set `verify=False` to skip hashing very large checkpoints)."""
+    resolve_device(device)
     config = read_config(path)
-    if verify and (config.get("quantization_config") or {}).get("quant_method") == "harpq":
-        verify_manifest(path)
-    return load_model(path, dtype=dtype or default_dtype(device), device=device)
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if (Path(path) / MANIFEST).is_file() and method != QUANT_METHOD:
+        raise HarpqError(f"{path} is a harpq checkpoint whose config.json lost its harpq quantization_config "
+                         f"(quant_method {method!r}): it was modified")
+    if method == QUANT_METHOD:
+        if verify:
+            verify_manifest(path)
+        VERIFIED.add(Path(path).resolve())
+    try:
+        return load_model(path, dtype=dtype or default_dtype(device), device=device)
+    finally:
+        VERIFIED.discard(Path(path).resolve())
 
 
 def evaluate(
@@ -52,10 +65,21 @@ def evaluate(
         raise HarpqError(f"context length must be at least 2, not {ctx}")
     if limit is not None and limit < 1:
         raise HarpqError(f"--limit must be at least 1, not {limit}")
+    if batch_size < 1:
+        raise HarpqError(f"batch size must be at least 1, not {batch_size}")
+    if json_out is not None:
+        folder = Path(json_out).absolute().parent
+        if not folder.is_dir():
+            raise HarpqError(f"cannot write {json_out}: no folder {folder}")
+        if not os.access(folder, os.W_OK):
+            raise HarpqError(f"cannot write {json_out}: {folder} is not writable")
     for task in tasks:  # fail on a bad task name or missing file before loading the model
         load_task(task, tasks_dir, limit=1)
     name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     if not isinstance(model, nn.Module):
+        limit_ctx = read_config(model).get("max_position_embeddings")
+        if limit_ctx and ctx > limit_ctx:
+            raise HarpqError(f"--ctx {ctx} is beyond the model's context of {limit_ctx} tokens")
         path, model = model, load(model, device=device, dtype=dtype)
         tokenizer = tokenizer or load_tokenizer(path)
     if tokenizer is None:

@@ -22,7 +22,8 @@ def _fail(message: str) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="harpq")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (damping retries, timings).")
-def cli(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+def cli(verbose: bool, debug: bool) -> None:
     """Quantize Hugging Face causal LMs to 2-4 bits, evaluate them and run them."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
@@ -156,6 +157,10 @@ def generate(model, prompt, max_new_tokens, device) -> None:
     """Greedy continuation of PROMPT by MODEL (on CUDA: static KV cache, CUDA-graph decode)."""
     from ..api import generate as run
 
+    if not prompt.strip():
+        _fail("the prompt is empty")
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     try:
         click.echo(prompt + run(model, prompt, max_new_tokens=max_new_tokens, device=device))
     except HarpqError as e:
@@ -171,6 +176,8 @@ def generate(model, prompt, max_new_tokens, device) -> None:
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the results as JSON here.")
 def bench(shape, formats, batches, steps, json_out) -> None:
     """Decode tok/s of a SHAPE model with random weights on the GPU: FP16 and each format, one run."""
+    if not torch.cuda.is_available():
+        _fail("harpq bench times the CUDA decode path: no CUDA device here")
     from ..engine import bench as b
 
     try:
@@ -182,8 +189,42 @@ def bench(shape, formats, batches, steps, json_out) -> None:
     click.echo(b.table(result))
 
 
-def main() -> None:
-    cli(prog_name="harpq")
+def _os_message(e: OSError) -> str:
+    """An operating-system failure in one line: what, and on which file."""
+    import errno
+
+    what = {errno.ENOSPC: "no space left on the device", errno.EACCES: "permission denied",
+            errno.EROFS: "read-only file system", errno.ENOENT: "no such file or directory"}.get(e.errno)
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{what or e.strerror or type(e).__name__}{where}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Every failure a user can cause ends in one line `harpq: error: ...` and exit status 2; anything
+    else is a bug, reported in one line with a pointer to --debug for the traceback (exit status 1)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        cli.main(args=args, prog_name="harpq", standalone_mode=False)
+    except click.exceptions.Exit as e:  # --help, --version
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("harpq: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        _fail(e.format_message().replace("\n", " "))
+    except HarpqError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(_os_message(e))
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        _fail("out of memory: try fewer --nsamples, a shorter --seqlen or --ctx, or a smaller --batch-size")
+    except Exception as e:  # noqa: BLE001 - the last resort: one line, and the way to the traceback
+        if "--debug" in args:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"harpq: internal error: {type(e).__name__}: {first} (a bug; rerun with --debug for the "
+                   "traceback)", err=True)
+        sys.exit(1)
 
 
 __all__ = ["cli", "main"]

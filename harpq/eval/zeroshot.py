@@ -74,19 +74,38 @@ def loglikelihoods(
     return out
 
 
+#: the fields every item of a task must have (the others: query, choices, gold)
+REQUIRED_FIELDS = {"lambada_openai": ("context", "continuation"),
+                   "winogrande": ("context_options", "continuation", "gold")}
+
+
 def load_task(name: str, tasks_dir: str | Path = DEFAULT_TASKS_DIR, limit: int | None = None) -> list[dict]:
     if name not in TASKS:
         raise HarpqError(f"unknown task {name!r} (offered: {', '.join(TASKS)})")
     path = Path(tasks_dir) / f"{name}.jsonl"
     if not path.is_file():
         raise HarpqError(f"task file {path} not found (pass --tasks-dir)")
+    need = REQUIRED_FIELDS.get(name, ("query", "choices", "gold"))
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                docs.append(json.loads(line))
-            if limit is not None and len(docs) >= limit:
-                break
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise HarpqError(f"task file {path} is not UTF-8 text") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HarpqError(f"{path}:{i}: not JSON ({e.msg})") from None
+        missing = [k for k in need if not isinstance(doc, dict) or k not in doc]
+        if missing:
+            raise HarpqError(f"{path}:{i}: an item of {name} needs the field(s) {', '.join(missing)}")
+        docs.append(doc)
+        if limit is not None and len(docs) >= limit:
+            break
+    if not docs:
+        raise HarpqError(f"task file {path} holds no items")
     return docs
 
 

@@ -244,8 +244,14 @@ def verify_manifest(directory: str | Path) -> None:
         raise HarpqError(f"{d} has no {MANIFEST}: not a complete harpq checkpoint")
     try:
         listed = json.loads(path.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError):
+        if not isinstance(listed, dict):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise HarpqError(f"{path} is damaged") from None
+    needed = ["config.json", *(p.name for p in d.glob("*.safetensors")), *(p.name for p in d.glob("*.index.json"))]
+    unlisted = [n for n in needed if n not in listed]
+    if unlisted:
+        raise HarpqError(f"{d / unlisted[0]} is not in {MANIFEST}: the checkpoint was modified")
     for name, digest in listed.items():
         f = d / name
         if not f.is_file():

@@ -7,6 +7,7 @@ files like any other weights, keeping their dtypes (int32 codes, fp16 scales).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,8 +19,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn import QuantLinear
+from .checkpoint import verify_manifest
 
 QUANT_METHOD = "harpq"
+#: directories whose manifest `harpq.load` has just checked (not hashed twice)
+VERIFIED: set[Path] = set()
 
 
 class HarpqConfig(QuantizationConfigMixin):
@@ -57,6 +61,11 @@ class HarpqHfQuantizer(HfQuantizer):
             raise ValueError(f"harpq checkpoint format {version} is newer than this harpq reads (1)")
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        files = kwargs.get("checkpoint_files") or []
+        if files:  # `from_pretrained` after `import harpq` checks the manifest as `harpq.load` does
+            directory = Path(files[0]).resolve().parent
+            if directory not in VERIFIED:
+                verify_manifest(directory)
         install_quant_linears(model, self.quantization_config.modules, device="meta")
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -69,9 +78,17 @@ class HarpqHfQuantizer(HfQuantizer):
 
 def install_quant_linears(model: nn.Module, modules: dict[str, dict[str, Any]], device: str | None = None) -> None:
     """Replace each named linear of `model` by an empty QuantLinear built from its spec."""
+    if not modules:
+        raise ValueError("the quantization_config of this harpq checkpoint lists no quantized modules")
     for name, spec in modules.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            current = getattr(parent, child)
+        except AttributeError:
+            raise ValueError(f"quantization_config names {name}, which this architecture does not have") from None
+        if not isinstance(current, nn.Linear):
+            raise ValueError(f"quantization_config names {name}, which is not a linear layer")
         setattr(parent, child, QuantLinear.from_spec(spec, device=device))
 
 

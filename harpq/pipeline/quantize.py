@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,13 +92,38 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], ba
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """cpu or cuda[:N], checked against the machine."""
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise HarpqError(f"unknown device {device!r} (use cpu or cuda)") from None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise HarpqError(f"unknown device {device!r} (use cpu or cuda)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HarpqError("--device cuda asked for, but no CUDA GPU is visible")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HarpqError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
+
+
+def check_run_settings(nsamples: int, seqlen: int, seed: int, batch_size: int, hidden: int | None = None) -> None:
+    """Values a typo makes absurd, refused before any work (and the calibration activations that would
+    not fit in memory: nsamples × seqlen × hidden float32, twice)."""
+    if nsamples < 1 or seqlen < 2:
+        raise HarpqError(f"need at least one calibration window of 2+ tokens, got {nsamples} × {seqlen}")
+    if not 0 <= seed < 2**63:
+        raise HarpqError(f"--seed must be between 0 and 2^63 - 1, not {seed}")
+    if batch_size < 1:
+        raise HarpqError(f"batch size must be at least 1, not {batch_size}")
+    if hidden:
+        need = 2 * nsamples * seqlen * hidden * 4
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            have = None
+        if have and need > have:
+            raise HarpqError(f"{nsamples} × {seqlen} calibration tokens need {need / 2**30:.1f} GiB of activations; "
+                             f"this machine has {have / 2**30:.1f} GiB (use fewer --nsamples or a shorter --seqlen)")
 
 
 def plan_modules(
@@ -259,7 +285,11 @@ def quantize(
     recipe = copy.deepcopy(recipe or Recipe.preset("rtn"))  # a scale sweep records its choice in it
     check_recipe(recipe)
     resolve_device(device)
-    read_config(model)
+    source_config = read_config(model)
+    quantized = (source_config.get("quantization_config") or {}).get("quant_method")
+    if quantized:
+        raise HarpqError(f"{model} is already quantized ({quantized}): quantize the original model")
+    check_run_settings(nsamples, seqlen, seed, batch_size, source_config.get("hidden_size") if calib else None)
     if calib is not None and not Path(calib).is_file():
         raise HarpqError(f"calibration file not found: {calib}")
     reads = [model] + ([calib] if calib is not None else [])
