@@ -202,3 +202,290 @@ def test_two_identical_runs_write_identical_files(model, tmp_path):
     a, b = _gptq(model, tmp_path / "a"), _gptq(model, tmp_path / "b")
     for name in ("model.safetensors", "config.json"):  # the manifest also hashes the log with its timings
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+# --- every bad input a user meets ends in one line `harpq: error: ...`, exit status 2 -------------------
+
+def run_cli(argv, capsys):
+    """harpq's entry point with argv: (exit status, stderr)."""
+    from harpq.cli.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    return info.value.code, capsys.readouterr().err
+
+
+def one_line_error(argv, capsys, match=None):
+    code, err = run_cli(argv, capsys)
+    assert code == 2, err
+    said = [line[line.index("harpq:"):] for line in err.replace("\r", "\n").splitlines() if "harpq:" in line]
+    others = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "harpq:" not in line
+              and "%|" not in line]
+    assert len(said) == 1 and said[0].startswith("harpq: error: ") and not others, err  # progress bars aside
+    assert "Traceback" not in err
+    if match:
+        assert match in err, err
+    return err
+
+
+@pytest.fixture
+def calib_files(tmp_path):
+    d = tmp_path / "calib"
+    d.mkdir()
+    from conftest import CALIB
+
+    files = {
+        "good": CALIB,
+        "bad_utf8": d / "bad.txt", "short": d / "short.txt", "jsonl_number": d / "number.jsonl",
+        "jsonl_broken": d / "broken.jsonl", "jsonl_no_text": d / "notext.jsonl", "jsonl_bad_utf8": d / "bad.jsonl",
+    }
+    files["bad_utf8"].write_bytes(b"caf\xe9 " * 100)
+    files["short"].write_text("too short")
+    files["jsonl_number"].write_text('{"text": 3}\n')
+    files["jsonl_broken"].write_text('{"text": "a"\n')
+    files["jsonl_no_text"].write_text('{"body": "a"}\n')
+    files["jsonl_bad_utf8"].write_bytes(b'{"text": "caf\xe9"}\n')
+    return files
+
+
+QUANTIZE_BAD = [
+    (["--bits", "7"], "offers"),
+    (["--method", "quipsharp", "--bits", "5"], "e8p codebook offers 2, 3 and 4 bits"),
+    (["--group-size", "5"], "group size must be 0"),
+    (["--group-size", "100"], "does not divide"),
+    (["--method", "nope"], "Invalid value for '--method'"),
+    (["--nsamples", "abc"], "not a valid integer"),
+    (["--seed", "1e20"], "not a valid integer"),
+    (["--seed", str(10**20)], "--seed must be between"),
+    (["--seed", "-1"], "--seed must be between"),
+    (["--device", "tpu"], "unknown device"),
+    (["--device", "meta"], "unknown device"),
+    (["--device", "mps"], "unknown device"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--damp", "-1", "--method", "gptq", "--calib", "{good}"], "damping"),
+    (["--tune-passes", "-1", "--method", "gptq", "--calib", "{good}"], "tune passes"),
+    (["--method", "gptq"], "needs calibration text"),
+    (["--method", "gptq", "--calib", "{missing}"], "calibration file not found"),
+    (["--method", "gptq", "--calib", "{bad_utf8}"], "not UTF-8"),
+    (["--method", "gptq", "--calib", "{short}"], "fewer than one window"),
+    (["--method", "gptq", "--calib", "{jsonl_number}"], "not a string"),
+    (["--method", "gptq", "--calib", "{jsonl_broken}"], "expected a JSON object"),
+    (["--method", "gptq", "--calib", "{jsonl_no_text}"], "expected a JSON object"),
+    (["--method", "gptq", "--calib", "{jsonl_bad_utf8}"], "not UTF-8"),
+    (["--method", "gptq", "--calib", "{good}", "--nsamples", "0"], "at least one calibration window"),
+    (["--method", "gptq", "--calib", "{good}", "--seqlen", "1"], "at least one calibration window"),
+    (["--method", "gptq", "--calib", "{good}", "--nsamples", "1000000000"], "GiB of activations"),
+    (["--processor", "nope"], "Invalid value for '--processor'"),
+    (["--harp-schedule", "nope"], "Invalid value for '--harp-schedule'"),
+    (["--unknown-option"], "No such option"),
+]
+
+
+@pytest.mark.parametrize("extra,match", QUANTIZE_BAD, ids=[" ".join(a) for a, _ in QUANTIZE_BAD])
+def test_quantize_bad_options(model, tmp_path, calib_files, capsys, extra, match):
+    files = {**calib_files, "missing": tmp_path / "missing.txt"}
+    extra = [a.format(**files) for a in extra]
+    out = tmp_path / "out"
+    one_line_error(["quantize", model, out, "--group-size", "0", *extra], capsys, match)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".harpq-" in p.name]
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "no_config", "bad_json", "not_causal", "pickle_only",
+                                  "quantized"])
+def test_quantize_bad_models(model, tmp_path, capsys, case):
+    src = tmp_path / case
+    if case == "file":
+        src.write_text("x")
+    elif case == "no_config":
+        src.mkdir()
+    elif case == "bad_json":
+        shutil.copytree(model, src)
+        (src / "config.json").write_text("{nope")
+    elif case == "not_causal":
+        shutil.copytree(model, src)
+        cfg = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"]}))
+    elif case == "pickle_only":
+        shutil.copytree(model, src)
+        (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    elif case == "quantized":
+        rtn(model, src)
+    one_line_error(["quantize", src, tmp_path / "out", "--method", "rtn", "--group-size", "0"], capsys)
+
+
+def _tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(d / "model.safetensors")
+
+
+def _write(d, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+DAMAGE = {
+    "missing_tensor": lambda t: t.pop("model.layers.1.mlp.down_proj.weight"),
+    "missing_norm": lambda t: t.pop("model.norm.weight"),
+    "wrong_shape": lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight",
+                                          t["model.layers.0.mlp.up_proj.weight"][:-1].clone()),
+    "nan_embedding": lambda t: t["model.embed_tokens.weight"].__setitem__((5, 3), float("nan")),
+    "inf_norm": lambda t: t["model.layers.1.input_layernorm.weight"].__setitem__(7, float("inf")),
+    "unexpected": lambda t: t.__setitem__("model.layers.0.extra.weight", t["model.norm.weight"].clone()),
+}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])  # the streamed and the layer-wise path
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoints_are_refused(model, tmp_path, capsys, method, damage):
+    if damage == "unexpected" and method == "rtn":
+        pytest.skip("the streamed path copies tensors it does not know, as transformers ignores them")
+    tensors = _tensors(model)
+    DAMAGE[damage](tensors)
+    _write(model, tensors)
+    from conftest import CALIB
+
+    extra = ["--calib", CALIB, "--nsamples", "2", "--seqlen", "32"] if method == "gptq" else []
+    one_line_error(["quantize", model, tmp_path / "out", "--method", method, "--group-size", "0", *extra], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_that_names_more_layers_than_the_weights(model, tmp_path, capsys):
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    one_line_error(["quantize", model, tmp_path / "out", "--method", "rtn", "--group-size", "0"], capsys, "missing")
+
+
+EVAL_BAD = [
+    ([], "nothing to evaluate"),
+    (["--ppl", "{missing}"], "not found"),
+    (["--ppl", "{text}", "--ctx", "1"], "context length"),
+    (["--ppl", "{text}", "--ctx", "100000"], "beyond the model's context"),
+    (["--ppl", "{text}", "--batch-size", "0"], "batch size"),
+    (["--ppl", "{text}", "--json", "{nodir}/r.json"], "no folder"),
+    (["--ppl", "{text}", "--device", "tpu"], "unknown device"),
+    (["--ppl", "{text}", "--device", "cuda"], "cuda"),
+    (["--ppl", "{text}", "--dtype", "float8"], "Invalid value for '--dtype'"),
+    (["--ppl", "{bad_utf8}"], "not UTF-8"),
+    (["--tasks", "nope"], "unknown task"),
+    (["--tasks", "arc_easy", "--tasks-dir", "{nodir}"], "not found"),
+    (["--tasks", "arc_easy", "--tasks-dir", "{tasks_empty}"], "holds no items"),
+    (["--tasks", "arc_easy", "--tasks-dir", "{tasks_broken}"], "not JSON"),
+    (["--tasks", "arc_easy", "--tasks-dir", "{tasks_fields}"], "needs the field"),
+    (["--tasks", "arc_easy", "--limit", "0"], "--limit"),
+]
+
+
+@pytest.fixture
+def eval_files(tmp_path, calib_files):
+    files = {"missing": tmp_path / "missing.txt", "nodir": tmp_path / "no" / "such", "text": calib_files["good"],
+             "bad_utf8": calib_files["bad_utf8"]}
+    for name, content in (("tasks_empty", ""), ("tasks_broken", "{nope\n"), ("tasks_fields", '{"query": "q"}\n')):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "arc_easy.jsonl").write_text(content)
+        files[name] = d
+    return files
+
+
+@pytest.mark.parametrize("extra,match", EVAL_BAD, ids=[" ".join(a) or "none" for a, _ in EVAL_BAD])
+def test_eval_bad_options(tiny_path, eval_files, capsys, extra, match):
+    if "cuda" in extra and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    one_line_error(["eval", tiny_path, *[a.format(**eval_files) for a in extra]], capsys, match)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "{model}", ""], "prompt is empty"),
+    (["generate", "{model}", "  "], "prompt is empty"),
+    (["generate", "{model}", "Hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "{model}", "Hi", "--device", "tpu"], "unknown device"),
+    (["generate", "{missing}", "Hi"], "model path not found"),
+    (["eval", "{missing}", "--ppl", "{missing}"], "not found"),
+    (["nope"], "No such command"),
+    (["compare", "{model}", "{out}", "--ppl", "{missing}", "--methods", "nope"], ""),
+])
+def test_other_commands_bad_input(tiny_path, tmp_path, capsys, argv, match):
+    names = {"model": tiny_path, "missing": tmp_path / "missing", "out": tmp_path / "cmp"}
+    one_line_error([a.format(**names) for a in argv], capsys, match)
+
+
+def test_bench_without_cuda_is_one_line(capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    one_line_error(["bench"], capsys, "no CUDA device")
+
+
+def test_an_unexpected_error_is_one_line_pointing_to_debug(monkeypatch, capsys, tiny_path):
+    import harpq.api
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(harpq.api, "evaluate", boom)
+    code, err = run_cli(["eval", tiny_path, "--ppl", "x"], capsys)
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert code == 1 and len(said) == 1 and "--debug" in err and "ZeroDivisionError" in err
+    from harpq.cli.main import main
+
+    with pytest.raises(ZeroDivisionError):
+        main(["--debug", "eval", str(tiny_path), "--ppl", "x"])
+
+
+def test_disk_errors_are_one_line(monkeypatch, model, tmp_path, capsys):
+    import errno
+
+    import harpq.io.checkpoint as ckpt
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(ckpt, "write_manifest", full)
+    err = one_line_error(["quantize", model, tmp_path / "out", "--method", "rtn", "--group-size", "0"], capsys)
+    assert "no space left" in err
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".harpq-" in p.name]
+
+
+# --- tampered checkpoints are refused on every load path ----------------------------------------------
+
+TAMPER = {
+    "weight_byte": lambda d: d.joinpath("model.safetensors").write_bytes(
+        (lambda b: b[:-100] + bytes([b[-100] ^ 1]) + b[-99:])(d.joinpath("model.safetensors").read_bytes())),
+    "config_eps": lambda d: d.joinpath("config.json").write_text(
+        d.joinpath("config.json").read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 0.001')),
+    "manifest_deleted": lambda d: d.joinpath(MANIFEST).unlink(),
+    "manifest_empty": lambda d: d.joinpath(MANIFEST).write_text('{"format_version": 1, "sha256": {}}'),
+    "manifest_broken": lambda d: d.joinpath(MANIFEST).write_text("{"),
+    "shard_deleted": lambda d: d.joinpath("model.safetensors").unlink(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(TAMPER))
+def test_tampered_checkpoints_are_refused_by_every_loader(model, tmp_path, how):
+    from transformers import AutoModelForCausalLM
+
+    q = rtn(model, tmp_path / "q")
+    TAMPER[how](q)
+    with pytest.raises(HarpqError):
+        harpq.load(q)
+    if how != "shard_deleted":  # transformers itself reports the missing weights file
+        with pytest.raises(Exception, match="manifest|checksum|damaged|modified"):
+            AutoModelForCausalLM.from_pretrained(q)
+
+
+@pytest.mark.parametrize("how", ["config_removed", "method_changed", "module_removed"])
+def test_a_quantization_config_cannot_be_stripped(model, tmp_path, how):
+    q = rtn(model, tmp_path / "q")
+    cfg = json.loads((q / "config.json").read_text())
+    if how == "config_removed":
+        cfg.pop("quantization_config")
+    elif how == "method_changed":
+        cfg["quantization_config"]["quant_method"] = "gptq"
+    else:
+        cfg["quantization_config"]["modules"].pop(next(iter(cfg["quantization_config"]["modules"])))
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(HarpqError):
+        harpq.load(q)
+    with pytest.raises(HarpqError):
+        harpq.load(q, verify=False)  # even unhashed: the weights no longer match the architecture

@@ -61,8 +61,8 @@ def quantize_streaming(
     for shard in shards:
         with safe_open(str(shard), "pt") as f:
             total += len(f.keys())
-    bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
-    with (tmp / "quant_log.jsonl").open("a") as log:
+    with tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress) as bar, \
+            (tmp / "quant_log.jsonl").open("a") as log:
         for shard in shards:
             with safe_open(str(shard), "pt") as f:
                 for key in f.keys():
@@ -85,7 +85,6 @@ def quantize_streaming(
                     for buf, value in module.state_dict().items():
                         writer.add(f"{name}.{buf}", value)
                     log.write(json.dumps(report.to_dict()) + "\n")
-    bar.close()
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
