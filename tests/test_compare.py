@@ -34,7 +34,15 @@ def test_compare_writes_a_report_and_resumes(tiny_path, tmp_path, small_text, mo
 
     monkeypatch.setattr(importlib.import_module("harpq.api"), "quantize", refuse)
     res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 0 and res.output.count("done before, kept") == 5
+    assert res.exit_code == 0 and res.output.count("done before with these settings, kept") == 5
+    # another text file: the kept records do not describe it, so every run is redone
+    other = tmp_path / "other.txt"
+    other.write_text(small_text.read_text()[::-1])
+    calls = []
+    monkeypatch.setattr(importlib.import_module("harpq.api"), "quantize",
+                        lambda *a, **k: calls.append(a[1]) or refuse())
+    res = CliRunner().invoke(cli, [a if a != str(small_text) else str(other) for a in args])
+    assert res.exit_code != 0 and calls and "other model, files or settings: redone" in res.output
 
 
 def test_compare_checks_its_plan_before_any_work(tiny_path, tmp_path, small_text):

@@ -1,7 +1,8 @@
 """`harpq compare`: quantize one model with several methods and bit widths, evaluate each, write a report.
 
 Every (method, bits) run ends in its own JSON file under OUT/runs/, written only when the run is
-complete, so an interrupted comparison resumes where it stopped: finished runs are read, not redone.
+complete, so an interrupted comparison resumes where it stopped: finished runs are read, not redone, as
+long as they were made from the same model, text files and settings (a record holds that key).
 The report (OUT/report.md and its PNG plots) is rebuilt from those files at the end.
 """
 
@@ -51,15 +52,27 @@ def compare(
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     plan = [("fp", 16)] + [(m, b) for b in bits for m in methods]
+    from ..pipeline.resume import file_digest, model_digest
+
+    key = {"model": model_digest(model), "ppl": sorted(file_digest(f) for f in ppl), "ctx": ctx, "limit": limit,
+           "tasks": sorted(tasks), "calib": file_digest(calib) if calib else None, "nsamples": nsamples,
+           "seqlen": seqlen, "settings": settings or {}}
+    key = json.loads(json.dumps(key, default=str))
     for i, (method, b) in enumerate(plan, 1):
         name = "fp" if method == "fp" else run_name(method, b)
         done = runs / f"{name}.json"
         if done.exists():
-            echo(f"[{i}/{len(plan)}] {name}: done before, kept")
-            continue
+            try:
+                same = json.loads(done.read_text()).get("key") == key
+            except ValueError:
+                same = False
+            if same:
+                echo(f"[{i}/{len(plan)}] {name}: done before with these settings, kept")
+                continue
+            echo(f"[{i}/{len(plan)}] {name}: done before with other model, files or settings: redone")
         echo(f"[{i}/{len(plan)}] {name} ...")
         start = time.perf_counter()
-        record: dict[str, Any] = {"method": method, "bits": b}
+        record: dict[str, Any] = {"method": method, "bits": b, "key": key}
         if method == "fp":
             target = model
         else:
@@ -85,8 +98,8 @@ def compare(
     shutil.rmtree(out / "work", ignore_errors=True)
     from .report import write_report
 
-    return write_report(out, [r for r in (json.loads(p.read_text()) for p in sorted(runs.glob("*.json")))],
-                        model=str(model))
+    records = [r for r in (json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))) if r.get("key") == key]
+    return write_report(out, records, model=str(model))  # runs made with other settings stay out
 
 
 def layer_medians(proxy: dict[str, float | None]) -> dict[int, float]:
