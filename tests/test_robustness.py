@@ -489,3 +489,14 @@ def test_a_quantization_config_cannot_be_stripped(model, tmp_path, how):
         harpq.load(q)
     with pytest.raises(HarpqError):
         harpq.load(q, verify=False)  # even unhashed: the weights no longer match the architecture
+
+
+def test_ctrl_c_is_one_line(monkeypatch, capsys, tiny_path):
+    import harpq.api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harpq.api, "evaluate", interrupted)
+    code, err = run_cli(["eval", tiny_path, "--ppl", "x"], capsys)
+    assert code == 130 and err.strip() == "harpq: interrupted"
