@@ -3,8 +3,8 @@
     python benchmarks/kill_resume.py [--kills 10] [--model ../shared/models/llama-small] [--out runs/kill]
 
 One uninterrupted run gives the reference `model.safetensors`. Then the same command is started, killed
-with SIGKILL after a random delay of 5–30 % of the reference's duration (start-up, calibration, any
-layer), and started again, `--kills` times; the last start runs to completion. Prints each attempt
+with SIGKILL after a random delay (by default 3–25 % of the reference's duration: start-up, calibration,
+any layer), and started again, `--kills` times; the last start runs to completion. Prints each attempt
 (seconds, the layers it found finished) and whether the final weights are bit-identical.
 """
 
@@ -38,11 +38,13 @@ def main() -> None:
     parser.add_argument("--calib", default="../shared/data/gutenberg_valid.txt")
     parser.add_argument("--out", default="runs/kill")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", default="0.03,0.25", help="kill delays: fractions of the uninterrupted time")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     rng = random.Random(args.seed)
+    lo, hi = map(float, args.window.split(","))
 
     start = time.perf_counter()
     subprocess.run(command(args.model, root / "reference", args.calib), check=True, capture_output=True)
@@ -56,7 +58,7 @@ def main() -> None:
         killed = attempt < args.kills
         if killed:
             try:
-                proc.wait(timeout=rng.uniform(0.05, 0.3) * full)
+                proc.wait(timeout=rng.uniform(lo, hi) * full)
                 killed = False  # it finished before the kill
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
