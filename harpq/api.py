@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from .eval import bits_per_weight, evaluate_tasks, perplexity
 from .eval.zeroshot import DEFAULT_TASKS_DIR, load_task
 from .io.checkpoint import MANIFEST, verify_manifest
 from .io.hf_integration import QUANT_METHOD, VERIFIED
-from .io.model import load_model, load_tokenizer, read_config
+from .io.model import engine_unsupported, load_model, load_tokenizer, read_config
 from .io.text import read_text
 from .pipeline import quantize, quantize_model
 from .pipeline.calibration import tokenize_text
 from .pipeline.quantize import resolve_device
+
+log = logging.getLogger("harpq")
+_SAID: set[str] = set()
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -105,7 +109,14 @@ def generate(model: str | Path | nn.Module, prompt: str, max_new_tokens: int = 6
         path, model = model, load(model, device=device)
         tokenizer = tokenizer or load_tokenizer(path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    if engine if engine is not None else ids.is_cuda:
+    use_engine = engine if engine is not None else ids.is_cuda
+    why = engine_unsupported(model.config) if use_engine else None
+    if why:
+        if why not in _SAID:
+            _SAID.add(why)
+            log.warning("harpq's decode engine cannot run this model (%s): generating with Hugging Face", why)
+        use_engine = False
+    if use_engine:
         from .engine import DecodeRunner, from_hf
 
         runner = DecodeRunner(from_hf(model), 1, ids.shape[1] + max_new_tokens + 1)

@@ -56,10 +56,10 @@ def test_saved_weights_reproduce_the_logged_proxy_loss(tiny_path, tiny_gptq):
     fp = load_model(tiny_path)
     tokens = calibration_windows(AutoTokenizer.from_pretrained(tiny_path), CALIB, 8, 128, seed=0)
     _, layers = find_decoder_layers(fp)
-    inputs, kwargs = capture_layer_inputs(fp, layers[0], tokens, torch.device("cpu"))
+    inputs, kwargs = capture_layer_inputs(fp, layers, tokens, torch.device("cpu"))
     layer = layers[0].float()
     col = HessianCollector({"q": layer.self_attn.q_proj})
-    run_layer(layer, inputs, kwargs, batch=8, on_batch=col.end_pass)
+    run_layer(layer, inputs, kwargs[0], batch=8, on_batch=col.end_pass)
     q = harpq.load(tiny_gptq).model.layers[0].self_attn.q_proj
     loss = proxy_loss(layer.self_attn.q_proj.weight.detach(), q.effective_weight(), col.hessian("q"))
     logged = json.loads((tiny_gptq / "quant_log.jsonl").read_text().splitlines()[0])

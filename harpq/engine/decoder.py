@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import HarpqError
+from ..io.model import attention_windows, engine_unsupported
 from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
 from ..nn import QuantLinear
 
@@ -88,10 +89,15 @@ def _concat(mods: list[nn.Module]) -> nn.Linear:
 
 
 class Block(nn.Module):
+    """One decoder layer: attention (optional q/k RMSNorms per head, optional sliding `window`) and the SiLU MLP."""
+
     def __init__(self, shape: DecoderShape, linears: dict[str, nn.Module], attn_norm: torch.Tensor,
-                 mlp_norm: torch.Tensor):
+                 mlp_norm: torch.Tensor, window: int | None = None,
+                 qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.shape = shape
+        self.window = window
+        self.q_norm, self.k_norm = qk_norm if qk_norm is not None else (None, None)
         qkv, gate_up = [linears[k] for k in ATTN[:3]], [linears["gate_proj"], linears["up_proj"]]
         self.qkv = _stack(qkv)
         self.gate_up = _stack(gate_up)
@@ -103,13 +109,17 @@ class Block(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x, pos, cos, sin, mask, fused: bool):
+    def forward(self, x, pos, cos, sin, masks: dict, fused: bool):
         s, (b, t, _) = self.shape, x.shape
+        mask = masks[self.window]
         h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
         if self.qkv is not None:
             q, k, v = self.qkv(h).split([s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd], dim=-1)
         else:
             q, k, v = (self.linears[n](h) for n in ATTN[:3])
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
+            q = rms_norm(q.reshape(b, t, s.heads, s.hd), self.q_norm, s.norm_eps, False).view(b, t, -1)
+            k = rms_norm(k.reshape(b, t, s.kv_heads, s.hd), self.k_norm, s.norm_eps, False).view(b, t, -1)
         if fused and s.hd & (s.hd - 1) == 0 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
             q = rope_into_cache(q, k, v, cos, sin, pos, self.k_cache, self.v_cache)
         else:
@@ -187,31 +197,36 @@ class Decoder(nn.Module):
         fused = self.device.type == "cuda" and kernels.triton_available(tokens)
         x = self.embed[tokens]
         cos, sin = self.cos[pos], self.sin[pos]
-        mask = (self.positions[None, :] <= pos[:, None])[None, None]
+        causal = self.positions[None, :] <= pos[:, None]
+        masks = {w: (causal if w is None else causal & (self.positions[None, :] > pos[:, None] - w))[None, None]
+                 for w in {blk.window for blk in self.blocks}}  # per sliding window: key > query − window
         for blk in self.blocks:
-            x = blk(x, pos, cos, sin, mask, fused)
+            x = blk(x, pos, cos, sin, masks, fused)
         x = rms_norm(x[:, -1], self.norm, self.shape.norm_eps, fused)
         return self.lm_head(x)
 
 
 def from_hf(model: nn.Module) -> Decoder:
-    """Wrap a loaded Hugging Face Llama-family model (fp or harpq-quantized) without copying its weights."""
+    """Wrap a loaded Hugging Face model of a family the engine runs exactly (`io.model.ENGINE_FAMILIES`: fp or
+    harpq-quantized) without copying its weights; refuse any other in one line naming family and feature."""
     cfg = model.config
+    why = engine_unsupported(cfg)
+    if why:
+        raise HarpqError(why)
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
-        raise HarpqError(f"{type(model).__name__} is not a Llama-family decoder (no model.layers/embed_tokens)")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise HarpqError(f"the engine runs SiLU MLPs, not {cfg.hidden_act}")
+        raise HarpqError(f"{type(model).__name__} is not a decoder with model.layers and model.embed_tokens")
     heads = cfg.num_attention_heads
     shape = DecoderShape(cfg.hidden_size, cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", heads),
                          cfg.intermediate_size, cfg.vocab_size, norm_eps=cfg.rms_norm_eps,
                          head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     blocks = []
-    for layer in inner.layers:
+    for layer, window in zip(inner.layers, attention_windows(cfg), strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         linears = {n: getattr(attn, n) for n in ATTN} | {n: getattr(mlp, n) for n in MLP}
         norms = layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data
-        blocks.append(Block(shape, linears, *norms))
+        qk = (attn.q_norm.weight.data, attn.k_norm.weight.data) if hasattr(attn, "q_norm") else None
+        blocks.append(Block(shape, linears, *norms, window=window, qk_norm=qk))
     rotary = inner.rotary_emb
     return Decoder(shape, inner.embed_tokens.weight.data, blocks, inner.norm.weight.data, model.lm_head,
                    inv_freq=rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)))

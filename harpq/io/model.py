@@ -69,6 +69,40 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto", device: str 
     return model
 
 
+#: families whose decoder layers the engine runs exactly (attention with optional q/k biases, q/k norms and
+#: sliding windows; SiLU-gated MLP; RMSNorm); anything else it refuses
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: rotary scalings that are a fixed function of position (what HF's rotary module precomputes)
+STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
+
+
+def attention_windows(config) -> list[int | None]:
+    """The sliding window of each decoder layer (None: full causal attention), as the model applies it."""
+    layers = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    if getattr(config, "use_sliding_window", True) is False:
+        return [None] * layers
+    return [window] * layers
+
+
+def engine_unsupported(config) -> str | None:
+    """Why harpq's decoder cannot run this model exactly (family and feature), or None."""
+    family = getattr(config, "model_type", "?")
+    if family not in ENGINE_FAMILIES:
+        return f"the decode engine runs {', '.join(ENGINE_FAMILIES)} models, not {family}"
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"{family} with {act} MLPs (the engine runs SiLU)"
+    rope = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind not in STATIC_ROPE:
+        return f"{family} with {kind} rotary scaling (the engine takes scalings fixed per position)"
+    return None
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 

@@ -23,7 +23,7 @@ from ..codebooks import make_codebook
 from ..errors import HarpqError
 from ..io.checkpoint import finish_checkpoint, save_quantized, staging_dir
 from ..io.hf_integration import QUANT_METHOD
-from ..io.model import find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
+from ..io.model import attention_windows, find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
 from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .hessian import HessianCollector
@@ -41,9 +41,13 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, tokens: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Hidden states entering the first decoder layer (float32, on `device`) and its other kwargs."""
+    model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Hidden states entering the first decoder layer (float32, on `device`), and each layer's other kwargs.
+
+    The kwargs (rotary tables, attention mask) are those of layer 0, except where layers attend
+    differently (sliding windows on some layers): then one calibration window runs through the whole
+    model once to read each layer's own mask."""
     inputs: list[torch.Tensor] = []
     layer_kwargs: dict[str, Any] = {}
 
@@ -56,7 +60,7 @@ def capture_layer_inputs(
     embed = model.get_input_embeddings()
     embed_dtype = embed.weight.dtype
     embed.float()  # so rotary tables and the first hidden states are made in float32
-    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for row in tokens:
             try:
@@ -66,7 +70,35 @@ def capture_layer_inputs(
     finally:
         handle.remove()
         embed.to(embed_dtype)
-    return torch.cat(inputs), _to_device(layer_kwargs, device)
+    first = _to_device(layer_kwargs, device)
+    if len(set(attention_windows(model.config))) <= 1 or "attention_mask" not in first:
+        return torch.cat(inputs), [first] * len(layers)
+    return torch.cat(inputs), [{**first, "attention_mask": mask} for mask in _layer_masks(model, layers, tokens[:1],
+                                                                                           device)]
+
+
+@torch.no_grad()
+def _layer_masks(model: nn.Module, layers: nn.ModuleList, tokens: torch.Tensor, device: torch.device) -> list:
+    """The attention mask each decoder layer receives, read from one forward pass (they depend on positions
+    only, and every calibration window has the same length)."""
+    masks: list = [None] * len(layers)
+
+    def grab(i: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            masks[i] = _to_device(kwargs.get("attention_mask"), device)
+            if i == len(layers) - 1:
+                raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_pre_hook(grab(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(tokens, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return masks
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -211,9 +243,9 @@ def _quantize_planned(
     checkpoints: LayerCheckpoints | None = None,
 ) -> dict[str, dict]:
     prefix, layers = find_decoder_layers(model)
-    inputs = kwargs = None
+    inputs = kwargs_of = None
     if tokens is not None:
-        inputs, kwargs = capture_layer_inputs(model, layers[0], tokens, dev)
+        inputs, kwargs_of = capture_layer_inputs(model, layers, tokens, dev)
 
     specs: dict[str, dict] = {}
     done = checkpoints.done if checkpoints is not None else 0
@@ -221,6 +253,7 @@ def _quantize_planned(
         plan = _set_e8p_scale(recipe, plan, checkpoints.extra["e8p_scale"])
     for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", disable=not progress)):
         layer_dtype = next(layer.parameters()).dtype
+        kwargs = kwargs_of[i] if kwargs_of is not None else None
         if i < done:  # finished by an interrupted run of this command: load it, recompute what follows
             specs.update(checkpoints.restore(i, layer, prefix))
             if inputs is not None:
