@@ -93,14 +93,16 @@ class Block(nn.Module):
 
     def __init__(self, shape: DecoderShape, linears: dict[str, nn.Module], attn_norm: torch.Tensor,
                  mlp_norm: torch.Tensor, window: int | None = None,
-                 qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 qk_norm: tuple[torch.Tensor, torch.Tensor] | None = None, moe: nn.Module | None = None):
         super().__init__()
         self.shape = shape
         self.window = window
         self.q_norm, self.k_norm = qk_norm if qk_norm is not None else (None, None)
-        qkv, gate_up = [linears[k] for k in ATTN[:3]], [linears["gate_proj"], linears["up_proj"]]
+        self.moe = moe  # a mixture-of-experts block (router + experts), run as the model defines it
+        qkv = [linears[k] for k in ATTN[:3]]
+        gate_up = [linears["gate_proj"], linears["up_proj"]] if moe is None else None
         self.qkv = _stack(qkv)
-        self.gate_up = _stack(gate_up)
+        self.gate_up = _stack(gate_up) if gate_up else None
         self.linears = nn.ModuleDict({k: v for k, v in linears.items()
                                       if not (self.qkv is not None and k in ATTN[:3])
                                       and not (self.gate_up is not None and k in MLP[:2])})
@@ -131,6 +133,8 @@ class Block(nn.Module):
                                            enable_gqa=s.heads != s.kv_heads)
         x = _add_linear(x, self.linears["o_proj"], o.transpose(1, 2).reshape(b, t, s.heads * s.hd))
         h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
+        if self.moe is not None:
+            return x + self.moe(h)
         if self.gate_up is not None:
             gate, up = self.gate_up(h).chunk(2, dim=-1)
         else:
@@ -174,6 +178,11 @@ class Decoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    @property
+    def graphable(self) -> bool:
+        """Whether a step can be captured in a CUDA graph (expert routing is data-dependent: it cannot)."""
+        return all(blk.moe is None for blk in self.blocks)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Allocate (or re-zero) the static KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -223,10 +232,11 @@ def from_hf(model: nn.Module) -> Decoder:
     blocks = []
     for layer, window in zip(inner.layers, attention_windows(cfg), strict=True):
         attn, mlp = layer.self_attn, layer.mlp
-        linears = {n: getattr(attn, n) for n in ATTN} | {n: getattr(mlp, n) for n in MLP}
+        moe = mlp if hasattr(mlp, "experts") else None
+        linears = {n: getattr(attn, n) for n in ATTN} | ({n: getattr(mlp, n) for n in MLP} if moe is None else {})
         norms = layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data
         qk = (attn.q_norm.weight.data, attn.k_norm.weight.data) if hasattr(attn, "q_norm") else None
-        blocks.append(Block(shape, linears, *norms, window=window, qk_norm=qk))
+        blocks.append(Block(shape, linears, *norms, window=window, qk_norm=qk, moe=moe))
     rotary = inner.rotary_emb
     return Decoder(shape, inner.embed_tokens.weight.data, blocks, inner.norm.weight.data, model.lm_head,
                    inv_freq=rotary.inv_freq, rope_scale=float(getattr(rotary, "attention_scaling", 1.0)))

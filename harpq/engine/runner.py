@@ -16,7 +16,7 @@ from .decoder import Decoder
 class DecodeRunner:
     def __init__(self, decoder: Decoder, batch: int, max_len: int, graph: bool | None = None):
         self.decoder, self.batch, self.max_len = decoder, batch, max_len
-        self.use_graph = decoder.device.type == "cuda" if graph is None else graph
+        self.use_graph = decoder.device.type == "cuda" and decoder.graphable if graph is None else graph
         device = decoder.device
         decoder.setup_cache(batch, max_len)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -38,10 +38,38 @@ def perplexity(
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """Stored bits of the quantized linears over their weight count; 16 for an unquantized model."""
-    bits, weights = 0, 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            bits += m.stored_bits()
-            weights += m.in_features * m.out_features
-    return bits / weights if weights else 16.0
+    """Stored bits per weight of the decoder layers' linears and experts (quantized ones: codes, scales,
+    zeros, processor parameters; any left unquantized count 16 bits); 16 for an unquantized model."""
+    from ..io.model import find_decoder_layers
+    from ..pipeline.experts import EXPERT_MATRICES, is_experts
+
+    try:
+        _, layers = find_decoder_layers(model)
+    except HarpqError:
+        layers = [model]
+    bits = weights = 0
+    quantized = False
+    for layer in layers:
+        for m in layer.modules():
+            if isinstance(m, QuantLinear):
+                bits += m.stored_bits()
+                weights += m.in_features * m.out_features
+                quantized = True
+            elif isinstance(m, nn.Linear):
+                bits += 16 * m.weight.numel()
+                weights += m.weight.numel()
+            elif is_experts(m):
+                n = sum(getattr(m, w).numel() for w in EXPERT_MATRICES)
+                bits, weights = bits + 16 * n, weights + n
+    return bits / weights if quantized and weights else 16.0
+
+
+def unquantized_weights(model: nn.Module) -> int:
+    """Weights of the decoder layers' linears and experts left in floating point."""
+    from ..io.model import find_decoder_layers
+    from ..pipeline.experts import EXPERT_MATRICES, is_experts
+
+    _, layers = find_decoder_layers(model)
+    return sum(m.weight.numel() if isinstance(m, nn.Linear) else sum(getattr(m, w).numel() for w in EXPERT_MATRICES)
+               for layer in layers for m in layer.modules()
+               if (isinstance(m, nn.Linear) and not isinstance(m, QuantLinear)) or is_experts(m))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -18,7 +19,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn import QuantLinear
+from ..nn import QuantExperts, QuantLinear
 from .checkpoint import verify_manifest
 
 QUANT_METHOD = "harpq"
@@ -76,8 +77,17 @@ class HarpqHfQuantizer(HfQuantizer):
         return False
 
 
+def module_from_spec(spec: dict[str, Any], device: str | torch.device | None = None) -> nn.Module:
+    """An empty quantized module from its entry in `quantization_config["modules"]`."""
+    if spec.get("kind") == "experts":
+        return QuantExperts.from_spec(spec, device=device)
+    return QuantLinear.from_spec(spec, device=device)
+
+
 def install_quant_linears(model: nn.Module, modules: dict[str, dict[str, Any]], device: str | None = None) -> None:
-    """Replace each named linear of `model` by an empty QuantLinear built from its spec."""
+    """Replace each named linear (or experts module) of `model` by an empty quantized one built from its spec."""
+    from ..pipeline.experts import is_experts
+
     if not modules:
         raise ValueError("the quantization_config of this harpq checkpoint lists no quantized modules")
     for name, spec in modules.items():
@@ -87,9 +97,10 @@ def install_quant_linears(model: nn.Module, modules: dict[str, dict[str, Any]], 
             current = getattr(parent, child)
         except AttributeError:
             raise ValueError(f"quantization_config names {name}, which this architecture does not have") from None
-        if not isinstance(current, nn.Linear):
-            raise ValueError(f"quantization_config names {name}, which is not a linear layer")
-        setattr(parent, child, QuantLinear.from_spec(spec, device=device))
+        expected = is_experts(current) if spec.get("kind") == "experts" else isinstance(current, nn.Linear)
+        if not expected:
+            raise ValueError(f"quantization_config names {name}, which is not a module of that kind here")
+        setattr(parent, child, module_from_spec(spec, device=device))
 
 
 def register() -> None:

@@ -70,8 +70,8 @@ def load_model(path: str | Path, dtype: torch.dtype | str = "auto", device: str 
 
 
 #: families whose decoder layers the engine runs exactly (attention with optional q/k biases, q/k norms and
-#: sliding windows; SiLU-gated MLP; RMSNorm); anything else it refuses
-ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: sliding windows; SiLU-gated MLP or a mixture of such experts; RMSNorm); anything else it refuses
+ENGINE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 #: rotary scalings that are a fixed function of position (what HF's rotary module precomputes)
 STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")
 

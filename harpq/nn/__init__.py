@@ -1,5 +1,6 @@
 """Run-time modules."""
 
+from .quant_experts import QuantExperts
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantExperts", "QuantLinear"]

@@ -21,11 +21,21 @@ from tqdm.auto import tqdm
 
 from ..codebooks import make_codebook
 from ..errors import HarpqError
+from ..eval.perplexity import unquantized_weights
 from ..io.checkpoint import finish_checkpoint, save_quantized, staging_dir
 from ..io.hf_integration import QUANT_METHOD
-from ..io.model import attention_windows, find_decoder_layers, layer_linears, load_model, load_tokenizer, read_config
+from ..io.model import (
+    attention_windows,
+    check_finite,
+    find_decoder_layers,
+    layer_linears,
+    load_model,
+    load_tokenizer,
+    read_config,
+)
 from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
+from .experts import EXPERT_MATRICES, ExpertHessians, layer_experts, quantize_experts
 from .hessian import HessianCollector
 from .linear import check_recipe, check_recipe_fits, quantize_linear
 from .resume import LayerCheckpoints, file_digest, model_digest
@@ -161,7 +171,8 @@ def check_run_settings(nsamples: int, seqlen: int, seed: int, batch_size: int, h
 def plan_modules(
     layers: nn.ModuleList, prefix: str, recipe: Recipe, check_values: bool = True
 ) -> list[dict[str, LayerRecipe]]:
-    """Per decoder layer: relative linear name -> its recipe; checks every layer before any work."""
+    """Per decoder layer: relative name -> its recipe, for every linear and both matrices of every experts
+    module ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"); checks every layer before any work."""
     plan = []
     for i, layer in enumerate(layers):
         chosen = {}
@@ -171,8 +182,28 @@ def plan_modules(
             if layer_recipe is not None:
                 check_recipe_fits(full, linear, layer_recipe, check_values)
                 chosen[rel] = layer_recipe
+        for rel, experts in layer_experts(layer).items():
+            picked = {w: recipe.for_module(f"{prefix}.{i}.{rel}.{w}") for w in EXPERT_MATRICES}
+            if all(r is None for r in picked.values()):
+                continue
+            if any(r is None for r in picked.values()):
+                raise HarpqError(f"{prefix}.{i}.{rel}: quantize both gate_up_proj and down_proj of the experts, "
+                                 "or neither")
+            for w, r in picked.items():
+                weight = getattr(experts, w)
+                full = f"{prefix}.{i}.{rel}.{w}"
+                if check_values:
+                    check_finite(full, weight.detach())
+                make_codebook(r.codebook_config()).check_shape(weight.shape[1], weight.shape[2], full)
+                chosen[f"{rel}.{w}"] = r
         plan.append(chosen)
     return plan
+
+
+def _experts_plan(chosen: dict[str, LayerRecipe], experts: dict[str, nn.Module]) -> dict[str, dict[str, LayerRecipe]]:
+    """The planned experts modules of one layer: relative name -> {matrix: recipe}."""
+    return {rel: {w: chosen[f"{rel}.{w}"] for w in EXPERT_MATRICES} for rel in experts
+            if f"{rel}.{EXPERT_MATRICES[0]}" in chosen}
 
 
 def _with_input_seed(layer_recipe: LayerRecipe, rel: str, collector: HessianCollector, where: str,
@@ -188,7 +219,7 @@ def _apply_scale_sweep(
     """Pick the e8p stage-one scale ρ on the first decoder layer's summed proxy loss; use it everywhere."""
     if collector is None:
         raise HarpqError("--scale-sweep needs calibration text (it compares proxy losses)")
-    e8p = {rel: r for rel, r in plan[0].items() if r.codebook == "e8p"}
+    e8p = {rel: r for rel, r in plan[0].items() if r.codebook == "e8p" and rel in linears}
     if not e8p:
         raise HarpqError("--scale-sweep applies to the e8p codebook only")
     default = make_codebook(next(iter(e8p.values())).codebook_config()).rho
@@ -265,16 +296,35 @@ def _quantize_planned(
             continue
         layer.to(dev, torch.float32)
         linears = layer_linears(layer)
+        experts = _experts_plan(plan[i], layer_experts(layer))
         collector = None
+        expert_hessians: dict[str, ExpertHessians] = {}
         if inputs is not None:
-            collector = HessianCollector({k: linears[k] for k in plan[i]})
+            collector = HessianCollector({k: linears[k] for k in plan[i] if k in linears})
+            expert_hessians = {rel: ExpertHessians(layer.get_submodule(rel)) for rel in experts}
             run_layer(layer, inputs, kwargs, batch_size, on_batch=collector.end_pass)
             collector.remove()
+            for hooks in expert_hessians.values():
+                hooks.remove()
         if i == 0 and recipe.scale_sweep:
             plan = _apply_scale_sweep(recipe, plan, prefix, linears, collector)
             if checkpoints is not None:
                 checkpoints.extra["e8p_scale"] = recipe.layer.e8p_scale
+        for rel, recipes in experts.items():
+            full = f"{prefix}.{i}.{rel}"
+            hooks = expert_hessians.get(rel)
+            hessians = {w: hooks.hessians(w, full) for w in recipes} if hooks is not None else None
+            module, reports = quantize_experts(full, layer.get_submodule(rel), recipes, hessians,
+                                               getattr(model.config, "hidden_act", "silu"))
+            _set_submodule(layer, rel, module)
+            specs[full] = module.spec()
+            if log_path is not None:
+                with log_path.open("a") as f:
+                    f.writelines(json.dumps({**report.to_dict(), "layer": i}) + "\n" for report in reports)
+        del expert_hessians
         for rel, layer_recipe in plan[i].items():
+            if rel not in linears:
+                continue
             full = f"{prefix}.{i}.{rel}"
             hessian = None
             if collector is not None:  # linears reading the same input share its transform and Hessian
@@ -327,6 +377,8 @@ def quantize(
         raise HarpqError(f"calibration file not found: {calib}")
     reads = [model] + ([calib] if calib is not None else [])
     stream = calib is None and not any(r.needs_hessian for r in recipe.layer_variants())
+    if stream and any(layer_experts(layer) for layer in find_decoder_layers(meta_skeleton(model))[1]):
+        stream = False  # experts are stored per expert on disk and merged by transformers on load: load it
     with staging_dir(out, overwrite, reads, resumable=not stream) as tmp:
         if stream:  # no data needed: quantize tensor by tensor from the files, never loading the model
             skeleton = meta_skeleton(model)
@@ -352,6 +404,10 @@ def quantize(
             specs = _quantize_planned(lm, recipe, plan, tokens, dev, batch_size, tmp / "quant_log.jsonl", progress,
                                       checkpoints)
             checkpoints.finish()
+            left = unquantized_weights(lm)
+            if left:
+                log.warning("%d weights of the decoder layers' linears and experts stay unquantized (the recipe "
+                            "excludes them)", left)
             config = lm.config.to_dict()
         quantization_config = {
             "quant_method": QUANT_METHOD,

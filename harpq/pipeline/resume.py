@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..nn import QuantLinear
+from ..io.hf_integration import module_from_spec
 
 log = logging.getLogger(__name__)
 RECORD = "state.json"
@@ -113,7 +113,7 @@ class LayerCheckpoints:
             rel = name[len(f"{prefix}.{index}."):]
             parent, _, child = rel.rpartition(".")
             owner = layer.get_submodule(parent) if parent else layer
-            setattr(owner, child, QuantLinear.from_spec(spec))
+            setattr(owner, child, module_from_spec(spec))
         layer.load_state_dict(load_file(self.dir / f"layer-{index:05d}.safetensors"), strict=True)
         return mine
 

@@ -31,14 +31,18 @@ def meta_skeleton(model_path: str | Path) -> torch.nn.Module:
 
 
 def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str) -> dict:
-    """Checkpoint key of each planned linear's weight -> (module name, recipe, has bias)."""
+    """Checkpoint key of each planned weight -> (module name, recipe, has bias); an experts matrix's key is
+    its 3-D parameter's, its module name the experts module's."""
     _, layers = find_decoder_layers(skeleton)
     out = {}
     for i, chosen in enumerate(plan):
         linears = layer_linears(layers[i])
         for rel, recipe in chosen.items():
             name = f"{prefix}.{i}.{rel}"
-            out[f"{name}.weight"] = (name, recipe, linears[rel].bias is not None)
+            if rel in linears:
+                out[f"{name}.weight"] = (name, recipe, linears[rel].bias is not None)
+            else:  # "<experts>.gate_up_proj" / "<experts>.down_proj"
+                out[name] = (name.rpartition(".")[0], recipe, False)
     return out
 
 
@@ -54,6 +58,7 @@ def quantize_streaming(
     targets = planned_weights(skeleton, plan, prefix)
     expected = expected_tensors(skeleton)
     seen: set[str] = set()
+    experts: dict[str, dict[str, list]] = {}
     writer = ShardWriter(tmp)
     specs: dict[str, dict] = {}
     shards = sorted(Path(model_path).glob("*.safetensors"))
@@ -80,6 +85,16 @@ def quantize_streaming(
                         writer.add(key, tensor)
                         continue
                     name, layer_recipe, has_bias = targets[key]
+                    if tensor.dim() == 3:  # one matrix of every expert
+                        which = key.rpartition(".")[2]
+                        short = which.removesuffix("_proj")
+                        for e in range(tensor.shape[0]):
+                            module, report = quantize_linear(f"{key}.{e}", tensor[e].to(device), None, layer_recipe)
+                            experts.setdefault(name, {}).setdefault(which, []).append(module.spec())
+                            for buf, value in module.state_dict().items():
+                                writer.add(f"{name}.{short}.{e}.{buf}", value)
+                            log.write(json.dumps(report.to_dict()) + "\n")
+                        continue
                     module, report = quantize_linear(name, tensor.to(device), None, layer_recipe)
                     specs[name] = {**module.spec(), "bias": has_bias}  # the bias is copied as it stands
                     for buf, value in module.state_dict().items():
@@ -90,6 +105,9 @@ def quantize_streaming(
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise HarpqError(f"{missing[0]}{more} missing from the checkpoint {model_path}")
     writer.close()
+    act = getattr(skeleton.config, "hidden_act", "silu")
+    for name, mats in experts.items():
+        specs[name] = {"kind": "experts", "hidden_act": act, **mats}
     return specs
 
 
