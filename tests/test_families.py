@@ -211,3 +211,16 @@ def test_quantized_moe_checkpoint_round_trip(method, tmp_path):
         a, b, ref = loaded(ids).logits, via_hf(ids).logits, model(ids).logits
     assert torch.equal(a, b) and (a - ref).norm() / ref.norm() < 0.3  # tiny random model: see the dense bound
     engine_matches(harpq.load(out, dtype=torch.float64))
+
+
+def test_a_linear_without_calibration_input_is_still_quantized(caplog):
+    """Experts as separate nn.Linears (older layouts) can get no routed token: identity Hessian, said once."""
+    from harpq.nn import QuantLinear
+
+    model = tiny("llama").float()
+    layer = model.model.layers[0]
+    layer.mlp.unused = torch.nn.Linear(64, 64)  # never called in the forward pass
+    tokens = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING):
+        harpq.quantize_model(model, Recipe.preset("gptq", bits=4, group_size=0), tokens, progress=False)
+    assert isinstance(layer.mlp.unused, QuantLinear) and "saw no calibration input" in caplog.text

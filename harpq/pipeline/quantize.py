@@ -327,7 +327,10 @@ def _quantize_planned(
                 continue
             full = f"{prefix}.{i}.{rel}"
             hessian = None
-            if collector is not None:  # linears reading the same input share its transform and Hessian
+            if collector is not None and rel not in collector.group_of:  # e.g. an expert no token was routed to
+                log.warning("%s saw no calibration input: quantized with an identity Hessian", full)
+                hessian = torch.eye(linears[rel].in_features, dtype=torch.float64, device=dev)
+            elif collector is not None:  # linears reading the same input share its transform and Hessian
                 hessian = collector.hessian(rel)
                 layer_recipe = _with_input_seed(layer_recipe, rel, collector, f"{prefix}.{i}.", recipe.layer.seed)
             module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
