@@ -61,9 +61,11 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda: where each decoder layer is quantized.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--format", "out_format", type=click.Choice(["harpq", "compressed-tensors", "gptq"]), default="harpq",
+              show_default=True, help="Write OUT as harpq checkpoint, or in a format vLLM serves (see `export`).")
 def quantize(model, out, method, bits, group_size, ragged_groups, processor, codebook, rounding, scale_rule,
              tune_passes, scale_sweep, act_order, damp, harp_steps, harp_schedule, harp_store, calib, nsamples, seqlen,
-             device, seed, overwrite) -> None:
+             device, seed, overwrite, out_format) -> None:
     """Quantize MODEL (a Hugging Face model directory) into the new directory OUT."""
     from ..api import quantize as run
 
@@ -74,11 +76,48 @@ def quantize(model, out, method, bits, group_size, ragged_groups, processor, cod
                                scale_sweep=scale_sweep, harp_steps=harp_steps, harp_schedule=harp_schedule,
                                harp_store=harp_store)
         start = time.perf_counter()
-        path = run(model, out, recipe, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
-                   seed=seed, overwrite=overwrite)
+        if out_format == "harpq":
+            path = run(model, out, recipe, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device,
+                       seed=seed, overwrite=overwrite)
+        else:
+            path = _quantize_then_export(run, model, out, recipe, out_format, overwrite, calib=calib,
+                                         nsamples=nsamples, seqlen=seqlen, device=device, seed=seed)
     except HarpqError as e:
         _fail(str(e))
     click.echo(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+
+
+def _quantize_then_export(run, model, out, recipe, out_format, overwrite, **kwargs):
+    """Quantize into a harpq checkpoint beside OUT, then export it as OUT (the checkpoint is removed)."""
+    import shutil
+    from pathlib import Path
+
+    from ..io.checkpoint import check_output
+    from ..io.export import export
+
+    out = Path(out)
+    check_output(out, overwrite, [model])
+    middle = out.parent / f".{out.name}.harpq-checkpoint"
+    shutil.rmtree(middle, ignore_errors=True)
+    try:
+        run(model, middle, recipe, **kwargs)
+        return export(middle, out, out_format, overwrite=overwrite)
+    finally:
+        shutil.rmtree(middle, ignore_errors=True)
+
+
+@cli.command("export")
+@click.argument("model")
+@click.argument("out")
+@click.option("--format", "out_format", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
+              help="compressed-tensors (vLLM, llm-compressor) or gptq (GPTQModel, vLLM).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_cmd(model, out, out_format, overwrite) -> None:
+    """Write the harpq checkpoint MODEL in a format vLLM serves, exactly, or refuse and say why."""
+    from ..io.export import export
+
+    path = export(model, out, out_format, overwrite=overwrite)
+    click.echo(f"wrote {path} ({out_format})")
 
 
 @cli.command("eval")
