@@ -8,6 +8,9 @@ decode GEMVs for batch 1–16 on a GPU, the PyTorch reference elsewhere).
 
 from __future__ import annotations
 
+import logging
+import os
+import weakref
 from typing import Any
 
 import torch
@@ -18,9 +21,29 @@ from ..codebooks import Codebook, make_codebook
 from ..formats import stored_bits
 from ..processors import Processor, make_processor
 
+log = logging.getLogger(__name__)
+#: share of the machine's memory the dense copies of quantized weights may take on the CPU
+DENSE_CACHE_SHARE = 0.5
+_dense_cached = {"bytes": 0, "said": False}
+
+
+def _release(nbytes: int) -> None:
+    _dense_cached["bytes"] -= nbytes
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
 
 class QuantLinear(nn.Module):
-    """y = U · decode(codes) · (Vᵀ x) + b, with U, V from the processor."""
+    """y = U · decode(codes) · (Vᵀ x) + b, with U, V from the processor.
+
+    On the CPU the weight U Ŵ̃ Vᵀ is decoded once and kept (while the dense copies stay under
+    `DENSE_CACHE_SHARE` of memory; past that, decoded per call, and the log says so), so evaluating a
+    quantized model costs what the FP model does. The stored codes stay the source of truth."""
 
     def __init__(
         self,
@@ -46,6 +69,7 @@ class QuantLinear(nn.Module):
         #: True also runs the Triton transform kernels off CUDA (on the CPU: TRITON_INTERPRET=1, tests)
         self.use_kernels: bool | None = None
         self._kernel_meta: dict[tuple[torch.device, str], tuple[tuple, tuple]] = {}
+        self._dense: dict[tuple[torch.device, torch.dtype], tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], device: torch.device | str | None = None) -> QuantLinear:
@@ -142,9 +166,39 @@ class QuantLinear(nn.Module):
             hit = self._kernel_meta[key] = (version, (prepared, plans))
         return hit[1]
 
+    def _buffer_version(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self._buffers.values() if t is not None)
+
+    def _dense_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """U Ŵ̃ Vᵀ in x's dtype, decoded once per buffer version while memory allows (CPU only)."""
+        if x.device.type != "cpu":
+            return None
+        key, version = (x.device, x.dtype), self._buffer_version()
+        hit = self._dense.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        nbytes = self.in_features * self.out_features * x.element_size()
+        budget = _memory_bytes()
+        if hit is None and budget is not None and _dense_cached["bytes"] + nbytes > DENSE_CACHE_SHARE * budget:
+            if not _dense_cached["said"]:
+                _dense_cached["said"] = True
+                log.warning("dense copies of quantized weights would pass %.0f %% of memory: decoding per call",
+                            100 * DENSE_CACHE_SHARE)
+            return None
+        dense = self.effective_weight().to(x.dtype)
+        if hit is None:
+            _dense_cached["bytes"] += nbytes
+            weakref.finalize(self, _release, nbytes)
+        self._dense[key] = (version, dense)
+        return dense
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """y = U Ŵ̃ Vᵀ x + b (+ residual: a decoder layer's skip connection, fused into the kernel's store
         where there is no output transform or bias)."""
+        dense = self._dense_weight(x) if self.use_kernels is not True else None
+        if dense is not None:
+            y = torch.nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
+            return y if residual is None else residual + y
         pb = self._buffers_of(self._processor_names)
         cb = self._buffers_of(self._codebook_names)
         m, n = self.out_features, self.in_features
