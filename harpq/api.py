@@ -13,6 +13,8 @@ from torch import nn
 
 from .errors import HarpqError
 from .eval import bits_per_weight, evaluate_tasks, perplexity
+from .eval.baseline import cached_baseline, resolve_baseline
+from .eval.perplexity import window_count
 from .eval.zeroshot import DEFAULT_TASKS_DIR, load_task
 from .io.checkpoint import MANIFEST, verify_manifest
 from .io.hf_integration import QUANT_METHOD, VERIFIED
@@ -62,15 +64,24 @@ def evaluate(
     tasks: list[str] | tuple[str, ...] = (),
     tasks_dir: str | Path = DEFAULT_TASKS_DIR,
     limit: int | None = None,
+    max_windows: int | None = None,
+    baseline: str | Path | None = None,
 ) -> dict[str, Any]:
     """Perplexity on each text file and zero-shot tasks ->
-    {"model", "ctx", "ppl": {stem: value}, "tasks": {task: {"acc", ...}}, "bits_per_weight"}."""
+    {"model", "ctx", "bits_per_weight", "ppl": {stem: value}, "windows": {stem: [used, of]},
+    "tasks": {task: {"acc", ...}}, "baseline": {... the same for the FP model} or "baseline_note"}.
+
+    `max_windows` evaluates that many windows of each text, evenly spread. `baseline` = "auto" evaluates
+    the model a harpq checkpoint was quantized from the same way (cached), or a model path given."""
     if ctx < 2:
         raise HarpqError(f"context length must be at least 2, not {ctx}")
     if limit is not None and limit < 1:
         raise HarpqError(f"--limit must be at least 1, not {limit}")
     if batch_size < 1:
         raise HarpqError(f"batch size must be at least 1, not {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise HarpqError(f"--max-windows must be at least 1, not {max_windows}")
+    resolve_device(device)
     if json_out is not None:
         folder = Path(json_out).absolute().parent
         if not folder.is_dir():
@@ -79,24 +90,58 @@ def evaluate(
             raise HarpqError(f"cannot write {json_out}: {folder} is not writable")
     for task in tasks:  # fail on a bad task name or missing file before loading the model
         load_task(task, tasks_dir, limit=1)
-    name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
-    if not isinstance(model, nn.Module):
+    texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
+    if isinstance(model, nn.Module):
+        if baseline not in (None, "none"):
+            raise HarpqError("a baseline needs the model's directory, not an in-memory model")
+        base_path, note = None, None
+    else:
         limit_ctx = read_config(model).get("max_position_embeddings")
         if limit_ctx and ctx > limit_ctx:
             raise HarpqError(f"--ctx {ctx} is beyond the model's context of {limit_ctx} tokens")
+        base_path, note = resolve_baseline(model, baseline)
+    name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
+    dtype = dtype or default_dtype(device)
+    settings = {"ctx": ctx, "max_windows": max_windows, "tasks": sorted(tasks), "limit": limit,
+                "dtype": str(dtype).removeprefix("torch."), "device": torch.device(device).type}
+    result: dict[str, Any] = {"model": name, **{k: v for k, v in settings.items() if k != "tasks"}}
+    result.update(_evaluate_one(model, texts, tasks, tasks_dir, tokenizer, device, dtype, batch_size, progress,
+                                ctx, limit, max_windows))
+    if base_path is not None:
+        def compute() -> dict[str, Any]:
+            log.info("evaluating the FP baseline %s", base_path)
+            return _evaluate_one(base_path, texts, tasks, tasks_dir, None, device, dtype, batch_size, progress,
+                                 ctx, limit, max_windows)
+
+        base, cached = cached_baseline(base_path, {**settings, "ppl": list(ppl)}, compute)
+        result["baseline"] = {"model": str(base_path), **base, "cached": cached}
+    elif note is not None and baseline not in (None, "none"):
+        result["baseline_note"] = note
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _evaluate_one(model: str | Path | nn.Module, texts: dict[str, str], tasks, tasks_dir, tokenizer, device: str,
+                  dtype: torch.dtype, batch_size: int, progress: bool, ctx: int, limit: int | None,
+                  max_windows: int | None) -> dict[str, Any]:
+    """bits per weight, perplexities (with the windows used) and task scores of one model."""
+    if not isinstance(model, nn.Module):
         path, model = model, load(model, device=device, dtype=dtype)
         tokenizer = tokenizer or load_tokenizer(path)
     if tokenizer is None:
         raise HarpqError("evaluate() of an in-memory model needs its tokenizer")
-    texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
-    result = {"model": name, "ctx": ctx, "ppl": {}, "bits_per_weight": round(bits_per_weight(model), 5)}
-    for stem, text in texts.items():
-        tokens = tokenize_text(tokenizer, text)
-        result["ppl"][stem] = perplexity(model, tokens, ctx, batch_size, progress, desc=stem)
+    result: dict[str, Any] = {"bits_per_weight": round(bits_per_weight(model), 5)}
+    if texts:
+        result["ppl"], result["windows"] = {}, {}
+        for stem, text in texts.items():
+            tokens = tokenize_text(tokenizer, text)
+            total = window_count(tokens.numel(), ctx)
+            result["ppl"][stem] = perplexity(model, tokens, ctx, batch_size, progress, desc=stem,
+                                             max_windows=max_windows)
+            result["windows"][stem] = [min(total, max_windows or total), total]
     if tasks:
         result["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), tasks_dir, limit, batch_size, progress)
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -35,7 +35,8 @@ class LayerRecipe:
 
     bits: int = 4
     group_size: int = 128
-    ragged_groups: bool = False
+    #: let the last group of a row be shorter where the group size does not divide it (off: refuse instead)
+    ragged_groups: bool = True
     scale: str = "minmax"
     e8p_scale: float | None = None
     processor: str = "none"
@@ -122,3 +123,131 @@ class Recipe:
             overrides=[(p, dict(c)) for p, c in d.get("overrides", [])],
             scale_sweep=d.get("scale_sweep", False),
         )
+
+
+#: what `harpq methods` says of each method: what it is, and how long it takes on a 2-core CPU for a ~30M
+#: model (llama-small), the measured order of magnitude
+METHOD_NOTES: dict[str, tuple[str, str]] = {
+    "rtn": ("round to nearest, per-group scale and zero", "seconds (streamed from the files)"),
+    "gptq": ("GPTQ/OPTQ: LDLQ error feedback through the Hessian", "minutes"),
+    "quip": ("QuIP: Kronecker incoherence processing + LDLQ", "minutes"),
+    "quipsharp": ("QuIP#: randomized Hadamard + E8P lattice + BlockLDLQ", "minutes"),
+    "hqq": ("HQQ: half-quadratic zero-point fit, no data", "seconds (streamed from the files)"),
+    "harp": ("HARP: learned butterfly rotation + E8P + BlockLDLQ", "hours (fits each rotation; use a GPU)"),
+}
+
+
+def method_table() -> list[dict[str, Any]]:
+    """One row per method: its parts, default bits and group size, whether it needs calibration text."""
+    rows = []
+    for method in METHODS:
+        layer = Recipe.preset(method).layer
+        note, speed = METHOD_NOTES[method]
+        group = "-" if layer.codebook == "e8p" else ("row" if layer.group_size == 0 else str(layer.group_size))
+        rows.append({"method": method, "processor": layer.processor, "codebook": layer.codebook,
+                     "rounding": layer.rounding, "bits": layer.bits, "group": group,
+                     "calibration": "yes" if layer.needs_hessian else "no", "cpu time": speed, "what": note})
+    return rows
+
+
+RECIPE_FORMAT = "harpq-recipe"
+_TOP_KEYS = {"format", "version", "method", "layer", "ignore", "overrides", "scale_sweep", "calibration"}
+CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed")
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(LayerRecipe)}  # "int", "bool", "float | None", ...
+_KINDS = {"int": int, "bool": bool, "str": str, "float": float}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """`value` as LayerRecipe field `key` takes it (strings from the command line are parsed)."""
+    if key not in _FIELD_TYPES:
+        raise HarpqError(f"{where}: unknown setting {key!r} (offered: {', '.join(sorted(_FIELD_TYPES))})")
+    name, _, optional = _FIELD_TYPES[key].partition(" | ")
+    kind = _KINDS[name]
+    if value is None or isinstance(value, str) and optional and value.strip().lower() in ("none", "null"):
+        if optional:
+            return None
+        raise HarpqError(f"{where}: {key} needs a value")
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise HarpqError(f"{where}: {key} takes true or false, not {value!r}")
+            return text in ("true", "1", "yes", "on")
+        try:
+            return kind(text)
+        except ValueError:
+            raise HarpqError(f"{where}: {key} takes {'an integer' if kind is int else 'a number'}, "
+                             f"not {value!r}") from None
+    fits = isinstance(value, bool) if kind is bool else (
+        isinstance(value, int) and not isinstance(value, bool) if kind is int else
+        isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else isinstance(value, str))
+    if not fits:
+        raise HarpqError(f"{where}: {key} takes {'a number' if kind is float else kind.__name__}, not {value!r}")
+    return kind(value)
+
+
+def check_pattern(pattern: str, where: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise HarpqError(f"{where}: {pattern!r} is not a regular expression ({e})") from None
+    return pattern
+
+
+def parse_override(text: str) -> tuple[str, dict[str, Any]]:
+    """`REGEX:key=value,key=value` (the command line's --override) -> (regex, settings)."""
+    where = f"--override {text!r}"
+    pattern, sep, assignments = text.rpartition(":")
+    if not sep or not pattern or not assignments.strip():
+        raise HarpqError(f"{where}: write it as REGEX:key=value[,key=value], e.g. 'mlp\\.down_proj:bits=4'")
+    changes = {}
+    for item in assignments.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise HarpqError(f"{where}: {item!r} is not key=value")
+        changes[key.strip()] = _coerce(key.strip(), value, where)
+    return check_pattern(pattern, where), changes
+
+
+def recipe_file_dict(recipe: Recipe, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Everything that decides a quantization run: the recipe and the calibration settings."""
+    return {"format": RECIPE_FORMAT, "version": 1, **recipe.to_dict(),
+            "calibration": {k: calibration.get(k) for k in CALIBRATION_KEYS}}
+
+
+def recipe_from_file_dict(d: Any, where: str) -> tuple[Recipe, dict[str, Any]]:
+    """(Recipe, calibration settings) from a recipe file's content; fields it leaves out take the method's
+    preset (layer) or the command line's defaults (calibration)."""
+    if not isinstance(d, dict):
+        raise HarpqError(f"{where}: a recipe is a mapping with a 'method', not {type(d).__name__}")
+    unknown = set(d) - _TOP_KEYS
+    if unknown:
+        raise HarpqError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                         f"(offered: {', '.join(sorted(_TOP_KEYS))})")
+    if d.get("format", RECIPE_FORMAT) != RECIPE_FORMAT or d.get("version", 1) != 1:
+        raise HarpqError(f"{where}: not a version-1 {RECIPE_FORMAT} file")
+    method = d.get("method")
+    if method not in METHODS:
+        raise HarpqError(f"{where}: method must be one of {', '.join(METHODS)}, not {method!r}")
+    layer = d.get("layer") or {}
+    if not isinstance(layer, dict):
+        raise HarpqError(f"{where}: 'layer' must be a mapping of settings")
+    layer = {k: _coerce(k, v, where) for k, v in layer.items()}
+    ignore = d.get("ignore", [r"(^|\.)lm_head$"])
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise HarpqError(f"{where}: 'ignore' must be a list of regular expressions")
+    overrides = []
+    for item in d.get("overrides") or []:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], dict)):
+            raise HarpqError(f"{where}: each override is [regex, {{setting: value}}], not {item!r}")
+        overrides.append((check_pattern(item[0], where), {k: _coerce(k, v, where) for k, v in item[1].items()}))
+    calibration = d.get("calibration") or {}
+    if not isinstance(calibration, dict) or set(calibration) - set(CALIBRATION_KEYS):
+        raise HarpqError(f"{where}: 'calibration' takes {', '.join(CALIBRATION_KEYS)}")
+    recipe = Recipe(method=method, layer=LayerRecipe(**{**METHODS[method], **layer}),
+                    ignore=[check_pattern(p, where) for p in ignore], overrides=overrides,
+                    scale_sweep=bool(d.get("scale_sweep", False)))
+    return recipe, {k: v for k, v in calibration.items() if v is not None}

@@ -252,7 +252,7 @@ QUANTIZE_BAD = [
     (["--bits", "7"], "offers"),
     (["--method", "quipsharp", "--bits", "5"], "e8p codebook offers 2, 3 and 4 bits"),
     (["--group-size", "5"], "group size must be 0"),
-    (["--group-size", "100"], "does not divide"),
+    (["--group-size", "100", "--no-ragged-groups"], "does not divide"),
     (["--method", "nope"], "Invalid value for '--method'"),
     (["--nsamples", "abc"], "not a valid integer"),
     (["--seed", "1e20"], "not a valid integer"),

@@ -82,7 +82,7 @@ class ScalarGrid(Codebook):
             divisors = [d for d in range(8, in_features + 1) if in_features % d == 0][:6]
             raise HarpqError(
                 f"group size {g} does not divide in_features {in_features} of {name} "
-                f"(divisors: {', '.join(map(str, divisors))}; or allow a shorter last group with --ragged-groups)"
+                f"(divisors: {', '.join(map(str, divisors))}; or allow a shorter last group: --ragged-groups)"
             )
 
     def prepare(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Paper-style perplexity: tokenize once, non-overlapping windows of `ctx`, drop the remainder.
 
-ppl = exp(mean token NLL over all windows), each window predicting its own ctx − 1 next tokens.
+ppl = exp(mean token NLL over all windows), each window predicting its own ctx − 1 next tokens. With
+`max_windows`, that many windows spread evenly over the text (first and last included) stand for it: a
+quick estimate whose slice is stated beside the number.
 """
 
 from __future__ import annotations
@@ -16,17 +18,35 @@ from ..errors import HarpqError
 from ..nn import QuantLinear
 
 
+def window_count(tokens: int, ctx: int) -> int:
+    windows = tokens // ctx
+    if windows == 0:
+        raise HarpqError(f"the text has {tokens} tokens, fewer than one window of {ctx}")
+    return windows
+
+
+def spread_windows(total: int, max_windows: int | None) -> torch.Tensor:
+    """Indices of `max_windows` of `total` windows, evenly spread from the first to the last (all if None)."""
+    if max_windows is not None and max_windows < 1:
+        raise HarpqError(f"--max-windows must be at least 1, not {max_windows}")
+    if max_windows is None or max_windows >= total:
+        return torch.arange(total)
+    if max_windows == 1:
+        return torch.tensor([0])
+    return torch.tensor([round(i * (total - 1) / (max_windows - 1)) for i in range(max_windows)])
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module, tokens: torch.Tensor, ctx: int, batch_size: int = 8, progress: bool = True,
-    desc: str = "ppl",
+    desc: str = "ppl", max_windows: int | None = None,
 ) -> float:
-    """Perplexity of `model` on the 1-D token tensor `tokens` at context length `ctx`."""
-    windows = tokens.numel() // ctx
-    if windows == 0:
-        raise HarpqError(f"the text has {tokens.numel()} tokens, fewer than one window of {ctx}")
+    """Perplexity of `model` on the 1-D token tensor `tokens` at context length `ctx` (over `max_windows`
+    evenly spread windows if given)."""
+    windows = window_count(tokens.numel(), ctx)
     device = next(model.parameters()).device
-    data = tokens[: windows * ctx].view(windows, ctx)
+    data = tokens[: windows * ctx].view(windows, ctx)[spread_windows(windows, max_windows)]
+    windows = data.shape[0]
     total, count = 0.0, 0
     for i in tqdm(range(0, windows, batch_size), desc=desc, disable=not progress, leave=False):
         batch = data[i : i + batch_size].to(device)

@@ -21,9 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HarpqError
+from ..paths import DEFAULT_TASKS_DIR, TASKS
 
-TASKS = ("arc_easy", "arc_challenge", "piqa", "winogrande", "boolq", "lambada_openai")
-DEFAULT_TASKS_DIR = Path("../shared/data/tasks")
 Pair = tuple[list[int], list[int]]
 
 
@@ -84,7 +83,7 @@ def load_task(name: str, tasks_dir: str | Path = DEFAULT_TASKS_DIR, limit: int |
         raise HarpqError(f"unknown task {name!r} (offered: {', '.join(TASKS)})")
     path = Path(tasks_dir) / f"{name}.jsonl"
     if not path.is_file():
-        raise HarpqError(f"task file {path} not found (pass --tasks-dir)")
+        raise HarpqError(f"task file {path} not found (pass --tasks-dir DIR or set HARPQ_TASKS_DIR)")
     need = REQUIRED_FIELDS.get(name, ("query", "choices", "gold"))
     docs = []
     try:

@@ -54,7 +54,8 @@ def _why_not(name: str, spec: dict[str, Any], fmt: str) -> str | None:
         return f"{name} has {cb.get('bits')}-bit codes; vLLM serves {fmt} integer weights at 4 or 8 bits"
     g = cb.get("group_size") or 0
     if g and spec["in_features"] % g:
-        return f"{name} has a shorter last group (--ragged-groups), which {fmt} cannot express"
+        return (f"{name} has a shorter last group ({g} does not divide {spec['in_features']}), which {fmt} cannot "
+                "express: quantize with a group size that divides every width (--no-ragged-groups checks that)")
     return None
 
 

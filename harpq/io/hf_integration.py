@@ -107,3 +107,6 @@ def register() -> None:
     """Idempotent registration with transformers' quantizer registry."""
     AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, HarpqConfig)
     AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, HarpqHfQuantizer)
+
+
+register()  # importing this module (harpq.load does) is enough to read harpq checkpoints

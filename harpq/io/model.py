@@ -7,6 +7,7 @@ layers whose linears are the weights to quantize. Nothing here imports a model-s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,12 +17,17 @@ from ..errors import HarpqError
 from ..nn import QuantLinear
 
 LINEAR_TYPES = (nn.Linear, QuantLinear)
+#: what a Hugging Face hub id looks like (`org/name` or `name`), as opposed to a local path
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def read_config(path: str | Path) -> dict:
     """config.json of a model directory, with clear errors for anything that is not one."""
     p = Path(path)
     if not p.exists():
+        if HUB_ID.fullmatch(str(path)) and not str(path).startswith(("/", ".", "~")):
+            raise HarpqError(f"model {path} not found locally (no hub access: harpq loads local directories only; "
+                             "download the model and pass its folder)")
         raise HarpqError(f"model path not found: {p}")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise HarpqError(f"not a model directory (no config.json): {p}")

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..paths import cache_root
+
 SOURCE_DIR = Path(__file__).parent / "cuda"
 log = logging.getLogger("harpq.kernels")
 
@@ -104,8 +106,7 @@ def compile_cubin(source: str, defines: dict[str, int], arch: str) -> bytes:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("HARPQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "harpq")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from ..io.model import check_finite
 from ..nn import QuantLinear
 from ..processors import make_processor
 from ..processors.incoherence import hessian_incoherence, weight_incoherence
-from ..recipe import LayerRecipe, Recipe
+from ..recipe import LayerRecipe, Recipe, check_pattern
 from ..rounding import ROUNDINGS, proxy_loss, round_weight
 
 
@@ -38,7 +38,14 @@ class LinearReport:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Fail fast on settings no layer could use (bits, group size, part names), before loading a model."""
+    """Fail fast on settings no layer could use (bits, group size, part names, patterns), before loading a model."""
+    for pattern in recipe.ignore:
+        check_pattern(pattern, "ignore")
+    for pattern, changes in recipe.overrides:
+        check_pattern(pattern, "override")
+        unknown = set(changes) - {f.name for f in fields(LayerRecipe)}
+        if unknown:
+            raise HarpqError(f"override {pattern!r}: unknown setting(s) {', '.join(sorted(unknown))}")
     for layer in recipe.layer_variants():
         make_codebook(layer.codebook_config())
         make_processor(layer.processor_config())
