@@ -90,7 +90,6 @@ def evaluate(
             raise HarpqError(f"cannot write {json_out}: {folder} is not writable")
     for task in tasks:  # fail on a bad task name or missing file before loading the model
         load_task(task, tasks_dir, limit=1)
-    texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
     if isinstance(model, nn.Module):
         if baseline not in (None, "none"):
             raise HarpqError("a baseline needs the model's directory, not an in-memory model")
@@ -100,6 +99,7 @@ def evaluate(
         if limit_ctx and ctx > limit_ctx:
             raise HarpqError(f"--ctx {ctx} is beyond the model's context of {limit_ctx} tokens")
         base_path, note = resolve_baseline(model, baseline)
+    texts = {Path(f).stem: read_text(f) for f in ppl}  # read all first: a bad path fails before any work
     name = str(model) if not isinstance(model, nn.Module) else type(model).__name__
     dtype = dtype or default_dtype(device)
     settings = {"ctx": ctx, "max_windows": max_windows, "tasks": sorted(tasks), "limit": limit,
@@ -114,6 +114,8 @@ def evaluate(
                                  ctx, limit, max_windows)
 
         base, cached = cached_baseline(base_path, {**settings, "ppl": list(ppl)}, compute)
+        if cached:
+            log.info("FP baseline %s: cached result of the same evaluation", base_path)
         result["baseline"] = {"model": str(base_path), **base, "cached": cached}
     elif note is not None and baseline not in (None, "none"):
         result["baseline_note"] = note
@@ -140,6 +142,8 @@ def _evaluate_one(model: str | Path | nn.Module, texts: dict[str, str], tasks, t
             result["ppl"][stem] = perplexity(model, tokens, ctx, batch_size, progress, desc=stem,
                                              max_windows=max_windows)
             result["windows"][stem] = [min(total, max_windows or total), total]
+            log.info("%s: perplexity %.3f over %d of %d windows of %d tokens", stem, result["ppl"][stem],
+                     *result["windows"][stem], ctx)
     if tasks:
         result["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), tasks_dir, limit, batch_size, progress)
     return result

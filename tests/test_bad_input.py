@@ -69,8 +69,10 @@ def test_group_size_not_offered(tiny_path, out, group):
 
 
 def test_group_size_not_dividing_the_layer(tiny_path, out):
-    quantize_fails(tiny_path, out, Recipe.preset("rtn", group_size=96, ragged_groups=False), "does not divide in_features 128 of model.")
-    quantize_fails(tiny_path, out, Recipe.preset("rtn", group_size=128, ragged_groups=False), "does not divide in_features 344 of .*down")
+    quantize_fails(tiny_path, out, Recipe.preset("rtn", group_size=96, ragged_groups=False),
+                   "does not divide in_features 128 of model.")
+    quantize_fails(tiny_path, out, Recipe.preset("rtn", group_size=128, ragged_groups=False),
+                   "does not divide in_features 344 of .*down")
 
 
 def test_nan_and_inf_weights(tmp_path, tiny_path, out):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -17,6 +18,8 @@ from ..processors import make_processor
 from ..processors.incoherence import hessian_incoherence, weight_incoherence
 from ..recipe import LayerRecipe, Recipe, check_pattern
 from ..rounding import ROUNDINGS, proxy_loss, round_weight
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,4 +109,6 @@ def quantize_linear(
             fit.update(proxy_loss_start=losses[1], kept="fitted" if chosen == 0 else "start")
         parts["fit"] = fit
     report = LinearReport(name, (m, n), losses[chosen], seconds, module.stored_bits() / (m * n), mu, parts)
+    log.info("%s: %s %d-bit, %.3f bits/weight, proxy loss %s, %.2f s", name, recipe.codebook, recipe.bits,
+             report.bits_per_weight, "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds)
     return module, report

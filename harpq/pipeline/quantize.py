@@ -334,8 +334,6 @@ def _quantize_planned(
                 hessian = collector.hessian(rel)
                 layer_recipe = _with_input_seed(layer_recipe, rel, collector, f"{prefix}.{i}.", recipe.layer.seed)
             module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
-            log.info("%s: %s %d-bit, proxy loss %s, %.2f s", full, layer_recipe.codebook, layer_recipe.bits,
-                     "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds)
             _set_submodule(layer, rel, module)
             specs[full] = module.spec()
             if log_path is not None:
