@@ -321,15 +321,15 @@ def evaluate(model, ppl_files, max_windows, tasks, tasks_dir, limit, baseline, c
 
 
 def _bits(value: float) -> str:
-    return "16 (FP)" if value == 16.0 else f"{value:.3f}"
+    return "FP, 16 bits/weight" if value == 16.0 else f"{value:.3f} bits/weight"
 
 
 def eval_lines(result: dict[str, Any]) -> list[str]:
     """The evaluation as a reader wants it: the model, its baseline, then each number beside the baseline's."""
     base = result.get("baseline")
-    lines = [f"model     {result['model']}  ({_bits(result['bits_per_weight'])} bits/weight)"]
+    lines = [f"model     {result['model']}  ({_bits(result['bits_per_weight'])})"]
     if base:
-        lines.append(f"baseline  {base['model']}  ({_bits(base['bits_per_weight'])} bits/weight"
+        lines.append(f"baseline  {base['model']}  ({_bits(base['bits_per_weight'])}"
                      + (", cached result)" if base.get("cached") else ")"))
     elif result.get("baseline_note"):
         lines.append(f"baseline  none: {result['baseline_note']}")
