@@ -2,6 +2,7 @@
 
     python benchmarks/gemv_speed.py [--shapes 7b,70b] [--batch 1,4,16] [--json out.json]
     python benchmarks/gemv_speed.py --sweep      # launch shapes (MT, WARPS, UNROLL) per format, shape, batch
+    python benchmarks/gemv_speed.py --pdl both   # each format with and without programmatic dependent launch
 
 Method: each implementation gets enough copies of its weights to span more than 4× the L2 cache, and the
 timed CUDA graph cycles through them, so every call streams its matrix from HBM as a decode step does
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from harpq.formats import E8PStages, ScalarGroups
-from harpq.kernels import select, tuning
+from harpq.kernels import nvrtc, select, tuning
 
 SHAPES = {
     "7b": [(4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008)],
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--pdl", choices=["auto", "off", "both"], default="auto",
+                        help="programmatic dependent launch of the harpq kernels (auto: where it works)")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
@@ -154,8 +157,12 @@ def main() -> None:
                 if tg is not None:
                     row["us"]["tinygemm int4 g128"] = tg * 1e6
                 for name in formats:
-                    t, backend = time_format(FORMATS[name], m, n, batch, gen)
-                    row["us"][name if backend == "cuda" else f"{name} ({backend})"] = t * 1e6
+                    for pdl in {"auto": [None], "off": [False], "both": [None, False]}[args.pdl]:
+                        nvrtc.PDL = pdl
+                        t, backend = time_format(FORMATS[name], m, n, batch, gen)
+                        label = name if backend == "cuda" else f"{name} ({backend})"
+                        row["us"][label + (", no PDL" if pdl is False and args.pdl == "both" else "")] = t * 1e6
+                    nvrtc.PDL = None
                 torch.cuda.empty_cache()
                 rows.append(row)
                 base = row["us"]["cuBLAS FP16"]

@@ -101,6 +101,48 @@ def test_kernels_are_captured_by_cuda_graphs():
     assert (y.double() - ref).norm() / ref.norm() < 2e-3
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("fmt", [ScalarGroups(2, 128, "int"), E8PStages(2, None)])
+def test_a_chain_of_dependent_gemvs_reads_each_input_after_its_producer(fmt, pdl, monkeypatch):
+    """Each GEMV's input is the previous GEMV's output and it adds the output before that as its residual;
+    with programmatic dependent launch a kernel starts before its producer ends, so reading x or the residual
+    too early gives wrong numbers here. Large square matrices (many blocks) in a CUDA graph, scaled to unit
+    gain, against the same chain in float64 from the decoded weights."""
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90")
+    monkeypatch.setattr(nvrtc, "PDL", pdl)
+    n, depth = 4096, 6
+    sets = []
+    for i in range(depth):
+        b = random_buffers(fmt, n, n, 40 + i)
+        gain = float(fmt.decode(b, n, n).double().norm()) / n**0.5  # |W x| ≈ gain |x| for random x
+        b["scales"] = (b["scales"].double() / gain).half()
+        sets.append(b)
+    x = torch.randn(1, n, device="cuda").half()
+    backend = select(fmt, x, n, n)
+    prepared = [backend.prepare(fmt, b, n, n) for b in sets]
+
+    def chain():
+        ys = [x]
+        for i, (b, p) in enumerate(zip(sets, prepared, strict=True)):
+            ys.append(backend.matmul(fmt, b, p, ys[-1], n, n, residual=ys[-2] if i else None))
+        return ys[1:]
+
+    chain()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = chain()
+    for trial in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = [x.double()]
+        for i, b in enumerate(sets):
+            ref.append(ref[-1] @ fmt.decode(b, n, n).double().T + (ref[-2] if i else 0))
+        for i, (got, want) in enumerate(zip(ys, ref[1:], strict=True)):
+            assert (got.double() - want).norm() / want.norm() < 1e-2, (trial, i)
+
+
 @pytest.mark.parametrize("method,bits", [("rtn", 4), ("gptq", 3), ("hqq", 4), ("quipsharp", 2), ("quipsharp", 4)])
 def test_quant_linear_uses_the_cuda_kernel(method, bits):
     from helpers import random_hessian

@@ -156,9 +156,31 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+#: programmatic dependent launch (see `gemv_common.cuh`): None = wherever it works (sm_90 on, a cuda-core
+#: that can ask for it, HARPQ_PDL not "0"); a benchmark sets it to compare.
+PDL: bool | None = None
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    if os.environ.get("HARPQ_PDL", "1") == "0" or torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    from cuda.core import LaunchConfig
+
+    try:
+        LaunchConfig(grid=1, block=32, programmatic_stream_serialization=True)
+    except TypeError:  # a cuda-core without the option
+        return False
+    return True
+
+
 def launch(kern: Any, grid: int, block: int, *args: Any) -> None:
-    """Launch on torch's current stream (captured by an active CUDA graph)."""
+    """Launch on torch's current stream (captured by an active CUDA graph), overlapping the kernel before
+    it where programmatic dependent launch is on."""
     from cuda.core import LaunchConfig
     from cuda.core import launch as cu_launch
 
-    cu_launch(_stream(torch.cuda.current_stream().cuda_stream), LaunchConfig(grid=grid, block=block), kern, *args)
+    pdl = _pdl_supported(torch.cuda.current_device()) if PDL is None else PDL
+    config = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=True) if pdl else \
+        LaunchConfig(grid=grid, block=block)
+    cu_launch(_stream(torch.cuda.current_stream().cuda_stream), config, kern, *args)

@@ -105,6 +105,26 @@ DEVICE void load_cached(const u32* p, u32* r, int n, bool on) {
               : "=r"(r[i]), "=r"(r[i + 1]) : "l"(p + i), "r"(pred) X_CLOBBER);
 }
 
+// Programmatic dependent launch (sm_90 on): launched with programmatic stream serialization, a GEMV
+// starts while the kernel before it finishes and streams its first weights (which no kernel writes) in
+// that time; it waits for the producer's results (its activations, the residual) before it reads them,
+// and lets the kernel after it start once its own loads are done. Without that launch attribute both
+// instructions do nothing. The waited-for pointer comes out of the wait, so no load through it can be
+// placed before it.
+template <class T>
+DEVICE const T* after_producer(const T* p) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" : "+l"(p) : : "memory");
+#endif
+    return p;
+}
+
+DEVICE void let_dependents_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" : : : "memory");
+#endif
+}
+
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
 DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm(
@@ -156,13 +176,6 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         rows.row[r] = row0 + 16 * (r >> 1) + g + 8 * (r & 1);
         rows.valid[r] = rows.row[r] < M;
     }
-    const u32* xrow[NT];
-    bool xon[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        xon[nt] = g + 8 * nt < batch;
-        xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
-    }
     float acc[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
@@ -172,6 +185,16 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
         if (warp + u * WARPS < nsteps) p.load(rows, warp + u * WARPS, t, cur[u]);
+
+    x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
+    asm("" : "+l"(residual) : "l"(x));  // so does the residual: its pointer now comes after the wait
+    const u32* xrow[NT];
+    bool xon[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        xon[nt] = g + 8 * nt < batch;
+        xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
+    }
     for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
         const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
@@ -190,6 +213,8 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
     }
+
+    let_dependents_start();
 
     // sum the accumulator sets, then the warps of the block
     constexpr int V = MT * NT * 4;
