@@ -3,6 +3,7 @@
     python benchmarks/gemv_speed.py [--shapes 7b,70b] [--batch 1,4,16] [--json out.json]
     python benchmarks/gemv_speed.py --sweep      # launch shapes (MT, WARPS, UNROLL) per format, shape, batch
     python benchmarks/gemv_speed.py --pdl both   # each format with and without programmatic dependent launch
+    python benchmarks/gemv_speed.py --variants "STAGES=0;STAGES=4"   # launch-shape settings side by side
 
 Method: each implementation gets enough copies of its weights to span more than 4× the L2 cache, and the
 timed CUDA graph cycles through them, so every call streams its matrix from HBM as a decode step does
@@ -136,8 +137,10 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--pdl", choices=["auto", "off", "both"], default="auto",
-                        help="programmatic dependent launch of the harpq kernels (auto: where it works)")
+    parser.add_argument("--pdl", choices=["off", "on", "both"], default="off",
+                        help="programmatic dependent launch of the harpq kernels (on: where it works)")
+    parser.add_argument("--variants", default="",
+                        help="';'-separated launch-shape settings (K=V,...) each format is timed with")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
@@ -157,12 +160,19 @@ def main() -> None:
                 if tg is not None:
                     row["us"]["tinygemm int4 g128"] = tg * 1e6
                 for name in formats:
-                    for pdl in {"auto": [None], "off": [False], "both": [None, False]}[args.pdl]:
-                        nvrtc.PDL = pdl
-                        t, backend = time_format(FORMATS[name], m, n, batch, gen)
-                        label = name if backend == "cuda" else f"{name} ({backend})"
-                        row["us"][label + (", no PDL" if pdl is False and args.pdl == "both" else "")] = t * 1e6
+                    for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
+                        for variant in args.variants.split(";"):
+                            nvrtc.PDL = pdl
+                            tuning.OVERRIDE.clear()
+                            tuning.OVERRIDE.update({k: int(v) for k, v in
+                                                    (kv.split("=") for kv in variant.split(",") if kv)})
+                            t, backend = time_format(FORMATS[name], m, n, batch, gen)
+                            label = name if backend == "cuda" else f"{name} ({backend})"
+                            label += ", PDL" if pdl and args.pdl == "both" else ""
+                            label += f" [{variant}]" if variant else ""
+                            row["us"][label] = t * 1e6
                     nvrtc.PDL = None
+                    tuning.OVERRIDE.clear()
                 torch.cuda.empty_cache()
                 rows.append(row)
                 base = row["us"]["cuBLAS FP16"]

@@ -156,14 +156,15 @@ def ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
-#: programmatic dependent launch (see `gemv_common.cuh`): None = wherever it works (sm_90 on, a cuda-core
-#: that can ask for it, HARPQ_PDL not "0"); a benchmark sets it to compare.
+#: programmatic dependent launch (see `gemv_common.cuh`): None = as HARPQ_PDL says ("1": on where it works,
+#: sm_90 on and a cuda-core that can ask for it; off by default: it speeds chains of GEMVs, but not a
+#: decode step, whose GEMVs follow other kernels); a benchmark sets it to compare.
 PDL: bool | None = None
 
 
 @functools.cache
 def _pdl_supported(device_index: int) -> bool:
-    if os.environ.get("HARPQ_PDL", "1") == "0" or torch.cuda.get_device_capability(device_index)[0] < 9:
+    if os.environ.get("HARPQ_PDL", "0") != "1" or torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
     from cuda.core import LaunchConfig
 
