@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harpq.formats import E8PStages, ScalarGroups
-from harpq.kernels import nvrtc, select, tuning
+from harpq.kernels import nvrtc, select
 
 if nvrtc.available():
     pytest.skip(f"CUDA kernels cannot run here: {nvrtc.available()}", allow_module_level=True)
@@ -58,21 +58,6 @@ def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch):
 @pytest.mark.parametrize("batch", [1, 8, 12, 16])
 def test_e8p_kernel_matches_reference(bits, m, n, batch):
     check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=bits + m + batch)
-
-
-RING_FORMATS = [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(4, 64, "fp16"),
-                ScalarGroups(3, 128, "int"), E8PStages(2, None), E8PStages(3, 2.04), E8PStages(4, 3.45)]
-
-
-@pytest.mark.parametrize("fmt", RING_FORMATS, ids=repr)
-@pytest.mark.parametrize("stages", [2, 4])
-@pytest.mark.parametrize("shape", [dict(MT=1, WARPS=8), dict(MT=2, WARPS=4)], ids=["mt1w8", "mt2w4"])
-@pytest.mark.parametrize("m,n,batch", [(40, 1024, 1), (272, 11008, 1), (72, 4096, 16)])
-def test_shared_memory_ring_matches_reference(fmt, stages, shape, m, n, batch, monkeypatch):
-    """Weights through the cp.async ring instead of registers; widths with fewer steps per warp than the
-    ring has stages, and many."""
-    monkeypatch.setattr(tuning, "OVERRIDE", {"STAGES": stages, **shape})
-    check(fmt, m, n, batch, seed=stages + m + batch)
 
 
 @pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), E8PStages(3, 2.04)])

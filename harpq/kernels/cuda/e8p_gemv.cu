@@ -36,6 +36,12 @@ DEVICE void field_pairs(u32 q, u32 offset, u32* p) {
     p[3] = hsub2(lop_and_or(q >> 8, FIELDS, EXP32), offset);
 }
 
+DEVICE u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
 // table word at byte `sel` of w (prmt selector 0x444k picks byte k, zero-extended) of the table at `base`
 DEVICE u32 lookup(u32 base, u32 w, u32 sel) {
     u32 r;
@@ -67,20 +73,19 @@ struct E8PPolicy {
 #endif
     };
 
-    template <class L>
     DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
         const int row_words = K / 16;
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
             const long long row = rows.valid[r] ? rows.row[r] : 0;
             const long long at = row * row_words + (4 * s + t) * NW;
-            L::stream(codes + at, d.w[r], NW);
+            load_stream(codes + at, d.w[r], NW);
 #if STAGE2 == 2
-            L::stream(codes2 + at, d.w2[r], NW);
+            load_stream(codes2 + at, d.w2[r], NW);
 #elif STAGE2 == 1
             const long long byte = row * (K / 8) + (4 * s + t) * NW * 2;
-            if (NW == 1) L::half(reinterpret_cast<const u16*>(codes2) + byte / 2, d.w2[r]);
-            else L::stream(codes2 + byte / 4, d.w2[r], NW / 2);
+            if (NW == 1) d.w2[r][0] = reinterpret_cast<const u16*>(codes2)[byte / 2];
+            else load_stream(codes2 + byte / 4, d.w2[r], NW / 2);
 #endif
         }
     }

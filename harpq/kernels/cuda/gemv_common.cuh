@@ -125,47 +125,6 @@ DEVICE void let_dependents_start() {
 #endif
 }
 
-// Where a policy's loads go. RegLoad: into registers (the step pipeline of the driver holds them).
-// AsyncLoad: cp.async into the thread's slot of a shared-memory ring, so that loads several steps ahead
-// are in flight without holding registers (the number of bytes in flight per SM, not the issue rate, bounds
-// these kernels when a grid is under one wave).
-struct RegLoad {
-    static DEVICE void stream(const u32* p, u32* r, int n) { load_stream(p, r, n); }
-    static DEVICE void word(const u32* p, bool on, u32* r) { *r = on ? *p : 0u; }
-    static DEVICE void half(const u16* p, u32* r) { *r = *p; }
-};
-
-DEVICE u32 shared_address(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-struct AsyncLoad {
-    static DEVICE void stream(const u32* p, u32* r, int n) {
-        const u32 a = shared_address(r);
-        if (n == 4) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" : : "r"(a), "l"(p) : "memory");
-        } else if (n == 2) {
-            asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" : : "r"(a), "l"(p) : "memory");
-        } else {
-            for (int i = 0; i < n; ++i)
-                asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" : : "r"(a + 4 * i), "l"(p + i) : "memory");
-        }
-    }
-    // zero-filled where !on (p must still be a valid address)
-    static DEVICE void word(const u32* p, bool on, u32* r) {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" : : "r"(shared_address(r)), "l"(p),
-                     "r"(on ? 4 : 0) : "memory");
-    }
-    static DEVICE void half(const u16* p, u32* r) { *r = *p; }  // too narrow for cp.async: a plain copy
-};
-
-DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" : : : "memory"); }
-
-template <int N>
-DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" : : "n"(N) : "memory"); }
-
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
 DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm(
@@ -178,9 +137,8 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 // ---------------------------------------------------------------------------------------------------
 // The driver shared by every format. Compile-time: MT (m-tiles of 16 rows per warp: 1 or 2), NT (n-tiles
 // of 8 batch rows: 1 or 2), WARPS (warps of a block, splitting K into steps), UNROLL (steps whose loads
-// go out together), XEARLY (see load_cached), STAGES (0: loads into registers; s ≥ 2: a ring of s steps in
-// shared memory, s − 1 of them in flight while one is decoded). A block owns 16·MT rows; warp w takes steps
-// w, w + WARPS, ...; the loads of later steps are issued before the current one is decoded (software
+// go out together), XEARLY (see load_cached). A block owns 16·MT rows; warp w takes steps w, w + WARPS,
+// ...; the loads of the next UNROLL steps are issued before the current ones are decoded (software
 // pipelining), and with one m-tile
 // the k-tiles alternate between two accumulator sets, so the tensor-core chain is never one long
 // dependency. The format policy P supplies:
@@ -189,10 +147,6 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   p.load(rows, s, t, step) issue those loads
 //   p.compute(rows, s, t, step, xs, xon, acc)   decode + mma; xs: the thread's activations of step s,
 //                            xon: whether its batch rows exist
-
-#ifndef STAGES
-#define STAGES 0
-#endif
 
 constexpr int ACC_SETS = MT == 1 ? 2 : 1;
 constexpr int ACC = ACC_SETS * MT * NT * 4;
@@ -206,22 +160,6 @@ struct Rows {
 DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     const int set = ACC_SETS == 2 ? (kt & 1) : 0;
     mma16816(acc + ((set * MT + mt) * NT + nt) * 4, a0, a1, a2, a3, b0, b1);
-}
-
-// The shared-memory ring: one slot per thread and stage, an odd number of 16-byte chunks long (a warp's
-// 16-byte reads of its slots then fall in distinct banks), as many stages as STAGES asks and static shared
-// memory (48 KB, less the reduction's and a format's tables' ≤ 3 KB) allows; 0 (registers) below two.
-struct alignas(16) RingChunk { u32 v[4]; };
-
-template <class Step>
-__host__ __device__ constexpr int ring_chunks() { return int((sizeof(Step) + 15) / 16) | 1; }
-
-template <class Step>
-__host__ __device__ constexpr int ring_stages() {
-    const int stage = ring_chunks<Step>() * 16 * WARPS * 32;
-    const int budget = 45 * 1024 - WARPS * MT * NT * 4 * 32 * 4;
-    const int n = STAGES * stage <= budget ? STAGES : budget / stage;
-    return n >= 2 ? n : 0;
 }
 
 // y = scale · acc (+ residual, when given: the residual add of a decoder layer, fused)
@@ -243,63 +181,37 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
 
     const int nsteps = K / P::STEP;
-    using Step = typename P::Step;
+    typename P::Step cur[UNROLL], nxt[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+        if (warp + u * WARPS < nsteps) p.load(rows, warp + u * WARPS, t, cur[u]);
+
+    x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
+    asm("" : "+l"(residual) : "l"(x));  // so does the residual: its pointer now comes after the wait
     const u32* xrow[NT];
     bool xon[NT];
-    // after the first weight loads: where this thread's activations start (x and the residual come from
-    // the kernel before, the weights do not)
-    auto find_activations = [&]() {
-        x = after_producer(x);
-        asm("" : "+l"(residual) : "l"(x));  // the residual's pointer, too, now comes after the wait
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            xon[nt] = g + 8 * nt < batch;
-            xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
-        }
-    };
-    auto compute = [&](int s, const Step& d) {
-        const u32* xs[NT];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + s * (P::STEP / 2);
-        p.compute(rows, s, t, d, xs, xon, acc);
-    };
-
-    constexpr int NST = ring_stages<Step>();
-    if constexpr (NST >= 2) {
-        __shared__ RingChunk ring[NST][WARPS * 32][ring_chunks<Step>()];
-        auto slot = [&](int i) -> Step& { return *reinterpret_cast<Step*>(ring[i][threadIdx.x]); };
-        const int mine = nsteps > warp ? (nsteps - warp + WARPS - 1) / WARPS : 0;  // this warp's steps
-#pragma unroll
-        for (int i = 0; i < NST - 1; ++i) {
-            if (i < mine) p.template load<AsyncLoad>(rows, warp + i * WARPS, t, slot(i));
-            cp_async_commit();
-        }
-        find_activations();
-        for (int k = 0; k < mine; ++k) {
-            const int ahead = k + NST - 1;
-            if (ahead < mine) p.template load<AsyncLoad>(rows, warp + ahead * WARPS, t, slot(ahead % NST));
-            cp_async_commit();
-            cp_async_wait<NST - 1>();  // step k's copies have landed
-            const Step cur = slot(k % NST);
-            compute(warp + k * WARPS, cur);
-        }
-    } else {
-        Step cur[UNROLL], nxt[UNROLL];
+    for (int nt = 0; nt < NT; ++nt) {
+        xon[nt] = g + 8 * nt < batch;
+        xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
+    }
+    for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
+        const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
-            if (warp + u * WARPS < nsteps) p.template load<RegLoad>(rows, warp + u * WARPS, t, cur[u]);
-        find_activations();
-        for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
-            const int s1 = s0 + WARPS * UNROLL;
+            if (s1 + u * WARPS < nsteps) p.load(rows, s1 + u * WARPS, t, nxt[u]);
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-                if (s1 + u * WARPS < nsteps) p.template load<RegLoad>(rows, s1 + u * WARPS, t, nxt[u]);
+        for (int u = 0; u < UNROLL; ++u) {
+            const int s = s0 + u * WARPS;
+            if (s < nsteps) {
+                const u32* xs[NT];
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u)
-                if (s0 + u * WARPS < nsteps) compute(s0 + u * WARPS, cur[u]);
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
+                for (int nt = 0; nt < NT; ++nt) xs[nt] = xrow[nt] + s * (P::STEP / 2);
+                p.compute(rows, s, t, cur[u], xs, xon, acc);
+            }
         }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
     }
 
     let_dependents_start();

@@ -96,14 +96,13 @@ struct ScalarPolicy {
         u32 m[2 * MT];
     };
 
-    template <class L>
     DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
         const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all of a row)
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
             const int row = rows.valid[r] ? rows.row[r] : 0;
-            L::stream(codes + (long long)row * row_words + (4 * s + t) * NW, d.w[r], NW);
-            L::word(meta + (long long)gi * M + row, rows.valid[r], &d.m[r]);
+            load_stream(codes + (long long)row * row_words + (4 * s + t) * NW, d.w[r], NW);
+            d.m[r] = rows.valid[r] ? meta[(long long)gi * M + row] : 0u;
         }
     }
 
