@@ -365,7 +365,7 @@ EVAL_BAD = [
     (["--ppl", "{text}", "--batch-size", "0"], "batch size"),
     (["--ppl", "{text}", "--json", "{nodir}/r.json"], "no folder"),
     (["--ppl", "{text}", "--device", "tpu"], "unknown device"),
-    (["--ppl", "{text}", "--device", "cuda"], "cuda"),
+    (["--ppl", "{text}", "--device", "cuda"], "no CUDA GPU is visible"),
     (["--ppl", "{text}", "--dtype", "float8"], "Invalid value for '--dtype'"),
     (["--ppl", "{bad_utf8}"], "not UTF-8"),
     (["--tasks", "nope"], "unknown task"),
@@ -409,6 +409,12 @@ def test_eval_bad_options(tiny_path, eval_files, capsys, extra, match):
 def test_other_commands_bad_input(tiny_path, tmp_path, capsys, argv, match):
     names = {"model": tiny_path, "missing": tmp_path / "missing", "out": tmp_path / "cmp"}
     one_line_error([a.format(**names) for a in argv], capsys, match)
+
+
+def test_generate_on_cuda_without_a_gpu_says_so(tiny_path, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    one_line_error(["generate", tiny_path, "Hi", "--device", "cuda"], capsys, "no CUDA GPU is visible")
 
 
 def test_bench_without_cuda_is_one_line(capsys):
