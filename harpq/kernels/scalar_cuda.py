@@ -45,7 +45,8 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
             device_index: int = 0) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale,
-              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0)}
+              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
+                             one_wave=True)}
     return tuple(sorted(config.items()))
 
 

@@ -24,17 +24,25 @@ def _sm_count(device_index: int) -> int:
 
 
 def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_index: int = 0,
-                 in_flight: int = 4, xearly_many: int = 1) -> dict[str, int]:
+                 in_flight: int = 4, xearly_many: int = 1, one_wave: bool = False) -> dict[str, int]:
     """steps: K-steps of a row tile; words_per_row: 32-bit words one step loads per row and thread;
     in_flight: words per row a warp should have in flight with many row tiles; xearly_many: XEARLY then
-    (the sweep preferred it for E8P, not for scalar grids)."""
+    (the sweep preferred it for E8P, not for scalar grids); one_wave: at batch ≤ 4 with many rows, one
+    m-tile per warp and registers capped (MIN_BLOCKS) so that all blocks are resident at once, where
+    that takes at most 8 blocks per SM (the ncu profile found these grids under one wave with the warps
+    waiting on loads; measured on the H200 for the scalar grids, not for E8P)."""
     nt = 1 if batch <= 8 else 2
     xearly = 1 if nt == 1 else 0  # with two n-tiles the early activations cost too many registers
-    if m > 2 * _sm_count(device_index) * 16:
+    sms = _sm_count(device_index)
+    extra = {}
+    if m > 2 * sms * 16:
         mt = 2 if batch > 4 or words_per_row < 4 or in_flight > 4 else 1
+        per_sm = -(-m // (16 * sms))  # blocks per SM with one m-tile
         warps, unroll = 4, max(1, in_flight // (mt * words_per_row))
+        if one_wave and batch <= 4 and per_sm <= 8:  # capped registers leave no room for a second step
+            mt, unroll, extra = 1, 1, {"MIN_BLOCKS": per_sm}
         xearly = xearly and xearly_many
     else:
         mt, warps = (1 if batch <= 4 else 2), (8 if steps >= 8 else 4)
-        unroll = 2 if mt * words_per_row <= 4 else 1
-    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": xearly, **OVERRIDE}
+        unroll = 2 if mt * words_per_row <= 4 and words_per_row != 3 else 1  # 3-bit: slower at two (H200)
+    return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": xearly, **extra, **OVERRIDE}

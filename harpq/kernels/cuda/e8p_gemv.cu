@@ -130,7 +130,7 @@ struct E8PPolicy {
     }
 };
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void GEMV_BOUNDS
 harpq_e8p_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes,
                const u32* __restrict__ codes2, const u32* __restrict__ tables, const u16* __restrict__ scale,
                u32 resid_inv, u16* __restrict__ y, const u16* __restrict__ residual, int M, int K) {

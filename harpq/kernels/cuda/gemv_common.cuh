@@ -148,6 +148,15 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   p.compute(rows, s, t, step, xs, xon, acc)   decode + mma; xs: the thread's activations of step s,
 //                            xon: whether its batch rows exist
 
+// MIN_BLOCKS: blocks per SM the register allocation must leave room for, so that a grid just over what
+// fits fills the GPU in one wave (a second launch-bounds argument of 1 is not the same as none: it
+// changes the allocation, so it is only given where asked for)
+#if defined(MIN_BLOCKS) && MIN_BLOCKS > 1
+#define GEMV_BOUNDS __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+#else
+#define GEMV_BOUNDS __launch_bounds__(WARPS * 32)
+#endif
+
 constexpr int ACC_SETS = MT == 1 ? 2 : 1;
 constexpr int ACC = ACC_SETS * MT * NT * 4;
 

@@ -190,7 +190,7 @@ struct ScalarPolicy {
     }
 };
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void GEMV_BOUNDS
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
                   const u32* __restrict__ meta, int group_shift, u16* __restrict__ y,
                   const u16* __restrict__ residual, int M, int K) {
