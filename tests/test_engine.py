@@ -181,3 +181,70 @@ def test_quant_linears_stack_exactly_where_their_format_allows(method, stackable
         if stackable:
             assert torch.equal(fused(x), want)
             assert torch.equal(torch.cat([m(x) for m in mods], dim=-1), want)  # originals still exact
+
+
+def _group(method: str, input_seeds: tuple[int, ...], n: int = 256):
+    from dataclasses import replace
+
+    from helpers import random_hessian
+
+    from harpq.pipeline.linear import quantize_linear
+
+    torch.manual_seed(0)
+    h = random_hessian(n, tokens=1024)
+    mods = []
+    for i, (rows, seed) in enumerate(zip((64, 32, 48), input_seeds, strict=True)):
+        recipe = replace(harpq.Recipe.preset(method, bits=2).for_module(f"m{i}"), input_seed=seed)
+        mods.append(quantize_linear(f"m{i}", torch.randn(rows, n) * 0.02, h, recipe)[0])
+    return mods
+
+
+@pytest.mark.parametrize("method", ["quipsharp", "quip"])
+def test_linears_with_one_input_side_apply_it_once(method, monkeypatch):
+    from harpq.nn import QuantLinear, SharedInput
+
+    mods = _group(method, (7, 7, 7))
+    group = SharedInput.build(mods)
+    assert group is not None
+    for m in mods:
+        m.use_kernels = True  # the per-call path (on the CPU: the PyTorch reference), not the dense copies
+    calls = []
+    monkeypatch.setattr(QuantLinear, "rotate_input", lambda self, rows, f=QuantLinear.rotate_input:
+                        calls.append(self) or f(self, rows))
+    x = torch.randn(2, 3, 256)
+    with torch.no_grad():
+        got = group(x)
+        assert len(calls) == 1
+        want = [m(x) for m in mods]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert [g.shape for g in got] == [(2, 3, 64), (2, 3, 32), (2, 3, 48)]
+
+
+@pytest.mark.parametrize("method,seeds", [("quipsharp", (7, 7, 8)), ("gptq", (7, 7, 7))])
+def test_no_shared_input_where_the_input_sides_differ_or_there_are_none(method, seeds):
+    from harpq.nn import SharedInput
+
+    assert SharedInput.build(_group(method, seeds)) is None
+
+
+@torch.no_grad()
+def test_engine_shares_the_input_transform_of_q_k_v_and_gate_up():
+    """bench models draw q/k/v's and gate/up's input sides once per group, as the pipeline does; the
+    engine then rotates each group's input once, and the step equals the one through dense weights."""
+    from harpq.nn import QuantLinear, SharedInput
+
+    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=256, vocab=64)
+    decoder = build(shape, "quipsharp2", "cpu")
+    blk = decoder.blocks[0]
+    assert isinstance(blk.qkv, SharedInput) and isinstance(blk.gate_up, SharedInput)
+    assert len(blk.qkv.mods) == 3 and len(blk.gate_up.mods) == 2
+    assert build(shape, "harp2", "cpu").blocks[0].qkv is None  # learned input sides differ per module
+    ids = torch.tensor([[1, 2, 3]])
+    decoder.setup_cache(1, 4)
+    dense = decoder(ids, torch.arange(3)).double()
+    for m in decoder.modules():
+        if isinstance(m, QuantLinear):
+            m.use_kernels = True
+    decoder.setup_cache(1, 4)
+    shared = decoder(ids, torch.arange(3)).double()
+    assert torch.allclose(shared, dense, rtol=1e-3, atol=1e-3 * dense.abs().max())

@@ -13,6 +13,7 @@ import gc
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ..codebooks import make_codebook
 from ..errors import HarpqError
 from ..nn import QuantLinear
 from ..processors import make_processor
-from ..recipe import Recipe
+from ..recipe import Recipe, derive_seed
 from .decoder import SHAPES, Block, Decoder, DecoderShape
 from .runner import DecodeRunner
 
@@ -50,10 +51,17 @@ def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(t.shape, device=t.device, generator=gen) * 0.01 + 0.001).to(t.dtype)
 
 
+#: linears that read one input: the pipeline draws their input side once (see `pipeline.quantize`)
+INPUT_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
 def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f: int, name: str,
                         device: torch.device, gen: torch.Generator) -> QuantLinear:
-    """A QuantLinear of the format with random codes, scales and (HARP) learned-looking rotations."""
+    """A QuantLinear of the format with random codes, scales and (HARP) learned-looking rotations; q/k/v
+    and gate/up share their input side's seed, as in a quantized checkpoint."""
     layer = Recipe.preset(method, **settings).for_module(name)
+    prefix, _, leaf = name.rpartition(".")
+    layer = replace(layer, input_seed=derive_seed(0, f"{prefix}.{INPUT_GROUPS.get(leaf, leaf)}"))
     processor = make_processor(layer.processor_config())
     module = QuantLinear(in_f, out_f, make_codebook(layer.codebook_config()), processor, device=device)
     params = processor.init_buffers(out_f, in_f)
@@ -102,10 +110,11 @@ def step_bytes(decoder: Decoder) -> dict[str, int]:
             if mod is None:
                 continue
             linear += sum(t.numel() * t.element_size() for t in (*mod.parameters(), *mod.buffers()))
-            for _, (meta, plans) in getattr(mod, "_kernel_meta", {}).values():
-                # the kernels read run-time copies (fp16 scales, float32 stage blocks), not the stored ones
-                linear += sum(t.numel() * t.element_size() for t in meta)
-                linear += sum(p.blocks.numel() * 4 + p.signs.numel() * 4 for p in plans or ())
+            for sub in mod.modules():
+                for _, (meta, plans) in getattr(sub, "_kernel_meta", {}).values():
+                    # the kernels read run-time copies (fp16 scales, float32 stage blocks), not the stored ones
+                    linear += sum(t.numel() * t.element_size() for t in meta)
+                    linear += sum(p.blocks.numel() * 4 + p.signs.numel() * 4 for p in plans or ())
     head = decoder.lm_head.weight.numel() * 2
     return {"linears": linear, "lm_head": head, "kv_cache": decoder.cache_bytes(),
             "total": linear + head + decoder.cache_bytes()}
@@ -127,9 +136,23 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / sorted(times[5:])[len(times[5:]) // 2]
 
 
+def count_launches(runner: DecodeRunner, steps: int = 2) -> dict[str, float]:
+    """Kernels per decode step, all and the online transforms' (stage kernels), from the profiler's record
+    of `steps` graph replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.decode(steps)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+             and not e.name.startswith(("Memcpy", "Memset"))]
+    return {"launches": len(names) / steps, "transform_launches": sum("_stage" in n for n in names) / steps}
+
+
 def time_decode(decoder: Decoder, batch: int, steps: int, prompt: int = 16, repeats: int = 3) -> tuple[float, dict]:
-    """Seconds per decode step (median of `repeats` runs of `steps` graph replays) and the bytes read."""
-    runner = DecodeRunner(decoder, batch, prompt + steps * (repeats + 1) + 8)
+    """Seconds per decode step (median of `repeats` runs of `steps` graph replays), the bytes read and the
+    kernel launches per step."""
+    runner = DecodeRunner(decoder, batch, prompt + steps * (repeats + 1) + 8 + 2)
     tokens = torch.randint(0, decoder.shape.vocab, (batch, prompt), device=decoder.device)
     runner.prefill(tokens)
     runner.decode(steps)  # capture and warm-up
@@ -140,7 +163,7 @@ def time_decode(decoder: Decoder, batch: int, steps: int, prompt: int = 16, repe
         runner.decode(steps)
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / steps)
-    return sorted(times)[len(times) // 2], step_bytes(decoder)
+    return sorted(times)[len(times) // 2], {**step_bytes(decoder), **count_launches(runner)}
 
 
 def run(shape_name: str, formats: list[str], batches: list[int], steps: int = 64,
@@ -174,10 +197,12 @@ def run(shape_name: str, formats: list[str], batches: list[int], steps: int = 64
             row = {"format": fmt, "batch": batch, "tok_s": batch / seconds, "step_ms": seconds * 1e3,
                    "bytes_per_step": nbytes["total"], "linear_bytes": nbytes["linears"],
                    "gb_s": nbytes["total"] / seconds / 1e9, "of_copy": nbytes["total"] / seconds / copy,
+                   "launches": nbytes["launches"],
+                   "transform_launches_per_layer": nbytes["transform_launches"] / shape.layers,
                    "build_s": round(built, 1)}
             rows.append(row)
             echo(f"{fmt:<11} batch {batch:>2}: {row['tok_s']:8.1f} tok/s  {row['step_ms']:7.3f} ms/step  "
-                 f"{row['gb_s']:7.0f} GB/s ({row['of_copy']:.0%} of copy)")
+                 f"{row['gb_s']:7.0f} GB/s ({row['of_copy']:.0%} of copy)  {row['launches']:.0f} launches")
         del decoder
         gc.collect()
         torch.cuda.empty_cache()
@@ -193,9 +218,11 @@ def run(shape_name: str, formats: list[str], batches: list[int], steps: int = 64
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"{result['shape']} on {result['device']}, copy {result['copy_bytes_per_s'] / 1e12:.2f} TB/s",
-             "| format | batch | tok/s | vs fp16 | GB/s | of copy |", "|---|---|---|---|---|---|"]
+             "| format | batch | tok/s | vs fp16 | GB/s | of copy | launches / token | transform launches / layer |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         vs = f"{r['vs_fp16']:.2f}×" if r["vs_fp16"] else "–"
         lines.append(f"| {r['format']} | {r['batch']} | {r['tok_s']:.1f} | {vs} | {r['gb_s']:.0f} "
-                     f"| {r['of_copy']:.0%} |")
+                     f"| {r['of_copy']:.0%} | {r.get('launches', 0):.0f} "
+                     f"| {r.get('transform_launches_per_layer', 0):.1f} |")
     return "\n".join(lines)

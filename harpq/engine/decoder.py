@@ -19,7 +19,7 @@ from .. import kernels
 from ..errors import HarpqError
 from ..io.model import attention_windows, engine_unsupported
 from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
-from ..nn import QuantLinear
+from ..nn import QuantLinear, SharedInput
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -61,13 +61,19 @@ def _fusable(mods: list[nn.Module]) -> bool:
 
 
 def _stack(mods: list[nn.Module]) -> nn.Module | None:
-    """One module for linears that read the same input: fp16 weights concatenated, or quantized matrices
-    stacked where their format allows (`QuantLinear.stack`); None otherwise."""
+    """One module for linears that read the same input: fp16 weights concatenated, quantized matrices
+    stacked where their format allows (`QuantLinear.stack`), or else quantized linears with one input
+    transform applied once (`SharedInput`, whose output is a list); None otherwise."""
     if _fusable(mods):
         return _concat(mods)
     if all(isinstance(m, QuantLinear) for m in mods):
-        return QuantLinear.stack(mods)
+        return QuantLinear.stack(mods) or SharedInput.build(mods)
     return None
+
+
+def _outputs(out: torch.Tensor | list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """A stacked module's output split into its members' (a SharedInput gives them already apart)."""
+    return list(out) if isinstance(out, list) else list(out.split(sizes, dim=-1))
 
 
 def _concat(mods: list[nn.Module]) -> nn.Linear:
@@ -116,7 +122,7 @@ class Block(nn.Module):
         mask = masks[self.window]
         h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
         if self.qkv is not None:
-            q, k, v = self.qkv(h).split([s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd], dim=-1)
+            q, k, v = _outputs(self.qkv(h), [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
         else:
             q, k, v = (self.linears[n](h) for n in ATTN[:3])
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
@@ -136,7 +142,7 @@ class Block(nn.Module):
         if self.moe is not None:
             return x + self.moe(h)
         if self.gate_up is not None:
-            gate, up = self.gate_up(h).chunk(2, dim=-1)
+            gate, up = _outputs(self.gate_up(h), [s.ffn, s.ffn])
         else:
             gate, up = self.linears["gate_proj"](h), self.linears["up_proj"](h)
         return _add_linear(x, self.linears["down_proj"], silu_mul(gate, up, fused))

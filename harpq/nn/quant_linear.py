@@ -199,24 +199,50 @@ class QuantLinear(nn.Module):
         if dense is not None:
             y = torch.nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
             return y if residual is None else residual + y
-        pb = self._buffers_of(self._processor_names)
-        cb = self._buffers_of(self._codebook_names)
-        m, n = self.out_features, self.in_features
-        rows = x.reshape(-1, n)
+        rows = self.rotate_input(x.reshape(-1, self.in_features))
+        return self.from_rotated(rows, x.shape[:-1], residual)
+
+    def shares_input_side(self, other: QuantLinear) -> bool:
+        """Whether `other` applies the same input transform Vᵀ (same kind, same parameters): then linears that
+        read one input need it once (`SharedInput`)."""
+        mine, theirs = self.processor.input_side(self.in_features), other.processor.input_side(other.in_features)
+        if mine is None or theirs is None or mine[0] != theirs[0] or self.in_features != other.in_features:
+            return False
+        return all(torch.equal(getattr(self, k), getattr(other, k)) for k in mine[1])
+
+    def _run_context(self, rows: torch.Tensor):
+        """(backend, its prepared tensors, stage plans or None) for a call on `rows`."""
         staged = self._transform_kernels(rows)
-        backend = kernels.select(self.format, rows, m, n, fast=self.use_kernels is not False)
+        backend = kernels.select(self.format, rows, self.out_features, self.in_features,
+                                 fast=self.use_kernels is not False)
         prepared, plans = self._run_meta(rows.device, backend, staged)
+        return backend, prepared, plans
+
+    def rotate_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vᵀ x for rows (N, in_features)."""
+        _, _, plans = self._run_context(rows)
         if plans:
             from ..kernels.stages import apply_plan
 
-            rows = apply_plan(plans[1], rows, False)
-        else:
-            rows = self.processor.apply_input(pb, rows)
+            return apply_plan(plans[1], rows, False)
+        return self.processor.apply_input(self._buffers_of(self._processor_names), rows)
+
+    def from_rotated(self, rows: torch.Tensor, lead: torch.Size | tuple[int, ...],
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+        """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features)."""
+        m, n = self.out_features, self.in_features
+        backend, prepared, plans = self._run_context(rows)
         fuse = residual is not None and self.bias is None and self.processor.config()["name"] == "none" \
             and residual.dtype == rows.dtype
-        z = backend.matmul(self.format, cb, prepared, rows, m, n, residual.reshape(-1, m) if fuse else None)
-        y = apply_plan(plans[0], z, True) if plans else self.processor.apply_output(pb, z)
-        y = y.view(*x.shape[:-1], m)
+        z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows, m, n,
+                           residual.reshape(-1, m) if fuse else None)
+        if plans:
+            from ..kernels.stages import apply_plan
+
+            y = apply_plan(plans[0], z, True)
+        else:
+            y = self.processor.apply_output(self._buffers_of(self._processor_names), z)
+        y = y.view(*lead, m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if residual is not None and not fuse:

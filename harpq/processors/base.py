@@ -60,6 +60,11 @@ class Processor(ABC):
     def apply_output(self, buffers: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """y -> U y over the last dim."""
 
+    def input_side(self, in_features: int) -> tuple[dict[str, Any], list[str]] | None:
+        """(what the input side V is, the names of its buffers): modules with equal specs and equal buffers
+        apply the same Vᵀ x, so linears reading one input can apply it once. None: no input side."""
+        return None
+
     def stage_plans(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int):
         """(output side, input side) as `kernels.stages.StagePlan`s for the run-time kernels, or None where
         the transform is not a product of block stages (then `apply_input`/`apply_output` run)."""

@@ -66,6 +66,10 @@ class TwoSided(Processor):
     def apply_output(self, buffers: Buffers, y: torch.Tensor) -> torch.Tensor:
         return self.side("out", y.shape[-1]).backward(buffers, "u_", y)
 
+    def input_side(self, in_features: int) -> tuple[dict[str, Any], list[str]]:
+        side = self.side("in", in_features)
+        return {"processor": self.name, **side.spec()}, list(side.buffer_specs("v_"))
+
     def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
         from ..kernels.stages import StagePlan
 
