@@ -74,6 +74,11 @@ def test_every_kernel_configuration_compiles_for_sm_90():
     _compiles(configs, "sm_90")
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_the_hadamard_kernel_compiles(arch):
+    _compiles([("hadamard.cu", ())], arch)
+
+
 def test_each_format_compiles_for_sm_80():
     """sm_80 differs from sm_90 only where the sources test the architecture (programmatic dependent
     launch): one configuration per format and launch regime (batch, rows) is enough there."""

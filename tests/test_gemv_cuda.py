@@ -162,3 +162,24 @@ def test_quant_linear_uses_the_cuda_kernel(method, bits):
     module.use_kernels = None
     got = module(x).float()
     assert (got - ref).norm() / ref.norm() < 3e-3
+
+
+@pytest.mark.parametrize("n", [256, 512, 1024, 4096, 8192])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_one_launch_hadamard_matches_the_definition_and_the_stage_kernels(n, rows, transpose):
+    from harpq.hadamard import hadamard_transform
+    from harpq.kernels import hadamard_cuda
+    from harpq.kernels.stages import stage_product
+    from harpq.processors import make_processor
+
+    p = make_processor({"name": "rht", "seed": n})
+    plan = p.stage_plans({k: v.cuda() for k, v in p.init_buffers(n, n).items()}, n, n)[1]
+    assert plan.sylvester
+    x = torch.randn(rows, n, device="cuda").half()
+    s = plan.signs.double()
+    want = s * hadamard_transform(x.double()) if transpose else hadamard_transform(x.double() * s)
+    got = hadamard_cuda.hadamard_rows(x, plan.signs, transpose)
+    assert (got.double() - want).norm() / want.norm() < 2e-3
+    staged = stage_product(x, plan.signs, plan.blocks, plan.table, transpose)
+    assert (got.double() - staged.double()).abs().max() <= 2e-3 * want.abs().max()

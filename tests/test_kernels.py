@@ -64,3 +64,16 @@ def test_quant_linear_kernel_path_with_transforms(method):
     ref = module(x)
     module.use_kernels = True
     assert torch.allclose(module(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_plans_know_when_they_are_a_sylvester_hadamard():
+    """Only the RHT at a power-of-two width (signs, then Sylvester stages) may take the one-launch kernel."""
+    from harpq.processors import make_processor
+
+    def sylvester(config, m, n):
+        p = make_processor(config)
+        return [plan.sylvester for plan in p.stage_plans(p.init_buffers(m, n), m, n)]
+
+    assert sylvester({"name": "rht", "seed": 1}, 4096, 4096) == [True, True]
+    assert sylvester({"name": "rht", "seed": 1}, 11008, 4096) == [False, True]  # H_172 ⊗ H_64 outputs
+    assert sylvester({"name": "harp", "seed": 1, "schedule": "kron"}, 4096, 4096) == [False, False]

@@ -99,7 +99,7 @@ def compile_cubin(source: str, defines: dict[str, int], arch: str) -> bytes:
     cc = _cuda_core()
     options = cc.ProgramOptions(
         name=source, arch=arch, std="c++17", include_path=[str(SOURCE_DIR)],
-        define_macro=[(k, str(v)) for k, v in sorted(defines.items())],
+        define_macro=[(k, str(v)) for k, v in sorted(defines.items())] or None,
     )
     code = (SOURCE_DIR / source).read_text()
     return bytes(cc.Program(code, code_type="c++", options=options).compile("cubin").code)

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import hadamard_cuda
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _PAIR_TILE = 4096  # largest [positions, outer, inner, radix] product tile of a fused pair
 # Tile sizes (elements of a [outputs, radix] tile; of a pair's product tile) are autotuned per shape.
@@ -141,6 +143,9 @@ class StagePlan:
     signs: torch.Tensor
     blocks: torch.Tensor
     table: list[int]
+    #: every stage is the orthonormal Sylvester H_r shared by all positions, so the product is H_n / √n
+    #: (the RHT at a power-of-two width): `hadamard_cuda` can run it in one launch
+    sylvester: bool = False
 
     @classmethod
     def build(cls, signs: torch.Tensor, kernels: list[torch.Tensor], schedule: list[int]) -> StagePlan:
@@ -152,7 +157,19 @@ class StagePlan:
             table += [b, stride, offset, per]
             offset += k.numel()
             stride *= b
-        return cls(n, signs.float().contiguous(), torch.cat(flat).contiguous(), table)
+        sylvester = all(k.dim() == 2 and torch.allclose(k.double().cpu(), _sylvester(b), rtol=0, atol=1e-12)
+                        for k, b in zip(kernels, schedule, strict=True))
+        return cls(n, signs.float().contiguous(), torch.cat(flat).contiguous(), table, sylvester)
+
+
+def _sylvester(r: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of order r (a power of two), float64; zeros otherwise."""
+    if r < 1 or r & (r - 1):
+        return torch.zeros(r, r, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < r:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / r ** 0.5
 
 
 @torch.library.custom_op("harpq::stage_product", mutates_args=())
@@ -217,4 +234,6 @@ def _(x, signs, blocks, table, transpose):
 def apply_plan(plan: StagePlan, x: torch.Tensor, transpose: bool) -> torch.Tensor:
     """Q x or Qᵀ x over the last dim of x (any leading shape)."""
     rows = x.reshape(-1, plan.n)
+    if plan.sylvester and hadamard_cuda.usable(rows):
+        return hadamard_cuda.hadamard_rows(rows, plan.signs, transpose).view(x.shape)
     return stage_product(rows, plan.signs, plan.blocks, plan.table, transpose).view(x.shape)
