@@ -23,7 +23,8 @@ from harpq.engine.runner import DecodeRunner
 FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("e8p gemv", ("harpq_e8p_gemv",)),
     ("scalar gemv", ("harpq_scalar_gemv",)),
-    ("transforms", ("_stage",)),
+    ("transforms: Hadamard, one launch", ("harpq_hadamard",)),
+    ("transforms: stages", ("_stage",)),
     ("attention", ("flash", "fmha", "attention", "softmax", "sdpa")),
     ("norm / rope / silu", ("_rms_norm", "_rope", "_silu")),
     ("cuBLAS (fp16 linears, lm_head)", ("gemv", "gemm", "sm90", "cutlass", "xmma", "splitK", "cublas")),

@@ -146,7 +146,8 @@ def count_launches(runner: DecodeRunner, steps: int = 2) -> dict[str, float]:
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
              and not e.name.startswith(("Memcpy", "Memset"))]
-    return {"launches": len(names) / steps, "transform_launches": sum("_stage" in n for n in names) / steps}
+    transforms = sum("_stage" in n or "harpq_hadamard" in n for n in names)
+    return {"launches": len(names) / steps, "transform_launches": transforms / steps}
 
 
 def time_decode(decoder: Decoder, batch: int, steps: int, prompt: int = 16, repeats: int = 3) -> tuple[float, dict]:

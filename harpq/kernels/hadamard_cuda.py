@@ -1,10 +1,13 @@
 """The randomized Hadamard side of power-of-two width in one launch (`cuda/hadamard.cu`).
 
 `stages.apply_plan` takes it for a plan that is signs plus Sylvester stages (the RHT at n = 2^k) on fp16
-CUDA rows of width 256–8192; everything else keeps the Triton stage kernels.
+CUDA rows of width 256–8192; everything else keeps the Triton stage kernels. HARPQ_HADAMARD_KERNEL=0 turns it
+off (to compare).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -17,8 +20,10 @@ MIN_N, MAX_N = 256, 8192
 
 def usable(rows: torch.Tensor) -> bool:
     n = rows.shape[-1]
-    return (rows.is_cuda and rows.dtype == torch.float16 and MIN_N <= n <= MAX_N and n & (n - 1) == 0
-            and nvrtc.available() is None)
+    if os.environ.get("HARPQ_HADAMARD_KERNEL", "1") == "0":
+        return False
+    return rows.is_cuda and rows.dtype == torch.float16 and MIN_N <= n <= MAX_N and n & (n - 1) == 0 \
+        and nvrtc.available() is None
 
 
 @torch.library.custom_op("harpq::hadamard_rows", mutates_args=())
