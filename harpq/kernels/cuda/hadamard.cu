@@ -13,6 +13,7 @@
 typedef unsigned short u16;
 
 #define NMAX 8192
+#define NPAD (NMAX + NMAX / 8)
 
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -32,10 +33,14 @@ __device__ __forceinline__ int element(int g, int e, int b, int w) {
     return (high << (b + w)) | (e << b) | low;
 }
 
+// where index i lives in shared memory: one word of padding per 8 keeps the strided passes (eight
+// consecutive values per thread; eight-apart values) free of bank conflicts
+__device__ __forceinline__ int padded(int i) { return i + (i >> 3); }
+
 extern "C" __global__ void __launch_bounds__(NMAX / 8)
 harpq_hadamard(const u16* __restrict__ x, const float* __restrict__ signs, u16* __restrict__ y, int n,
                int log_n, int transpose) {
-    __shared__ float buf[NMAX];
+    __shared__ float buf[NPAD];
     const int t = threadIdx.x, row = blockIdx.x;  // blockDim.x = min(n / 8, 1024)
     const u16* xr = x + (long long)row * n;
     u16* yr = y + (long long)row * n;
@@ -46,11 +51,24 @@ harpq_hadamard(const u16* __restrict__ x, const float* __restrict__ signs, u16* 
         // each index belongs to one group of this pass, read and written by one thread: in place
         for (int g = t; g < (n >> w); g += blockDim.x) {
             float v[8];
+            if (first && w == 3) {  // eight consecutive values: one 16-byte load (and two of signs)
+                uint4 q = *reinterpret_cast<const uint4*>(xr + 8 * g);
+                const u16* h = reinterpret_cast<const u16*>(&q);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                if (e < m) {
-                    const int i = element(g, e, b, w);
-                    v[e] = first ? h2f(xr[i]) * (transpose ? 1.f : signs[i]) : buf[i];
+                for (int e = 0; e < 8; ++e) v[e] = h2f(h[e]);
+                if (!transpose) {
+                    const float4 s0 = *reinterpret_cast<const float4*>(signs + 8 * g);
+                    const float4 s1 = *reinterpret_cast<const float4*>(signs + 8 * g + 4);
+                    v[0] *= s0.x; v[1] *= s0.y; v[2] *= s0.z; v[3] *= s0.w;
+                    v[4] *= s1.x; v[5] *= s1.y; v[6] *= s1.z; v[7] *= s1.w;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    if (e < m) {
+                        const int i = element(g, e, b, w);
+                        v[e] = first ? h2f(xr[i]) * (transpose ? 1.f : signs[i]) : buf[padded(i)];
+                    }
                 }
             }
 #pragma unroll
@@ -71,7 +89,7 @@ harpq_hadamard(const u16* __restrict__ x, const float* __restrict__ signs, u16* 
                 if (e < m) {
                     const int i = element(g, e, b, w);
                     if (last) yr[i] = f2h(v[e] * scale * (transpose ? signs[i] : 1.f));
-                    else buf[i] = v[e];
+                    else buf[padded(i)] = v[e];
                 }
             }
         }
