@@ -116,3 +116,15 @@ def test_rht_override_on_the_cli_recipe(tiny_path, tmp_path):
     assert all(e["processor"] == "rht" and e["incoherence"]["w_after"] is not None for e in log)
     spec = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
     assert spec["model.layers.0.mlp.down_proj"]["processor"]["sides"]["in"] == {"kind": "hadamard", "k": 172}
+
+
+def test_a_hadamard_side_of_the_wrong_order_is_refused_not_looped_on():
+    """A processor's sides are bound to one shape; reusing it for another width must fail in one line (it
+    used to loop forever building the stage plan)."""
+    from harpq.errors import HarpqError
+    from harpq.processors import make_processor
+
+    p = make_processor({"name": "rht", "seed": 1})
+    p.init_buffers(4096, 4096)
+    with pytest.raises(HarpqError, match="cannot have a dense factor of order 1"):
+        p.init_buffers(11008, 4096)

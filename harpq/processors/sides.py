@@ -63,6 +63,10 @@ class HadamardSide(Side):
 
     def __init__(self, n: int, k: int):
         super().__init__(n)
+        p = n // k if k > 0 else 0
+        if k < 1 or p * k != n or p & (p - 1):
+            raise HarpqError(f"a Hadamard side of {n} inputs cannot have a dense factor of order {k} "
+                             "(n must be k times a power of two)")
         self.k = k
 
     def spec(self) -> dict[str, Any]:
