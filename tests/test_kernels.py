@@ -16,7 +16,8 @@ from harpq.pipeline.linear import quantize_linear  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("processor,n", [("rht", 256), ("rht", 344), ("harp", 256), ("harp", 344), ("harp", 512)])
+@pytest.mark.parametrize("processor,n", [("rht", 256), ("rht", 344), ("rht-block", 512), ("rht-block", 1376),
+                                         ("harp", 256), ("harp", 344), ("harp", 512)])
 def test_stage_kernels_match_the_sides(processor, n):
     from harpq.kernels.stages import StagePlan, apply_plan
     from harpq.processors import make_processor
@@ -77,3 +78,4 @@ def test_plans_know_when_they_are_a_sylvester_hadamard():
     assert sylvester({"name": "rht", "seed": 1}, 4096, 4096) == [True, True]
     assert sylvester({"name": "rht", "seed": 1}, 11008, 4096) == [False, True]  # H_172 ⊗ H_64 outputs
     assert sylvester({"name": "harp", "seed": 1, "schedule": "kron"}, 4096, 4096) == [False, False]
+    assert sylvester({"name": "rht-block", "seed": 1}, 4096, 4096) == [False, False]  # blocks of 128 only

@@ -31,7 +31,7 @@ class ProcessedLinear(nn.Module):
         return self.p.apply_output(self.b, self.p.apply_input(self.b, x) @ self.w.T)
 
 
-@pytest.mark.parametrize("name", ["rht", "kron"])
+@pytest.mark.parametrize("name", ["rht", "rht-block", "kron"])
 def test_processed_model_equals_original_in_float64(tiny_path, name):
     model = load_model(tiny_path, dtype=torch.float64)
     x = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -48,7 +48,7 @@ def test_processed_model_equals_original_in_float64(tiny_path, name):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["rht", "kron"])
+@pytest.mark.parametrize("name", ["rht", "rht-block", "kron"])
 @pytest.mark.parametrize("m,n", SHAPES)
 def test_function_and_proxy_preserved(name, m, n):
     proc = make_processor({"name": name, "seed": 1, "input_seed": 2})
@@ -62,7 +62,7 @@ def test_function_and_proxy_preserved(name, m, n):
     assert torch.allclose(torch.trace(wt @ ht @ wt.T), torch.trace(w @ h @ w.T), rtol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["rht", "kron"])
+@pytest.mark.parametrize("name", ["rht", "rht-block", "kron"])
 def test_seeds_reproduce_and_differ(name):
     a = make_processor({"name": name, "seed": 5, "input_seed": 9}).init_buffers(344, 128)
     b = make_processor({"name": name, "seed": 5, "input_seed": 9}).init_buffers(344, 128)
@@ -128,3 +128,22 @@ def test_a_hadamard_side_of_the_wrong_order_is_refused_not_looped_on():
     p.init_buffers(4096, 4096)
     with pytest.raises(HarpqError, match="cannot have a dense factor of order 1"):
         p.init_buffers(11008, 4096)
+
+
+def test_block_hadamard_mixes_only_within_blocks_and_says_which_block():
+    from harpq.processors.sides import BlockHadamardSide
+
+    proc = make_processor({"name": "rht-block", "seed": 1})
+    b = proc.init_buffers(1376, 512)
+    assert proc.side("in", 512).spec() == {"kind": "hadamard-block", "block": 128}
+    assert proc.side("out", 1376).spec() == {"kind": "hadamard-block", "block": 32}  # 1376 = 43 · 32
+    e = torch.zeros(512, dtype=torch.float64)
+    e[200] = 1.0
+    q = proc.side("in", 512).forward(b, "v_", e)
+    assert set(q.nonzero().flatten().tolist()) == set(range(128, 256))  # all of its block, nothing else
+    assert torch.allclose(q.abs(), torch.full_like(q, 128 ** -0.5).where(q != 0, q))
+    assert make_processor(proc.config()).config() == proc.config()
+    with pytest.raises(HarpqError, match="power-of-two block dividing"):
+        BlockHadamardSide(512, 96)
+    with pytest.raises(HarpqError, match="odd"):
+        make_processor({"name": "rht-block", "seed": 1, "block": 64}).init_buffers(31, 64)

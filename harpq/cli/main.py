@@ -177,7 +177,7 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--override", multiple=True, metavar="REGEX:KEY=VALUE[,...]",
               help="Other settings for modules matching REGEX, e.g. 'mlp\\.down_proj:bits=4,group_size=64' "
                    "(repeatable; later ones win).")
-@click.option("--processor", type=click.Choice(["none", "kron", "rht", "harp"]), default=None,
+@click.option("--processor", type=click.Choice(["none", "kron", "rht", "rht-block", "harp"]), default=None,
               help="Override the method's incoherence processor.")
 @click.option("--codebook", type=click.Choice(["scalar", "e8p", "hqq"]), default=None,
               help="Override the method's codebook (hqq: scalar grid with HQQ's zero-point solver).")

@@ -157,8 +157,9 @@ class StagePlan:
             table += [b, stride, offset, per]
             offset += k.numel()
             stride *= b
-        sylvester = all(k.dim() == 2 and torch.allclose(k.double().cpu(), _sylvester(b), rtol=0, atol=1e-12)
-                        for k, b in zip(kernels, schedule, strict=True))
+        sylvester = stride == n and all(  # the stages cover every digit: H_n, not a block-diagonal part
+            k.dim() == 2 and torch.allclose(k.double().cpu(), _sylvester(b), rtol=0, atol=1e-12)
+            for k, b in zip(kernels, schedule, strict=True))
         return cls(n, signs.float().contiguous(), torch.cat(flat).contiguous(), table, sylvester)
 
 

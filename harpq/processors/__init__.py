@@ -8,11 +8,12 @@ from ..registry import build
 from .base import Processor
 from .harp import HARP
 from .identity import Identity
-from .rotations import KroneckerOrthogonal, RandomizedHadamard
+from .rotations import BlockHadamard, KroneckerOrthogonal, RandomizedHadamard
 
 PROCESSORS: dict[str, type[Processor]] = {
     "none": Identity,
     "rht": RandomizedHadamard,
+    "rht-block": BlockHadamard,
     "kron": KroneckerOrthogonal,
     "harp": HARP,
 }
@@ -23,4 +24,5 @@ def make_processor(config: dict[str, Any]) -> Processor:
     return build(PROCESSORS, config, "processor")
 
 
-__all__ = ["HARP", "PROCESSORS", "Identity", "KroneckerOrthogonal", "Processor", "RandomizedHadamard", "make_processor"]
+__all__ = ["HARP", "PROCESSORS", "BlockHadamard", "Identity", "KroneckerOrthogonal", "Processor",
+           "RandomizedHadamard", "make_processor"]

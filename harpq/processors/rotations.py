@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .base import Processor
-from .sides import Buffers, KroneckerSide, Side, hadamard_or_fft, side_from_spec
+from .sides import Buffers, KroneckerSide, Side, block_hadamard, hadamard_or_fft, side_from_spec
 
 
 class TwoSided(Processor):
@@ -87,6 +87,24 @@ class RandomizedHadamard(TwoSided):
 
     def new_side(self, n: int) -> Side:
         return hadamard_or_fft(n)
+
+
+class BlockHadamard(TwoSided):
+    """The RHT restricted to blocks: random signs, then H_b on each run of b entries (b = `block`, 128 by
+    default, or the largest power of two dividing the width where b does not)."""
+
+    name = "rht-block"
+
+    def __init__(self, seed: int = 0, input_seed: int | None = None, sides: dict[str, dict] | None = None,
+                 block: int = 128):
+        super().__init__(seed, input_seed, sides)
+        self.block = block
+
+    def new_side(self, n: int) -> Side:
+        return block_hadamard(n, self.block)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "block": self.block}
 
 
 class KroneckerOrthogonal(TwoSided):
