@@ -50,6 +50,8 @@ class LayerRecipe:
     harp_steps: int = 1200
     harp_schedule: str = "greedy"
     harp_store: str = "fp16"
+    #: seconds this module's HARP fit may take (set per module from the run's `Recipe.harp_budget`)
+    harp_seconds: float | None = None
 
     def codebook_config(self) -> dict[str, Any]:
         if self.codebook in ("scalar", "hqq"):  # hqq is the scalar grid with HQQ's zero-point solver
@@ -65,6 +67,8 @@ class LayerRecipe:
         cfg = {"name": self.processor, "seed": self.seed, "input_seed": self.input_seed}
         if self.processor == "harp":
             cfg.update(schedule=self.harp_schedule, store=self.harp_store, steps=self.harp_steps)
+            if self.harp_seconds is not None:
+                cfg["seconds"] = self.harp_seconds
         return cfg
 
     @property
@@ -83,6 +87,8 @@ class Recipe:
     overrides: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     #: pick the e8p scale per model on the first layer's proxy loss (the chosen value lands in `layer`)
     scale_sweep: bool = False
+    #: seconds of HARP fitting for the whole run, shared by the HARP linears as they come (None: no limit)
+    harp_budget: float | None = None
 
     @classmethod
     def preset(cls, method: str, scale_sweep: bool = False, **settings: Any) -> Recipe:
@@ -122,6 +128,7 @@ class Recipe:
             ignore=list(d["ignore"]),
             overrides=[(p, dict(c)) for p, c in d.get("overrides", [])],
             scale_sweep=d.get("scale_sweep", False),
+            harp_budget=d.get("harp_budget"),
         )
 
 
@@ -151,7 +158,8 @@ def method_table() -> list[dict[str, Any]]:
 
 
 RECIPE_FORMAT = "harpq-recipe"
-_TOP_KEYS = {"format", "version", "method", "layer", "ignore", "overrides", "scale_sweep", "calibration"}
+_TOP_KEYS = {"format", "version", "method", "layer", "ignore", "overrides", "scale_sweep", "harp_budget",
+             "calibration"}
 CALIBRATION_KEYS = ("calib", "nsamples", "seqlen", "seed")
 
 
@@ -217,6 +225,14 @@ def recipe_file_dict(recipe: Recipe, calibration: dict[str, Any]) -> dict[str, A
             "calibration": {k: calibration.get(k) for k in CALIBRATION_KEYS}}
 
 
+def _budget(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise HarpqError(f"{where}: harp_budget is a number of seconds ≥ 0, not {value!r}")
+    return float(value)
+
+
 def recipe_from_file_dict(d: Any, where: str) -> tuple[Recipe, dict[str, Any]]:
     """(Recipe, calibration settings) from a recipe file's content; fields it leaves out take the method's
     preset (layer) or the command line's defaults (calibration)."""
@@ -249,5 +265,5 @@ def recipe_from_file_dict(d: Any, where: str) -> tuple[Recipe, dict[str, Any]]:
         raise HarpqError(f"{where}: 'calibration' takes {', '.join(CALIBRATION_KEYS)}")
     recipe = Recipe(method=method, layer=LayerRecipe(**{**METHODS[method], **layer}),
                     ignore=[check_pattern(p, where) for p in ignore], overrides=overrides,
-                    scale_sweep=bool(d.get("scale_sweep", False)))
+                    scale_sweep=bool(d.get("scale_sweep", False)), harp_budget=_budget(d.get("harp_budget"), where))
     return recipe, {k: v for k, v in calibration.items() if v is not None}

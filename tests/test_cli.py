@@ -134,6 +134,7 @@ RECIPE_BAD = [
     (["--recipe", "{tmp}/gptq.json", "--method", "rtn"], "--method rtn conflicts with --recipe"),
     (["--recipe", "{tmp}"], "a folder must be a harpq checkpoint"),
     (["--save-recipe", "{tmp}/no/such/r.json"], "no folder"),
+    (["--recipe", "{tmp}/bad_budget.json"], "harp_budget is a number of seconds"),
 ]
 
 
@@ -141,7 +142,8 @@ RECIPE_BAD = [
 def test_bad_recipes_fail_in_one_line_before_any_work(tiny_path, tmp_path, extra, match):
     files = {"broken.json": '{"method": "rtn",', "broken.yaml": "method: [rtn", "list.json": "[1, 2]",
              "unknown_key.json": '{"method": "rtn", "colour": 1}', "bad_method.json": '{"method": "awq"}',
-             "bad_layer.json": '{"method": "rtn", "layer": {"bits": 4.5}}', "gptq.json": '{"method": "gptq"}'}
+             "bad_layer.json": '{"method": "rtn", "layer": {"bits": 4.5}}', "gptq.json": '{"method": "gptq"}',
+             "bad_budget.json": '{"method": "harp", "harp_budget": "soon"}'}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
     res = invoke(["quantize", tiny_path, tmp_path / "q", *[a.format(tmp=tmp_path) for a in extra]])

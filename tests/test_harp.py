@@ -174,3 +174,37 @@ def test_harp_under_scalar_and_hqq_codebooks(codebook, group):
     fit = report.parts["fit"]
     assert fit["loss_best"] < fit["loss_start"] and fit["hbd"] == (group == 64)
     assert report.proxy_loss <= fit["proxy_loss_start"]
+
+
+def test_a_time_budget_stops_every_fit_early_and_never_worse_than_the_start(tiny_path, tmp_path):
+    """--harp-budget: the run's seconds are shared by its HARP linears as they come; each fit stops once its
+    share is spent, keeps its best iterate (the start included), and says so in the log."""
+    out = tmp_path / "harp"
+    recipe = harpq.Recipe.preset("harp", harp_steps=100_000, harp_schedule="kron")
+    recipe.harp_budget = 0.7
+    harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
+    log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
+    assert len(log) == 14
+    fits = [e["fit"] for e in log]
+    assert all(f["stopped"] == "time budget" and f["steps"] < 100_000 for f in fits)
+    assert all(e["proxy_loss"] <= e["fit"]["proxy_loss_start"] for e in log)
+    assert fits[0]["budget_s"] == pytest.approx(0.7 / 14, abs=1e-3)  # first share: the budget over 14 linears
+    # a share is what is left over the linears left: the total overshoots by at most one step per linear
+    step_time = max(f["seconds"] / max(f["steps"], 1) for f in fits)
+    assert sum(f["seconds"] for f in fits) <= 0.7 + 14 * step_time + 0.05
+
+
+def test_a_zero_budget_keeps_the_start_and_the_budget_is_checked(tmp_path):
+    from harpq.codebooks import make_codebook
+    from harpq.processors import make_processor
+    from harpq.processors.harp_fit import FitSettings, fit_two_sided
+
+    torch.manual_seed(0)
+    w, h = torch.randn(64, 128), random_hessian(128, tokens=512)
+    proc = make_processor({"name": "harp", "seed": 0, "schedule": "kron"})
+    buffers = proc.init_buffers(64, 128)
+    _, summary = fit_two_sided(proc.side("out", 64), proc.side("in", 128), buffers, w, h,
+                               make_codebook({"name": "e8p", "bits": 2}), FitSettings(steps=50, seconds=0.0))
+    assert summary["steps"] == 0 and summary["best_step"] == 0 and summary["stopped"] == "time budget"
+    with pytest.raises(HarpqError, match="time budget must be 0 or more"):
+        make_processor({"name": "harp", "seed": 0, "seconds": -1})

@@ -404,6 +404,7 @@ def test_eval_bad_options(tiny_path, eval_files, capsys, extra, match):
     (["generate", "{missing}", "Hi"], "model path not found"),
     (["eval", "{missing}", "--ppl", "{missing}"], "not found"),
     (["nope"], "No such command"),
+    (["quantize", "{model}", "{out}", "--method", "harp", "--harp-budget", "-1"], "--harp-budget"),
     (["compare", "{model}", "{out}", "--ppl", "{missing}", "--methods", "nope"], ""),
 ])
 def test_other_commands_bad_input(tiny_path, tmp_path, capsys, argv, match):

@@ -149,6 +149,8 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
     recipe.layer = replace(recipe.layer, **changes)
     if _explicit(ctx, "scale_sweep"):
         recipe.scale_sweep = params["scale_sweep"]
+    if params.get("harp_budget") is not None:
+        recipe.harp_budget = params["harp_budget"]
     recipe.ignore += [check_pattern(p, f"--ignore {p!r}") for p in params["ignore"]]
     recipe.overrides += [parse_override(text) for text in params["override"]]
     defaults = {"calib": None, "nsamples": 128, "seqlen": 512, "seed": 0}
@@ -191,6 +193,9 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
 @click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 1200]")
+@click.option("--harp-budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="HARP: seconds of fitting for the whole run, shared by its HARP linears (each fit stops "
+                   "when its share is spent, keeping its best iterate, never worse than the RHT start).")
 @click.option("--harp-schedule", type=click.Choice(["greedy", "kron"]), default=None,
               help="HARP: mixed-radix stages over all of n (greedy), or over 2^j of n = K·2^j times the fixed "
                    "H_K (kron: starts exactly at the RHT). [default: greedy]")

@@ -109,6 +109,11 @@ def quantize_linear(
             fit.update(proxy_loss_start=losses[1], kept="fitted" if chosen == 0 else "start")
         parts["fit"] = fit
     report = LinearReport(name, (m, n), losses[chosen], seconds, module.stored_bits() / (m * n), mu, parts)
-    log.info("%s: %s %d-bit, %.3f bits/weight, proxy loss %s, %.2f s", name, recipe.codebook, recipe.bits,
-             report.bits_per_weight, "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds)
+    fit = parts.get("fit", {})
+    fit_note = f", HARP fit {fit['steps']} steps in {fit['seconds']:.2f} s" if "seconds" in fit else ""
+    if fit.get("stopped"):
+        fit_note += f" (stopped at its {fit['budget_s']:.2f} s share of --harp-budget)"
+    log.info("%s: %s %d-bit, %.3f bits/weight, proxy loss %s, %.2f s%s", name, recipe.codebook, recipe.bits,
+             report.bits_per_weight, "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds,
+             fit_note)
     return module, report

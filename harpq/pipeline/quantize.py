@@ -268,6 +268,21 @@ def quantize_model(
     return _quantize_planned(model, recipe, plan, tokens, resolve_device(device), batch_size, log_path, progress)
 
 
+class HarpBudget:
+    """A run's seconds of HARP fitting, shared by the HARP linears still to quantize: each gets what is
+    left over what remains to do, so a fit that ends early leaves its time to the next."""
+
+    def __init__(self, seconds: float, modules: int):
+        self.left, self.modules = float(seconds), modules
+
+    def share(self) -> float:
+        return max(0.0, self.left) / max(1, self.modules)
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
+        self.modules -= 1
+
+
 def _quantize_planned(
     model: nn.Module, recipe: Recipe, plan: list[dict[str, LayerRecipe]], tokens: torch.Tensor | None,
     dev: torch.device, batch_size: int, log_path: Path | None, progress: bool,
@@ -282,6 +297,10 @@ def _quantize_planned(
     done = checkpoints.done if checkpoints is not None else 0
     if done and "e8p_scale" in checkpoints.extra:  # the sweep of the first run decided the scale
         plan = _set_e8p_scale(recipe, plan, checkpoints.extra["e8p_scale"])
+    budget = None
+    if recipe.harp_budget is not None:
+        budget = HarpBudget(recipe.harp_budget, sum(r.processor == "harp" for layer_plan in plan[done:]
+                                                    for r in layer_plan.values()))
     for i, layer in enumerate(tqdm(layers, desc="quantizing", unit="layer", disable=not progress)):
         layer_dtype = next(layer.parameters()).dtype
         kwargs = kwargs_of[i] if kwargs_of is not None else None
@@ -333,7 +352,11 @@ def _quantize_planned(
             elif collector is not None:  # linears reading the same input share its transform and Hessian
                 hessian = collector.hessian(rel)
                 layer_recipe = _with_input_seed(layer_recipe, rel, collector, f"{prefix}.{i}.", recipe.layer.seed)
+            if budget is not None and layer_recipe.processor == "harp":
+                layer_recipe = replace(layer_recipe, harp_seconds=budget.share())
             module, report = quantize_linear(full, linears[rel], hessian, layer_recipe)
+            if budget is not None and layer_recipe.processor == "harp":
+                budget.spend(report.parts.get("fit", {}).get("seconds", 0.0))
             _set_submodule(layer, rel, module)
             specs[full] = module.spec()
             if log_path is not None:

@@ -162,6 +162,7 @@ class HARP(TwoSided):
         lr: float = 0.03,
         hbd_lambda: float = 0.1,
         hbd_max_n: int = 24672,
+        seconds: float | None = None,
     ):
         if schedule not in SCHEDULES:
             raise HarpqError(f"unknown HARP schedule {schedule!r} (offered: {', '.join(SCHEDULES)})")
@@ -169,14 +170,18 @@ class HARP(TwoSided):
             raise HarpqError(f"unknown HARP parameter storage {store!r} (offered: {', '.join(STORAGE)})")
         if steps < 0 or lr <= 0 or hbd_lambda < 0:
             raise HarpqError(f"HARP needs steps ≥ 0, lr > 0 and λ ≥ 0 (got {steps}, {lr}, {hbd_lambda})")
+        if seconds is not None and not seconds >= 0:
+            raise HarpqError(f"a HARP fit's time budget must be 0 or more seconds, not {seconds}")
         super().__init__(seed, input_seed, sides)
         self.schedule, self.store = schedule, store
         self.steps, self.lr, self.hbd_lambda, self.hbd_max_n = steps, lr, hbd_lambda, hbd_max_n
+        self.seconds = seconds  # this module's share of the run's --harp-budget
         self.last_fit: dict[str, Any] = {}
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "schedule": self.schedule, "store": self.store, "steps": self.steps,
-                "lr": self.lr, "hbd_lambda": self.hbd_lambda, "hbd_max_n": self.hbd_max_n}
+        cfg = {**super().config(), "schedule": self.schedule, "store": self.store, "steps": self.steps,
+               "lr": self.lr, "hbd_lambda": self.hbd_lambda, "hbd_max_n": self.hbd_max_n}
+        return cfg if self.seconds is None else {**cfg, "seconds": self.seconds}
 
     def new_side(self, n: int) -> Side:
         return butterfly_side(n, self.schedule, self.store)
@@ -190,7 +195,7 @@ class HARP(TwoSided):
         from .harp_fit import FitSettings, fit_two_sided
 
         m, n = weight.shape
-        settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n)
+        settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n, self.seconds)
         fitted, self.last_fit = fit_two_sided(self.side("out", m), self.side("in", n), buffers, weight, hessian,
                                               codebook, settings)
         return fitted

@@ -6,6 +6,7 @@ with Q the target codebook's nearest rounding, refreshed every step (stop-gradie
 and g the codebook's group (8 for E8P, the group size of a scalar grid). H is normalised to a unit
 mean diagonal first, so λ does not depend on the activations' scale. Adam over the skew parameters of
 both sides; the best iterate by this loss is kept (the start counts), so fitting cannot end above it.
+With a time budget the fit stops after the step that passes it (the start is always evaluated).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class FitSettings:
     lr: float = 0.03
     hbd_lambda: float = 0.1
     hbd_max_n: int = 24672  # the regulariser's n×n work is skipped from this input size on
+    seconds: float | None = None  # stop after the step that passes this much fitting time (None: all steps)
 
 
 def quantizer_block(codebook: Codebook, n: int) -> int:
@@ -103,11 +105,15 @@ def fit_two_sided(
             best_loss, best_step, best = value, step, [p.detach().clone() for p in params]
         if step == settings.steps:
             break
+        if settings.seconds is not None and time.perf_counter() - start >= settings.seconds:
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     fitted = {**buffers, **out_side.store_params("u_", best[: len(params_u)]),
               **in_side.store_params("v_", best[len(params_u):])}
-    summary = {"steps": settings.steps, "best_step": best_step, "loss_start": round(first, 6),
+    summary = {"steps": step, "best_step": best_step, "loss_start": round(first, 6),
                "loss_best": round(best_loss, 6), "hbd": use_hbd, "seconds": round(time.perf_counter() - start, 3)}
+    if step < settings.steps:
+        summary.update(stopped="time budget", budget_s=round(settings.seconds, 3))
     return fitted, summary
