@@ -59,13 +59,29 @@ def _all_configs():
     return [("scalar_gemv.cu", d) for d in _scalar_configs()] + [("e8p_gemv.cu", d) for d in _e8p_configs()]
 
 
-def _compiles(configs, arch):
-    pytest.importorskip("cuda.core")
+def _compile(job):
     from harpq.kernels.nvrtc import compile_cubin
 
-    for source, defines in configs:
-        cubin = compile_cubin(source, dict(defines), arch)
-        assert cubin[:4] == b"\x7fELF", (source, defines)
+    source, defines, arch = job
+    return compile_cubin(source, dict(defines), arch)[:4]
+
+
+def _compiles(configs, arch):
+    """Compile every configuration, on all cores (NVRTC holds the interpreter while it compiles)."""
+    pytest.importorskip("cuda.core")
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    jobs = [(source, defines, arch) for source, defines in configs]
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers < 2:
+        heads = [_compile(job) for job in jobs]
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            heads = list(pool.map(_compile, jobs))
+    for job, head in zip(jobs, heads, strict=True):
+        assert head == b"\x7fELF", job[:2]
 
 
 def test_every_kernel_configuration_compiles_for_sm_90():
