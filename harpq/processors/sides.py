@@ -56,7 +56,17 @@ def random_signs(n: int, gen: torch.Generator) -> torch.Tensor:
     return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(torch.float16)
 
 
-class HadamardSide(Side):
+class SignedSide(Side):
+    """A side whose only stored parameters are n random signs (the fixed transforms of the RHT family)."""
+
+    def buffer_specs(self, prefix: str) -> BufferSpec:
+        return {prefix + "signs": ((self.n,), torch.float16)}
+
+    def init(self, prefix: str, gen: torch.Generator) -> Buffers:
+        return {prefix + "signs": random_signs(self.n, gen)}
+
+
+class HadamardSide(SignedSide):
     """Q = H_n · diag(s): random signs, then the orthonormal Hadamard of order n = K·2^k (QuIP#'s RHT)."""
 
     kind = "hadamard"
@@ -71,12 +81,6 @@ class HadamardSide(Side):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "k": self.k}
-
-    def buffer_specs(self, prefix: str) -> BufferSpec:
-        return {prefix + "signs": ((self.n,), torch.float16)}
-
-    def init(self, prefix: str, gen: torch.Generator) -> Buffers:
-        return {prefix + "signs": random_signs(self.n, gen)}
 
     def forward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x * b[prefix + "signs"].to(x.dtype), k=self.k)
@@ -96,7 +100,7 @@ class HadamardSide(Side):
         return signs, [dense_factor(r, torch.float64, signs.device) / math.sqrt(r) for r in radices], radices
 
 
-class BlockHadamardSide(Side):
+class BlockHadamardSide(SignedSide):
     """Q = (I ⊗ H_b) · diag(s): random signs, then the orthonormal Sylvester Hadamard on each run of b
     consecutive entries (b a power of two dividing n). Cheaper to apply and to fuse than the full RHT (a
     block fits in one thread block, as exllamav3's and llm-compressor's transforms use), at the price of
@@ -112,12 +116,6 @@ class BlockHadamardSide(Side):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "block": self.block}
-
-    def buffer_specs(self, prefix: str) -> BufferSpec:
-        return {prefix + "signs": ((self.n,), torch.float16)}
-
-    def init(self, prefix: str, gen: torch.Generator) -> Buffers:
-        return {prefix + "signs": random_signs(self.n, gen)}
 
     def _blocks(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
