@@ -52,6 +52,8 @@ class LayerRecipe:
     harp_store: str = "fp16"
     #: seconds this module's HARP fit may take (set per module from the run's `Recipe.harp_budget`)
     harp_seconds: float | None = None
+    #: HARP: steps between two searches of the codebook for the fit's target
+    harp_refresh: int = 1
 
     def codebook_config(self) -> dict[str, Any]:
         if self.codebook in ("scalar", "hqq"):  # hqq is the scalar grid with HQQ's zero-point solver
@@ -69,6 +71,8 @@ class LayerRecipe:
             cfg.update(schedule=self.harp_schedule, store=self.harp_store, steps=self.harp_steps)
             if self.harp_seconds is not None:
                 cfg["seconds"] = self.harp_seconds
+            if self.harp_refresh != 1:
+                cfg["refresh"] = self.harp_refresh
         return cfg
 
     @property

@@ -84,7 +84,8 @@ def _explicit(ctx: click.Context, name: str) -> bool:
 LAYER_OPTIONS = {"bits": "bits", "group_size": "group_size", "ragged_groups": "ragged_groups",
                  "processor": "processor", "codebook": "codebook", "rounding": "rounding", "scale_rule": "scale",
                  "tune_passes": "tune_passes", "act_order": "act_order", "damp": "damp", "harp_steps": "harp_steps",
-                 "harp_schedule": "harp_schedule", "harp_store": "harp_store", "seed": "seed"}
+                 "harp_schedule": "harp_schedule", "harp_store": "harp_store", "harp_refresh": "harp_refresh",
+                 "seed": "seed"}
 
 
 def read_recipe_file(path: str) -> tuple[Recipe, dict[str, Any]]:
@@ -193,6 +194,9 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
 @click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 1200]")
+@click.option("--harp-refresh", type=click.IntRange(min=1), default=None, metavar="K",
+              help="HARP: search the codebook for the fit's target every K steps (the search dominates a step; "
+                   "between searches the last target stands in). [default: 1]")
 @click.option("--harp-budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="HARP: seconds of fitting for the whole run, shared by its HARP linears (each fit stops "
                    "when its share is spent, keeping its best iterate, never worse than the RHT start).")

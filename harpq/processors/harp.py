@@ -163,6 +163,7 @@ class HARP(TwoSided):
         hbd_lambda: float = 0.1,
         hbd_max_n: int = 24672,
         seconds: float | None = None,
+        refresh: int = 1,
     ):
         if schedule not in SCHEDULES:
             raise HarpqError(f"unknown HARP schedule {schedule!r} (offered: {', '.join(SCHEDULES)})")
@@ -170,17 +171,22 @@ class HARP(TwoSided):
             raise HarpqError(f"unknown HARP parameter storage {store!r} (offered: {', '.join(STORAGE)})")
         if steps < 0 or lr <= 0 or hbd_lambda < 0:
             raise HarpqError(f"HARP needs steps ≥ 0, lr > 0 and λ ≥ 0 (got {steps}, {lr}, {hbd_lambda})")
+        if not isinstance(refresh, int) or refresh < 1:
+            raise HarpqError(f"HARP's target refresh interval must be a whole number of steps ≥ 1, not {refresh}")
         if seconds is not None and not seconds >= 0:
             raise HarpqError(f"a HARP fit's time budget must be 0 or more seconds, not {seconds}")
         super().__init__(seed, input_seed, sides)
         self.schedule, self.store = schedule, store
         self.steps, self.lr, self.hbd_lambda, self.hbd_max_n = steps, lr, hbd_lambda, hbd_max_n
         self.seconds = seconds  # this module's share of the run's --harp-budget
+        self.refresh = refresh
         self.last_fit: dict[str, Any] = {}
 
     def config(self) -> dict[str, Any]:
         cfg = {**super().config(), "schedule": self.schedule, "store": self.store, "steps": self.steps,
                "lr": self.lr, "hbd_lambda": self.hbd_lambda, "hbd_max_n": self.hbd_max_n}
+        if self.refresh != 1:
+            cfg["refresh"] = self.refresh
         return cfg if self.seconds is None else {**cfg, "seconds": self.seconds}
 
     def new_side(self, n: int) -> Side:
@@ -195,7 +201,7 @@ class HARP(TwoSided):
         from .harp_fit import FitSettings, fit_two_sided
 
         m, n = weight.shape
-        settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n, self.seconds)
+        settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n, self.seconds, self.refresh)
         fitted, self.last_fit = fit_two_sided(self.side("out", m), self.side("in", n), buffers, weight, hessian,
                                               codebook, settings)
         return fitted

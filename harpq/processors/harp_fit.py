@@ -2,7 +2,8 @@
 
 Loss (per step, W̃ = Q_out W Q_inᵀ, H̃ = Q_in H Q_inᵀ, s = RMS(W), which no rotation changes):
     mean_ij ((W̃_ij − sg(Q(W̃))_ij) / s)² · h̃_j / mean(h̃)   +   λ · ‖H̃ − blockdiag_g(H̃)‖²_F / n²
-with Q the target codebook's nearest rounding, refreshed every step (stop-gradient), h̃ = |diag(H̃)|
+with Q the target codebook's nearest rounding, refreshed every `refresh` steps (stop-gradient; between
+refreshes the last target stands in), h̃ = |diag(H̃)|
 and g the codebook's group (8 for E8P, the group size of a scalar grid). H is normalised to a unit
 mean diagonal first, so λ does not depend on the activations' scale. Adam over the skew parameters of
 both sides; the best iterate by this loss is kept (the start counts), so fitting cannot end above it.
@@ -30,6 +31,7 @@ class FitSettings:
     hbd_lambda: float = 0.1
     hbd_max_n: int = 24672  # the regulariser's n×n work is skipped from this input size on
     seconds: float | None = None  # stop after the step that passes this much fitting time (None: all steps)
+    refresh: int = 1  # search the codebook for a new target every `refresh` steps (the search dominates a step)
 
 
 def quantizer_block(codebook: Codebook, n: int) -> int:
@@ -88,8 +90,9 @@ def fit_two_sided(
         ku = out_side.kernels(params_u, dev, torch.float32)
         kv = in_side.kernels(params_v, dev, torch.float32)
         wt = two_sided(w, out_side, in_side, ku, kv, su, sv)
-        with torch.no_grad():
-            target = nearest(wt.detach(), codebook, codebook.prepare(wt.detach()))[1]
+        if step % settings.refresh == 0:  # between refreshes the last target stands in (a surrogate)
+            with torch.no_grad():
+                target = nearest(wt.detach(), codebook, codebook.prepare(wt.detach()))[1]
         weights = 1.0
         if h is not None:
             ht = in_side.apply(in_side.apply(h, kv, sv).T, kv, sv)  # Q H Qᵀ (symmetric)
