@@ -208,3 +208,25 @@ def test_a_zero_budget_keeps_the_start_and_the_budget_is_checked(tmp_path):
     assert summary["steps"] == 0 and summary["best_step"] == 0 and summary["stopped"] == "time budget"
     with pytest.raises(HarpqError, match="time budget must be 0 or more"):
         make_processor({"name": "harp", "seed": 0, "seconds": -1})
+
+
+def test_the_target_is_searched_every_refresh_steps(monkeypatch):
+    """--harp-refresh K: the codebook search (most of a step's time) runs at steps 0, K, 2K, ...; the fit
+    still keeps its best iterate."""
+    from harpq.codebooks import make_codebook
+    from harpq.processors import harp_fit, make_processor
+
+    calls = []
+    real = harp_fit.nearest
+    monkeypatch.setattr(harp_fit, "nearest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    w, h = torch.randn(64, 128), random_hessian(128, tokens=512)
+    proc = make_processor({"name": "harp", "seed": 0, "schedule": "kron", "steps": 10, "refresh": 4})
+    assert proc.config()["refresh"] == 4
+    buffers = proc.init_buffers(64, 128)
+    fitted = proc.fit(buffers, w, h, make_codebook({"name": "e8p", "bits": 2}))
+    assert len(calls) == 3 and proc.last_fit["steps"] == 10  # steps 0, 4, 8 (and the step-10 evaluation reuses 8's)
+    assert proc.last_fit["loss_best"] <= proc.last_fit["loss_start"]
+    assert set(fitted) == set(buffers)
+    with pytest.raises(HarpqError, match="refresh interval"):
+        make_processor({"name": "harp", "seed": 0, "refresh": 0})
