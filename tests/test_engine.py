@@ -209,8 +209,9 @@ def test_linears_with_one_input_side_apply_it_once(method, monkeypatch):
     for m in mods:
         m.use_kernels = True  # the per-call path (on the CPU: the PyTorch reference), not the dense copies
     calls = []
-    monkeypatch.setattr(QuantLinear, "rotate_input", lambda self, rows, f=QuantLinear.rotate_input:
-                        calls.append(self) or f(self, rows))
+    real = QuantLinear.rotate_input
+    monkeypatch.setattr(QuantLinear, "rotate_input", lambda self, rows, context=None:
+                        calls.append(self) or real(self, rows, context))
     x = torch.randn(2, 3, 256)
     with torch.no_grad():
         got = group(x)

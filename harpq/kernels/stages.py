@@ -15,6 +15,7 @@ in registers. HARP's kron schedule then costs the RHT's launch count (two per si
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..hadamard.construct import sylvester
 from . import hadamard_cuda
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -164,13 +166,11 @@ class StagePlan:
 
 
 def _sylvester(r: int) -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix of order r (a power of two), float64; zeros otherwise."""
+    """The orthonormal Sylvester Hadamard matrix of order r (the one-launch kernel's), float64; zeros where r
+    is not a power of two."""
     if r < 1 or r & (r - 1):
         return torch.zeros(r, r, dtype=torch.float64)
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < r:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / r ** 0.5
+    return torch.from_numpy(sylvester(r)).double() / math.sqrt(r)
 
 
 @torch.library.custom_op("harpq::stage_product", mutates_args=())

@@ -199,8 +199,9 @@ class QuantLinear(nn.Module):
         if dense is not None:
             y = torch.nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
             return y if residual is None else residual + y
-        rows = self.rotate_input(x.reshape(-1, self.in_features))
-        return self.from_rotated(rows, x.shape[:-1], residual)
+        rows = x.reshape(-1, self.in_features)
+        context = self._run_context(rows)  # the rotated rows have the same shape, dtype and device
+        return self.from_rotated(self.rotate_input(rows, context), x.shape[:-1], residual, context)
 
     def shares_input_side(self, other: QuantLinear) -> bool:
         """Whether `other` applies the same input transform Vᵀ (same kind, same parameters): then linears that
@@ -218,9 +219,9 @@ class QuantLinear(nn.Module):
         prepared, plans = self._run_meta(rows.device, backend, staged)
         return backend, prepared, plans
 
-    def rotate_input(self, rows: torch.Tensor) -> torch.Tensor:
-        """Vᵀ x for rows (N, in_features)."""
-        _, _, plans = self._run_context(rows)
+    def rotate_input(self, rows: torch.Tensor, context=None) -> torch.Tensor:
+        """Vᵀ x for rows (N, in_features); `context`: `_run_context(rows)` where the caller has it."""
+        _, _, plans = context or self._run_context(rows)
         if plans:
             from ..kernels.stages import apply_plan
 
@@ -228,10 +229,10 @@ class QuantLinear(nn.Module):
         return self.processor.apply_input(self._buffers_of(self._processor_names), rows)
 
     def from_rotated(self, rows: torch.Tensor, lead: torch.Size | tuple[int, ...],
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
+                     residual: torch.Tensor | None = None, context=None) -> torch.Tensor:
         """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features)."""
         m, n = self.out_features, self.in_features
-        backend, prepared, plans = self._run_context(rows)
+        backend, prepared, plans = context or self._run_context(rows)
         fuse = residual is not None and self.bias is None and self.processor.config()["name"] == "none" \
             and residual.dtype == rows.dtype
         z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows, m, n,

@@ -185,9 +185,11 @@ class HARP(TwoSided):
     def config(self) -> dict[str, Any]:
         cfg = {**super().config(), "schedule": self.schedule, "store": self.store, "steps": self.steps,
                "lr": self.lr, "hbd_lambda": self.hbd_lambda, "hbd_max_n": self.hbd_max_n}
-        if self.refresh != 1:
+        if self.refresh != 1:  # settings at their defaults stay out, so older checkpoints' configs still match
             cfg["refresh"] = self.refresh
-        return cfg if self.seconds is None else {**cfg, "seconds": self.seconds}
+        if self.seconds is not None:
+            cfg["seconds"] = self.seconds
+        return cfg
 
     def new_side(self, n: int) -> Side:
         return butterfly_side(n, self.schedule, self.store)
