@@ -38,6 +38,8 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "quipsharp2": ("quipsharp", {"bits": 2}),
     "quipsharp3": ("quipsharp", {"bits": 3}),
     "quipsharp4": ("quipsharp", {"bits": 4}),
+    "quipsharp2-block": ("quipsharp", {"bits": 2, "processor": "rht-block"}),
+    "quipsharp4-block": ("quipsharp", {"bits": 4, "processor": "rht-block"}),
     "harp2": ("harp", {"bits": 2, "harp_schedule": "kron"}),
     "harp3": ("harp", {"bits": 3, "harp_schedule": "kron"}),
     "harp4": ("harp", {"bits": 4, "harp_schedule": "kron"}),
@@ -137,8 +139,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
 
 
 def count_launches(runner: DecodeRunner, steps: int = 2) -> dict[str, float]:
-    """Kernels per decode step, all and the online transforms' (stage kernels), from the profiler's record
-    of `steps` graph replays."""
+    """Kernels per decode step, all and the online transforms' (stage kernels, the one-launch Hadamard, the
+    block sides' own launches; not the kernels that apply a side beside their own work), from the
+    profiler's record of `steps` graph replays."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -146,7 +149,7 @@ def count_launches(runner: DecodeRunner, steps: int = 2) -> dict[str, float]:
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
              and not e.name.startswith(("Memcpy", "Memset"))]
-    transforms = sum("_stage" in n or "harpq_hadamard" in n for n in names)
+    transforms = sum("_stage" in n or "harpq_hadamard" in n or n.split("(")[0].strip() == "_rotate" for n in names)
     return {"launches": len(names) / steps, "transform_launches": transforms / steps}
 
 

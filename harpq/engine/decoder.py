@@ -20,9 +20,7 @@ from ..errors import HarpqError
 from ..io.model import attention_windows, engine_unsupported
 from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
 from ..nn import QuantLinear, SharedInput
-
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+from .fused_sides import ATTN, MLP, LayerSides
 
 
 @dataclass(frozen=True)
@@ -112,6 +110,8 @@ class Block(nn.Module):
         self.linears = nn.ModuleDict({k: v for k, v in linears.items()
                                       if not (self.qkv is not None and k in ATTN[:3])
                                       and not (self.gate_up is not None and k in MLP[:2])})
+        #: block-Hadamard sides applied inside the step's own kernels (None: each linear applies its own)
+        self.fused_sides = LayerSides.build(linears, shape.hd) if moe is None and qk_norm is None else None
         self.register_buffer("attn_norm", attn_norm)
         self.register_buffer("mlp_norm", mlp_norm)
         self.k_cache: torch.Tensor | None = None
@@ -120,6 +120,8 @@ class Block(nn.Module):
     def forward(self, x, pos, cos, sin, masks: dict, fused: bool):
         s, (b, t, _) = self.shape, x.shape
         mask = masks[self.window]
+        if fused and self.fused_sides is not None and x.dtype == torch.float16:
+            return self.fused_sides.forward(self, x, pos, cos, sin, mask)
         h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
         if self.qkv is not None:
             q, k, v = _outputs(self.qkv(h), [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])

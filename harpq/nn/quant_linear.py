@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from .. import kernels
 from ..codebooks import Codebook, make_codebook
 from ..formats import stored_bits
 from ..processors import Processor, make_processor
+
+if TYPE_CHECKING:
+    from ..kernels.block_sides import BlockSide
 
 log = logging.getLogger(__name__)
 #: share of the machine's memory the dense copies of quantized weights may take on the CPU
@@ -210,6 +213,26 @@ class QuantLinear(nn.Module):
         if mine is None or theirs is None or mine[0] != theirs[0] or self.in_features != other.in_features:
             return False
         return all(torch.equal(getattr(self, k), getattr(other, k)) for k in mine[1])
+
+    def block_sides(self) -> tuple[BlockSide, BlockSide] | None:
+        """(output side, input side) where both are block Hadamards (`rht-block`): the decode engine applies
+        them inside its own kernels (`kernels.block_sides`) and calls `matmul_rotated`. None otherwise."""
+        sides = self.processor.block_sides(self.out_features, self.in_features)
+        if sides is None:
+            return None
+        from ..kernels.block_sides import BlockSide
+
+        (b_out, u), (b_in, v) = sides
+        return BlockSide(getattr(self, u), b_out), BlockSide(getattr(self, v), b_in)
+
+    def matmul_rotated(self, rows: torch.Tensor) -> torch.Tensor:
+        """Ŵ̃ · rows for rows = Vᵀ x (N, in_features): the stored matrix alone, no output side or bias (the
+        caller applies them, fused into its own kernels)."""
+        backend = kernels.select(self.format, rows, self.out_features, self.in_features,
+                                 fast=self.use_kernels is not False)
+        prepared, _ = self._run_meta(rows.device, backend, False)
+        return backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows,
+                              self.out_features, self.in_features)
 
     def _run_context(self, rows: torch.Tensor):
         """(backend, its prepared tensors, stage plans or None) for a call on `rows`."""

@@ -65,6 +65,11 @@ class Processor(ABC):
         apply the same Vᵀ x, so linears reading one input can apply it once. None: no input side."""
         return None
 
+    def block_sides(self, out_features: int, in_features: int) -> tuple[tuple[int, str], tuple[int, str]] | None:
+        """((block, signs buffer) of the output side, the same of the input side) where both sides are
+        block Hadamards (the decode engine then fuses them into its own kernels); else None."""
+        return None
+
     def stage_plans(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int):
         """(output side, input side) as `kernels.stages.StagePlan`s for the run-time kernels, or None where
         the transform is not a product of block stages (then `apply_input`/`apply_output` run)."""
