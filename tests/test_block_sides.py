@@ -120,3 +120,13 @@ def test_layers_that_cannot_fuse_run_unfused():
     shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64)  # MLP blocks of 8
     assert build(shape, "quipsharp2-block", "cpu").blocks[0].fused_sides is None
     assert build(DecoderShape(128, 1, 4, 4, 384, 64), "quipsharp2", "cpu").blocks[0].fused_sides is None  # full RHT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_fused_layers_in_a_cuda_graph_equal_eager():
+    from harpq.engine import DecodeRunner
+
+    decoder = build(DecoderShape(256, 2, 2, 2, 384, 64), "quipsharp2-block", "cuda")
+    ids = torch.randint(0, 64, (2, 4), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    eager = DecodeRunner(decoder, 2, 32, graph=False).generate(ids, 8)
+    assert torch.equal(DecodeRunner(decoder, 2, 32, graph=True).generate(ids, 8), eager)
