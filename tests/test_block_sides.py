@@ -130,3 +130,41 @@ def test_fused_layers_in_a_cuda_graph_equal_eager():
     ids = torch.randint(0, 64, (2, 4), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     eager = DecodeRunner(decoder, 2, 32, graph=False).generate(ids, 8)
     assert torch.equal(DecodeRunner(decoder, 2, 32, graph=True).generate(ids, 8), eager)
+
+
+KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time values it is built with
+    "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 3 + ["*i64"] + ["*fp16"] * 3
+                            + ["i32"] * 4, [{"D": 32, "U": 128}, {"D": 128, "U": 128}]),
+    "_norm_rotate": (["*fp16"] * 5 + ["i32", "fp32", "fp32"], [{"NP": 4096, "B": 128, "R": 16}]),
+    "_rotate": (["*fp16", "i32"] + ["*fp16"] * 4 + ["i32", "fp32"],
+                [{"B": 128, "R": 16, "SIGNS_FIRST": f, "RESIDUAL": not f} for f in (True, False)]),
+    "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 5 + ["i32", "fp32"], [{"B": 128, "R": 16}]),
+}
+
+
+COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import harpq.kernels.block_sides as bs
+name, types, variants = json.loads(sys.argv[1])
+fn = getattr(bs, name)
+for consts in variants:
+    sig = dict(zip(fn.arg_names, types)) | {k: "constexpr" for k in consts}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_SIGNATURES))
+def test_kernels_compile_for_sm90(name):
+    """The interpreter runs the kernels above without compiling them: compile each for sm_90 (no GPU needed;
+    outside the interpreter, so in a process of its own), so that what only a GPU would reject fails here."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = json.dumps([name, *KERNEL_SIGNATURES[name]])
+    done = subprocess.run([sys.executable, "-c", COMPILE, args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

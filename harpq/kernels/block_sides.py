@@ -149,12 +149,12 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         tl.store(dst, o1.to(tl.float16))
         tl.store(dst + D // 2, o2.to(tl.float16))
     else:
-        j = unit - qu - ku
-        x = tl.load(v_ptr + bt * sv + j * U + c).to(tl.float32)
+        jv = unit - qu - ku  # (names apart from the branch above: Triton types them per branch)
+        xv = tl.load(v_ptr + bt * sv + jv * U + c).to(tl.float32)
         m = tl.load(m_ptr + c[:, None] * U + c[None, :])
-        y = tl.sum(m * x[None, :], axis=1) * tl.load(uv_ptr + j * U + c)
-        head = j * (U // D) + c // D
-        tl.store(vc_ptr + ((b * HKV + head) * L + tl.load(pos_ptr + t)) * D + c % D, y.to(tl.float16))
+        yv = tl.sum(m * xv[None, :], axis=1) * tl.load(uv_ptr + jv * U + c)
+        hv = jv * (U // D) + c // D
+        tl.store(vc_ptr + ((b * HKV + hv) * L + tl.load(pos_ptr + t)) * D + c % D, yv.to(tl.float16))
 
 
 def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
