@@ -34,10 +34,21 @@ def test_scalar_rows_stack_exactly(zero):
     assert torch.equal(fmt.decode(stacked, 24, 192), want)
 
 
-def test_formats_with_a_scale_per_matrix_do_not_stack():
-    gen = torch.Generator().manual_seed(2)
-    for fmt in (ScalarGroups(4, 0, "mid"), E8PStages(2, None)):
-        assert fmt.concat_rows([(fmt.random_buffers(8, 64, gen), 8)] * 2, 64) is None
+def test_scalar_grids_with_a_scale_per_matrix_do_not_stack():
+    fmt = ScalarGroups(4, 0, "mid")
+    assert fmt.concat_rows([(fmt.random_buffers(8, 64, torch.Generator().manual_seed(2)), 8)] * 2, 64) is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8p_matrices_stack_with_a_scale_per_row(bits):
+    fmt = E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits])
+    gen = torch.Generator().manual_seed(3)
+    parts = [(fmt.random_buffers(rows, 64, gen), rows) for rows in (8, 16)]
+    parts[1][0]["scales"] = parts[0][0]["scales"] * 3  # the matrices' scales differ
+    stacked = fmt.concat_rows(parts, 64)
+    assert stacked["scales"].shape == (24, 1)
+    want = torch.cat([fmt.decode(b, rows, 64) for b, rows in parts])
+    assert torch.equal(fmt.decode(stacked, 24, 64), want)
 
 
 def test_cpu_calls_run_the_reference_and_say_why_once(caplog):

@@ -73,6 +73,22 @@ def test_residual_is_added_in_the_kernel(fmt):
     assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_stacked_e8p_matrices_keep_their_own_scales(bits, batch):
+    fmt, n = E8PStages(bits, {2: None, 4: 3.45}[bits]), 1024
+    parts = [(random_buffers(fmt, m, n, 20 + i), m) for i, m in enumerate((48, 16, 32))]
+    for i, (b, _) in enumerate(parts):
+        b["scales"] = torch.full((1, 1), 0.5 * (i + 1), dtype=torch.float16, device="cuda")
+    stacked = fmt.concat_rows(parts, n)
+    x = torch.randn(batch, n, device="cuda").half()
+    backend = select(fmt, x, 96, n)
+    assert backend.name == "cuda"
+    got = backend.matmul(fmt, stacked, backend.prepare(fmt, stacked, 96, n), x, 96, n).float()
+    want = torch.cat([x.float() @ fmt.decode(b, m, n).T for b, m in parts], dim=1)
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+
+
 def test_unsupported_layouts_fall_back_to_the_reference():
     x = torch.randn(1, 200, device="cuda").half()
     assert select(ScalarGroups(4, 100, "int"), x, 8, 200).name == "reference"

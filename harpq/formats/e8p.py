@@ -44,6 +44,14 @@ class E8PStages(StorageFormat):
             out["codes2"] = codes2.to(torch.uint8 if self.stage2 == "e8" else torch.int16)
         return out
 
+    def concat_rows(self, parts, in_features):
+        """Codes stacked, and the matrices' scales as one per row (m, 1): what the decode GEMV takes."""
+        out = {"codes": torch.cat([b["codes"] for b, _ in parts]),
+               "scales": torch.cat([b["scales"].reshape(1, 1).expand(m, 1) for b, m in parts])}
+        if self.stage2:
+            out["codes2"] = torch.cat([b["codes2"] for b, _ in parts])
+        return out
+
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         q = e8p_decode(buffers["codes"])
         if self.stage2:

@@ -99,8 +99,8 @@ def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
 def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, tables: torch.Tensor,
              scale: torch.Tensor, stage2: int, resid_inv: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) fp16 [, residual (B, m) fp16]
-    -> scale · x · Ŵᵀ (+ residual) (B, m)."""
+    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) fp16, or (m, 1) for matrices
+    stacked with a scale each [, residual (B, m) fp16] -> scale · x · Ŵᵀ (+ residual) (B, m)."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
@@ -110,7 +110,8 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
-                 nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale), np.uint32(r * 0x10001), nvrtc.ptr(y),
+                 nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale),
+                 np.int32(scale.numel() > 1), np.uint32(r * 0x10001), nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
     return y
 

@@ -99,9 +99,10 @@ class QuantLinear(nn.Module):
             return None
         parts = [(m._buffers_of(m._codebook_names), m.out_features) for m in mods]
         stacked = first.format.concat_rows(parts, first.in_features)
-        if stacked is None:
-            return None
         rows = sum(m.out_features for m in mods)
+        specs = first.codebook.buffer_specs(rows, first.in_features)
+        if stacked is None or any(stacked[k].shape != specs[k][0] for k in stacked):  # e.g. scales become per row
+            return None
         device = first.codes_device()
         fused = cls(first.in_features, rows, first.codebook, first.processor, first.bias is not None, device=device)
         fused.load_quantized(stacked, torch.cat([m.bias.data for m in mods]) if first.bias is not None else None)

@@ -171,10 +171,12 @@ DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2,
     mma16816(acc + ((set * MT + mt) * NT + nt) * 4, a0, a1, a2, a3, b0, b1);
 }
 
-// y = scale · acc (+ residual, when given: the residual add of a decoder layer, fused)
+// y = scale · acc, times row_scale[row] where given (matrices of one scale each, stacked), + residual
+// where given (the residual add of a decoder layer, fused)
 template <class P>
 DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* __restrict__ y,
-                        const u16* __restrict__ residual, int M, int K, float scale) {
+                        const u16* __restrict__ residual, int M, int K, float scale,
+                        const u16* __restrict__ row_scale = nullptr) {
     __shared__ float red[WARPS * MT * NT * 4 * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -245,6 +247,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         const int n = 8 * nt + 2 * t + (c & 1);
         if (row < M && n < batch) {
             const long long at = (long long)n * M + row;
+            if (row_scale) sum *= half_to_float(row_scale[row]);
             y[at] = float_to_half(residual ? sum * scale + half_to_float(residual[at]) : sum * scale);
         }
     }
