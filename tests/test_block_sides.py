@@ -17,13 +17,18 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and no
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def side(n: int, block: int, seed: int):
-    """A processor side and the kernels' view of it (same signs)."""
+def side(n: int, block: int | None, seed: int, output: bool = False):
+    """A processor side (a block Hadamard of `block`, or with None the full RHT of n) and the kernels' view
+    of it in the direction it is applied (output sides: Qᵀ, signs last)."""
+    from harpq.hadamard import split_order
     from harpq.kernels.block_sides import BlockSide
+    from harpq.processors.sides import HadamardSide
 
-    ref = BlockHadamardSide(n, block)
+    ref = BlockHadamardSide(n, block) if block else HadamardSide(n, split_order(n)[0])
     buffers = {k: v.to(DEV) for k, v in ref.init("s_", torch.Generator().manual_seed(seed)).items()}
-    return ref, buffers, BlockSide(buffers["s_signs"], block)
+    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output))
+    assert kernel is not None
+    return ref, buffers, kernel
 
 
 def rand(*shape, seed=0, scale=1.0):
@@ -37,46 +42,57 @@ def close(got, want, tol=2e-3):
     assert err <= tol * max(1.0, want.abs().max().item()), err
 
 
-@pytest.mark.parametrize("n,block,rows", [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1)])
+SIDES = [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1),  # blocks
+         (4096, None, 2), (768, None, 1), (256, None, 3)]  # the full RHT: H_32 ⊗ H_128, H_12 ⊗ H_64, H_2 ⊗ H_128
+
+
+@pytest.mark.parametrize("n,block,rows", SIDES)
 def test_rotate_is_the_processor_side(n, block, rows):
     from harpq.kernels.block_sides import rotate
 
     ref, b, s = side(n, block, 1)
+    _, _, s_out = side(n, block, 1, output=True)
     x = rand(rows, n, seed=2).half()
     close(rotate(x, s, input_side=True), ref.forward(b, "s_", x.double()))
     res = rand(rows, n, seed=3).half()
     want = (ref.backward(b, "s_", x.double()).half().double() + res.double())
-    close(rotate(x, s, input_side=False, residual=res), want)
-    close(rotate(x, s, input_side=False), ref.backward(b, "s_", x.double()))
+    close(rotate(x, s_out, input_side=False, residual=res), want)
+    close(rotate(x, s_out, input_side=False), ref.backward(b, "s_", x.double()))
     wide = rand(rows, 2 * n, seed=4).half()[:, :n]  # rows strided, as a slice of a stacked output
     close(rotate(wide, s, input_side=True), ref.forward(b, "s_", wide.double()))
 
 
-def test_norm_rotate_is_norm_then_side():
+@pytest.mark.parametrize("n,block", [(384, 128), (512, None), (4096, None)])
+def test_norm_rotate_is_norm_then_side(n, block):
     from harpq.kernels.block_sides import norm_rotate
 
-    ref, b, s = side(384, 128, 5)
-    x, w = rand(2, 1, 384, seed=6, scale=30).half(), rand(384, seed=7).half()
+    ref, b, s = side(n, block, 5)
+    x, w = rand(2, 1, n, seed=6, scale=30).half(), rand(n, seed=7).half()
     want = ref.forward(b, "s_", rms_norm_reference(x, w, 1e-5).double())
     close(norm_rotate(x, w, 1e-5, s), want)
 
 
-def test_silu_mul_rotate_is_the_sides_around_silu_mul():
-    from harpq.kernels.block_sides import silu_mul_rotate
+@pytest.mark.parametrize("n,block", [(256, 64), (768, None)])
+def test_silu_mul_rotate_is_the_sides_around_silu_mul(n, block):
+    from harpq.kernels.block_sides import mlp_sides_fuse, silu_mul_rotate
 
-    (rg, bg, sg), (ru, bu, su), (rd, bd, sd) = side(256, 64, 8), side(256, 64, 9), side(256, 64, 10)
-    zg, zu = rand(3, 256, seed=11, scale=3).half(), rand(3, 256, seed=12, scale=3).half()
+    (rg, bg, sg), (ru, bu, su) = side(n, block, 8, output=True), side(n, block, 9, output=True)
+    rd, bd, sd = side(n, block, 10)
+    assert mlp_sides_fuse(sg, su, sd)
+    zg, zu = rand(3, n, seed=11, scale=3).half(), rand(3, n, seed=12, scale=3).half()
     g, u = rg.backward(bg, "s_", zg.double()).half(), ru.backward(bu, "s_", zu.double()).half()
     want = rd.forward(bd, "s_", (torch.nn.functional.silu(g.float()).half() * u).double())
     close(silu_mul_rotate(zg, zu, sg, su, sd), want)
 
 
-@pytest.mark.parametrize("heads,hkv,d,block", [(4, 2, 32, 64), (2, 2, 64, 32), (2, 1, 128, 128)])
+@pytest.mark.parametrize("heads,hkv,d,block", [(4, 2, 32, 64), (2, 2, 64, 32), (2, 1, 128, 128),
+                                               (2, 2, 128, None), (32, 4, 128, None)])  # full RHT: heads as runs
 def test_rope_rotated_is_sides_then_rope(heads, hkv, d, block):
-    from harpq.kernels.block_sides import rope_into_cache_rotated
+    from harpq.kernels.block_sides import rope_into_cache_rotated, rope_sides_fuse
 
     b, t, length = 2, 3, 8
-    sides = [side(heads * d, block, 13), side(hkv * d, block, 14), side(hkv * d, block, 15)]
+    sides = [side(heads * d, block, 13, True), side(hkv * d, block, 14, True), side(hkv * d, block, 15, True)]
+    assert rope_sides_fuse(tuple(s[2] for s in sides), d)
     qkv = rand(b, t, (heads + 2 * hkv) * d, seed=16).half()  # one stacked output: strided slices
     q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
     cos, sin = rand(t, d, seed=17), rand(t, d, seed=18)
@@ -84,7 +100,7 @@ def test_rope_rotated_is_sides_then_rope(heads, hkv, d, block):
     kc, vc = rand(b, hkv, length, d, seed=19).half(), rand(b, hkv, length, d, seed=20).half()
     kc_ref, vc_ref = kc.clone(), vc.clone()
     got = rope_into_cache_rotated(q, k, v, tuple(s[2] for s in sides), cos, sin, pos, kc, vc)
-    uq, uk, uv = (r.backward(bb, "s_", z.float()).half() for (r, bb, _), z in zip(sides, (q, k, v), strict=True))
+    uq, uk, uv = (r.backward(bb, "s_", z.double()).half() for (r, bb, _), z in zip(sides, (q, k, v), strict=True))
     close(got, _rope(uq.float().view(b, t, heads, d), cos, sin).transpose(1, 2))
     kc_ref.index_copy_(2, pos, _rope(uk.float().view(b, t, hkv, d), cos, sin).transpose(1, 2).half())
     vc_ref.index_copy_(2, pos, uv.view(b, t, hkv, d).transpose(1, 2))
@@ -92,11 +108,28 @@ def test_rope_rotated_is_sides_then_rope(heads, hkv, d, block):
     close(vc, vc_ref)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 128), (2, 2, 256)])
+def test_rope_takes_full_sides_only_with_heads_as_runs():
+    from harpq.kernels.block_sides import rope_sides_fuse
+
+    q, k = side(256, None, 1, True)[2], side(128, None, 2, True)[2]  # blocks of 128, A = H_2 / none
+    assert not rope_sides_fuse((q, k, k), 64) and not rope_sides_fuse((q, q, q), 64)
+    assert rope_sides_fuse((q, q, q), 128) and not rope_sides_fuse((q, q, None), 128)
+
+
+LAYERS = {  # what fuses: every side (blocks; full RHT with A), or some (the rest through the modules)
+    "blocks, heads in a unit": ("quipsharp2-block", DecoderShape(128, 2, 4, 4, 384, 64)),
+    "blocks of a head": ("quipsharp2-block", DecoderShape(256, 2, 2, 2, 384, 64)),
+    "blocks; MLP blocks of 8 unfused": ("quipsharp2-block", DecoderShape(128, 2, 4, 4, 344, 64)),
+    "full RHT: A = H_2, H_12": ("quipsharp2", DecoderShape(256, 2, 2, 2, 384, 64)),
+    "full RHT, GQA, 4 bits": ("quipsharp4", DecoderShape(512, 2, 4, 2, 768, 64)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
 @torch.no_grad()
-def test_fused_layer_equals_unfused(heads, kv_heads, dim):
-    shape = DecoderShape(dim=dim, layers=2, heads=heads, kv_heads=kv_heads, ffn=384, vocab=64)
-    decoder = build(shape, "quipsharp2-block", DEV)
+def test_fused_layer_equals_unfused(case):
+    fmt, shape = LAYERS[case]
+    decoder = build(shape, fmt, DEV)
     assert all(blk.fused_sides is not None for blk in decoder.blocks)
     for mod in decoder.modules():
         if hasattr(mod, "use_kernels"):
@@ -117,9 +150,18 @@ def test_fused_layer_equals_unfused(heads, kv_heads, dim):
 
 
 def test_layers_that_cannot_fuse_run_unfused():
-    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64)  # MLP blocks of 8
-    assert build(shape, "quipsharp2-block", "cpu").blocks[0].fused_sides is None
-    assert build(DecoderShape(128, 1, 4, 4, 384, 64), "quipsharp2", "cpu").blocks[0].fused_sides is None  # full RHT
+    shape = DecoderShape(128, 1, 4, 4, 384, 64)
+    assert build(shape, "harp2", "cpu").blocks[0].fused_sides is None  # learned sides
+    assert build(shape, "rtn4", "cpu").blocks[0].fused_sides is None  # no sides
+    decoder = build(shape, "quipsharp2-block", "cpu")
+    from harpq.engine.fused_sides import LayerSides
+
+    blk = decoder.blocks[0]
+    mods = dict(zip(("q_proj", "k_proj", "v_proj"), blk.qkv.mods, strict=True)) | dict(blk.linears) \
+        | dict(zip(("gate_proj", "up_proj"), blk.gate_up.mods, strict=True))
+    assert LayerSides.build(mods, 32) is not None
+    mods["k_proj"].v_signs.neg_()  # k's input side no longer q's: q/k/v cannot share one rotated input
+    assert LayerSides.build(mods, 32) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -135,10 +177,16 @@ def test_fused_layers_in_a_cuda_graph_equal_eager():
 KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time values it is built with
     "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 3 + ["*i64"] + ["*fp16"] * 3
                             + ["i32"] * 4, [{"D": 32, "U": 128}, {"D": 128, "U": 128}]),
-    "_norm_rotate": (["*fp16"] * 5 + ["i32", "fp32", "fp32"], [{"NP": 4096, "B": 128, "R": 16}]),
-    "_rotate": (["*fp16", "i32"] + ["*fp16"] * 4 + ["i32", "fp32"],
-                [{"B": 128, "R": 16, "SIGNS_FIRST": f, "RESIDUAL": not f} for f in (True, False)]),
-    "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 5 + ["i32", "fp32"], [{"B": 128, "R": 16}]),
+    "_rope_cache_mixed": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 7 + ["*fp32"] * 2 + ["*i64"] + ["*fp16"] * 3
+                          + ["i32"] * 4 + ["fp32"] * 3,
+                          [{"D": 128, "RQ": 32, "RKV": 32}, {"D": 128, "RQ": 64, "RKV": 16}]),
+    "_norm_rotate": (["*fp16"] * 6 + ["i32"] + ["fp32"] * 3,
+                     [{"NP": 4096, "B": 128, "R": r, "MIX": r == 32} for r in (16, 32)]),
+    "_rotate": (["*fp16", "i32"] + ["*fp16"] * 5 + ["i32"] + ["fp32"] * 2,
+                [{"B": 128, "R": r, "MIX": r == 32, "SIGNS_FIRST": f, "RESIDUAL": not f}
+                 for f in (True, False) for r in (16, 32)]),
+    "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 8 + ["i32"] + ["fp32"] * 2,
+                         [{"B": 128, "R": 16, "MIX": False}, {"B": 64, "R": 64, "MIX": True}]),
 }
 
 

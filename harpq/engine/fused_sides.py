@@ -1,13 +1,15 @@
-"""A decoder layer whose seven linears have block-Hadamard sides (`rht-block`), run with every side inside
-the step's own kernels (`kernels.block_sides`).
+"""A decoder layer whose linears have Hadamard sides (`rht`, `rht-block`), run with the sides inside the
+step's own kernels (`kernels.block_sides`).
 
 Unfused, each quantized linear applies its input and output side as launches of their own (two per
 side with the stage kernels). Here the layer's launches are the fp16 path's, with the sides folded in:
 the RMSNorms also apply the shared input side of q/k/v and of gate/up, the RoPE kernel the output sides
-of q/k/v, the SiLU·up kernel the output sides of gate/up and the input side of down; only o's input
-side and the output sides of o and down (each with the residual add) keep a launch: three transform
-launches per layer. Where the storage format can stack matrices (E8P with a scale per row, the scalar
-group formats), q/k/v and gate/up are one GEMV each.
+of q/k/v, the SiLU·up kernel the output sides of gate/up and the input side of down; o's input side
+and the output sides of o and down (each with the residual add) keep a launch: three transform launches
+per layer where every side fuses. A side the kernels cannot hold (a full RHT over more than 64 runs, as
+the 11,008-wide MLP of Llama-2-7B: H_172 ⊗ H_64) runs as before, through its module. Where the storage
+format can stack matrices (E8P with a scale per row, the scalar group formats), q/k/v and gate/up are one
+GEMV each.
 """
 
 from __future__ import annotations
@@ -67,14 +69,16 @@ class StackedMatrix:
         return list(z.split(self.sizes, dim=-1))
 
 
-def _same(a: BlockSide, b: BlockSide) -> bool:
-    return a.block == b.block and torch.equal(a.signs, b.signs)
+def _same(a: BlockSide | None, b: BlockSide | None) -> bool:
+    return a is not None and b is not None and a.block == b.block and torch.equal(a.signs, b.signs) \
+        and (a.outer is None) == (b.outer is None) and (a.outer is None or torch.equal(a.outer, b.outer))
 
 
 @dataclass
 class LayerSides:
-    """The modules of one layer, whose block sides the fused kernels apply (read at each call, so that they
-    follow the modules across devices)."""
+    """The modules of one layer, with the parts of the step that fuse their sides (the rest applies them
+    through the modules, as unfused). Sides are read at each call (cached per module), so that they follow
+    the modules across devices."""
 
     mods: dict[str, QuantLinear]
     qkv: StackedMatrix | None = None  # q/k/v's matrices as one GEMV, where their format can stack them
@@ -82,28 +86,18 @@ class LayerSides:
 
     @classmethod
     def build(cls, linears: dict[str, nn.Module], head_dim: int) -> LayerSides | None:
-        """The plan where every linear is a bias-free QuantLinear with block sides that the kernels take
-        (blocks ≥ 16; q/k/v and gate/up sharing one input side; q/k/v's output blocks equal and gate/up's
-        equal to down's input block; a power-of-two head size); else None (the layer runs unfused)."""
-        from ..kernels.block_sides import MIN_BLOCK
-
+        """A plan where every linear is a bias-free QuantLinear, q/k/v and gate/up share their input side, and
+        at least one side has a form the fused kernels take; else None (the layer runs unfused)."""
         names = ATTN + MLP
         if any(type(linears.get(n)) is not QuantLinear or linears[n].bias is not None for n in names):
             return None
-        sides = {n: linears[n].block_sides() for n in names}
-        if any(s is None for s in sides.values()) or head_dim & (head_dim - 1):
-            return None
-        outs = {n: s[0] for n, s in sides.items()}
-        ins = {n: s[1] for n, s in sides.items()}
-        if min(s.block for pair in sides.values() for s in pair) < MIN_BLOCK:
-            return None
-        if not all(_same(ins["q_proj"], ins[n]) for n in ("k_proj", "v_proj")) \
-                or not _same(ins["gate_proj"], ins["up_proj"]):
-            return None
-        if len({outs[n].block for n in ATTN[:3]}) > 1 \
-                or len({outs["gate_proj"].block, outs["up_proj"].block, ins["down_proj"].block}) > 1:
-            return None
         mods = {n: linears[n] for n in names}
+        if not all(mods["q_proj"].shares_input_side(mods[n]) for n in ("k_proj", "v_proj")) \
+                or not mods["gate_proj"].shares_input_side(mods["up_proj"]):
+            return None
+        device = mods["q_proj"].codes_device()
+        if all(side is None for m in mods.values() for side in m.kernel_sides(device)):
+            return None
         return cls(mods, StackedMatrix.build([mods[n] for n in ATTN[:3]]),
                    StackedMatrix.build([mods["gate_proj"], mods["up_proj"]]))
 
@@ -114,23 +108,48 @@ class LayerSides:
 
     def forward(self, blk, x: torch.Tensor, pos, cos, sin, mask) -> torch.Tensor:
         """Block.forward for this layer (fp16 activations, no q/k norms, no experts)."""
-        from ..kernels.block_sides import norm_rotate, rope_into_cache_rotated, rotate, silu_mul_rotate
+        from ..kernels import block_sides as ks
+        from ..kernels.fused import rms_norm, rope_into_cache, silu_mul
 
         s, (b, t, dim) = blk.shape, x.shape
         m = self.mods
         outs, ins = {}, {}
         for n, mod in m.items():
-            outs[n], ins[n] = mod.block_sides()
-        h = norm_rotate(x, blk.attn_norm, s.norm_eps, ins["q_proj"]).view(-1, dim)
-        q, k, v = (z.view(b, t, -1) for z in self._group(self.qkv, ATTN[:3], h))
-        q = rope_into_cache_rotated(q, k, v, tuple(outs[n] for n in ATTN[:3]), cos, sin, pos,
-                                    blk.k_cache, blk.v_cache)
+            outs[n], ins[n] = mod.kernel_sides(x.device)
+
+        def norm_in(x: torch.Tensor, weight: torch.Tensor, first: str) -> torch.Tensor:
+            if ins[first] is not None:
+                return ks.norm_rotate(x, weight, s.norm_eps, ins[first]).view(-1, dim)
+            return m[first].rotate_input(rms_norm(x, weight, s.norm_eps, True).view(-1, dim))
+
+        def rotate_in(rows: torch.Tensor, name: str) -> torch.Tensor:
+            side = ins[name]
+            return m[name].rotate_input(rows) if side is None else ks.rotate(rows, side, input_side=True)
+
+        def rotate_out(z: torch.Tensor, name: str, residual: torch.Tensor | None = None) -> torch.Tensor:
+            side = outs[name]
+            if side is not None:
+                return ks.rotate(z, side, input_side=False, residual=residual)
+            y = m[name].rotate_output(z)
+            return y if residual is None else residual + y
+
+        h = norm_in(x, blk.attn_norm, "q_proj")
+        zq, zk, zv = self._group(self.qkv, ATTN[:3], h)
+        if ks.rope_sides_fuse(tuple(outs[n] for n in ATTN[:3]), s.hd):
+            q = ks.rope_into_cache_rotated(zq.view(b, t, -1), zk.view(b, t, -1), zv.view(b, t, -1),
+                                           tuple(outs[n] for n in ATTN[:3]), cos, sin, pos, blk.k_cache, blk.v_cache)
+        else:
+            q, k, v = (rotate_out(z, n).view(b, t, -1) for z, n in zip((zq, zk, zv), ATTN[:3], strict=True))
+            q = rope_into_cache(q, k, v, cos, sin, pos, blk.k_cache, blk.v_cache)
         o = F.scaled_dot_product_attention(q, blk.k_cache, blk.v_cache, attn_mask=mask,
                                            enable_gqa=s.heads != s.kv_heads)
-        o = rotate(o.transpose(1, 2).reshape(b * t, s.heads * s.hd), ins["o_proj"], input_side=True)
-        x = rotate(m["o_proj"].matmul_rotated(o), outs["o_proj"], input_side=False, residual=x.view(-1, dim))
-        h = norm_rotate(x, blk.mlp_norm, s.norm_eps, ins["gate_proj"])
-        a = silu_mul_rotate(*self._group(self.gate_up, MLP[:2], h), outs["gate_proj"], outs["up_proj"],
-                            ins["down_proj"])
-        x = rotate(m["down_proj"].matmul_rotated(a), outs["down_proj"], input_side=False, residual=x)
+        o = rotate_in(o.transpose(1, 2).reshape(b * t, s.heads * s.hd), "o_proj")
+        x = rotate_out(m["o_proj"].matmul_rotated(o), "o_proj", residual=x.view(-1, dim))
+        h = norm_in(x, blk.mlp_norm, "gate_proj")
+        zg, zu = self._group(self.gate_up, MLP[:2], h)
+        if ks.mlp_sides_fuse(outs["gate_proj"], outs["up_proj"], ins["down_proj"]):
+            a = ks.silu_mul_rotate(zg, zu, outs["gate_proj"], outs["up_proj"], ins["down_proj"])
+        else:
+            a = rotate_in(silu_mul(rotate_out(zg, "gate_proj"), rotate_out(zu, "up_proj"), True), "down_proj")
+        x = rotate_out(m["down_proj"].matmul_rotated(a), "down_proj", residual=x)
         return x.view(b, t, dim)

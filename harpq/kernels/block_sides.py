@@ -1,18 +1,20 @@
-"""Block-Hadamard sides fused into the decode step's own kernels.
+"""Hadamard sides fused into the decode step's own kernels.
 
-An `rht-block` side is Q = (I ⊗ H_b)·diag(s): signs, then the Sylvester Hadamard on each run of b
-entries. Applied as launches of their own, the sides of a decoder layer's seven linears cost a dozen
-launches per token and layer; but each side only mixes runs of b entries, so the kernels that produce a
-linear's input or consume its output can apply it to the tile they hold anyway:
+A side of the RHT family is (A ⊗ H_b)·diag(s) (`Side.kernel_form`): signs, the Sylvester H_b on each run of b
+consecutive entries, and A, a ±1 matrix mixing the runs: the identity for `rht-block`, H_K ⊗ H_{p/b} for the
+full RHT of n = K·p. Applied as launches of their own, a decoder layer's sides cost a dozen or more launches
+per token; but the kernels that produce a linear's input or consume its output hold the tile anyway:
 
 - q/k/v's and gate/up's shared input side: in the RMSNorm that makes their input (`norm_rotate`);
 - q/k/v's output sides: in the RoPE + cache-write kernel (`rope_into_cache_rotated`);
 - gate/up's output sides and down's input side: in the SiLU·up kernel (`silu_mul_rotate`);
 - o's input side, and o's and down's output sides with the residual add: one launch each (`rotate`).
 
-A tile of runs times H_b is one `tl.dot` ([16 runs, b] · [b, b], fp16 in, fp32 out: the ±1 entries make
-every product exact), then 1/√b in fp32. Rounding follows the unfused path: an output side's result is
-rounded to fp16 before its consumer, as the separate launch would store it. Activations are fp16.
+A tile of runs times H_b is one `tl.dot` ([runs, b] · [b, b], fp16 in, fp32 out: the ±1 entries make every
+product exact), then 1/√b in fp32. Without A a program takes 16 runs; with A it takes a whole row and A
+multiplies the fp32 result as two fp16 dots (high and low halves: ~22 bits), then 1/√(runs). Rounding
+follows the unfused path: an output side's result is rounded to fp16 before its consumer, as the separate
+launch would store it. Activations are fp16.
 """
 
 from __future__ import annotations
@@ -27,20 +29,50 @@ import triton.language as tl
 
 from ..hadamard.construct import sylvester
 
-RUNS = 16  # runs of b entries per program: the smallest M of tl.dot
+RUNS = 16  # runs of b entries per program without A: the smallest M of tl.dot
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
+MAX_RUNS = 64  # the largest A a program holds (a whole row of runs)
 
 
 @dataclass(frozen=True)
 class BlockSide:
-    """One side's run-time parameters: its n signs (fp16 ±1) and its block b."""
+    """One side as the kernels take it: its n signs (fp16 ±1), its block b, and A (fp16 ±1, zero-padded to
+    a power of two ≥ 16 runs) or None."""
 
     signs: torch.Tensor
     block: int
+    outer: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
         return self.signs.numel()
+
+    @property
+    def runs(self) -> int:
+        return self.n // self.block
+
+    @property
+    def padded_runs(self) -> int:
+        """Rows of a program's tile: 16 runs without A, all runs (padded) with it."""
+        return RUNS if self.outer is None else self.outer.shape[0]
+
+    @classmethod
+    def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None) -> BlockSide | None:
+        """The kernels' view of a side, or None where they cannot take it (block under 16, A over 64 runs)."""
+        if block < MIN_BLOCK or signs.dtype != torch.float16:
+            return None
+        if outer is None:
+            return cls(signs, block)
+        runs = outer.shape[0]
+        if runs > MAX_RUNS:
+            return None
+        return cls(signs, block, _padded(outer, max(RUNS, triton.next_power_of_2(runs)), signs.device))
+
+
+def _padded(outer: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    a = torch.zeros(size, size, dtype=torch.float16)
+    a[:outer.shape[0], :outer.shape[1]] = outer
+    return a.to(device)
 
 
 @functools.cache
@@ -73,8 +105,26 @@ def _mix(tile, h_ptr, B: tl.constexpr):
 
 
 @triton.jit
-def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, y_ptr, n, eps, scale, NP: tl.constexpr, B: tl.constexpr,
-                 R: tl.constexpr):
+def _mix_outer(y, a_ptr, R: tl.constexpr):
+    """A (R, R) fp16 ±1 times y (R, B) fp32, as two exact-product fp16 dots of y's high and low halves."""
+    i = tl.arange(0, R)
+    a = tl.load(a_ptr + i[:, None] * R + i[None, :])
+    hi = y.to(tl.float16)
+    return tl.dot(a, hi) + tl.dot(a, (y - hi.to(tl.float32)).to(tl.float16))
+
+
+@triton.jit
+def _side(tile, h_ptr, a_ptr, scale, scale_runs, B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
+    """(A ⊗ H_b) on a tile (R, B) fp16 of runs, normalised, fp32."""
+    y = _mix(tile, h_ptr, B) * scale
+    if MIX:
+        y = _mix_outer(y, a_ptr, R) * scale_runs
+    return y
+
+
+@triton.jit
+def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_runs, NP: tl.constexpr,
+                 B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
@@ -83,38 +133,40 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, y_ptr, n, eps, scale, NP: tl.conste
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     normed = (x * inv).to(tl.float16)  # rounded before the weight, as Llama does
     h = tl.load(w_ptr + offs, mask=mask, other=0.0) * normed
-    y = _mix(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, B) * scale
+    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, scale, scale_runs, B, R, MIX)
     tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
 
 
 @triton.jit
-def _rotate(x_ptr, sx, s_ptr, h_ptr, r_ptr, y_ptr, n, scale, B: tl.constexpr, R: tl.constexpr,
-            SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
+def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, R: tl.constexpr,
+            MIX: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
     offs, mask = _runs(tl.program_id(1), n, B, R)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
-        y = _mix(x * s, h_ptr, B) * scale
+        y = _side(x * s, h_ptr, a_ptr, scale, scale_runs, B, R, MIX)
     else:  # an output side: U z = s ⊙ H z, rounded as its own launch would store it
-        y = (_mix(x, h_ptr, B) * scale * s).to(tl.float16).to(tl.float32)
+        y = (_side(x, h_ptr, a_ptr, scale, scale_runs, B, R, MIX) * s).to(tl.float16).to(tl.float32)
     if RESIDUAL:
         y += tl.load(r_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
 
 
 @triton.jit
-def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, y_ptr, n, scale, B: tl.constexpr,
-                     R: tl.constexpr):
+def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_ptr, au_ptr, ad_ptr, y_ptr, n, scale,
+                     scale_runs, B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
     row = tl.program_id(0)
     offs, mask = _runs(tl.program_id(1), n, B, R)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
-    g = (_mix(zg, h_ptr, B) * scale * tl.load(sg_ptr + offs, mask=mask, other=0.0)).to(tl.float16).to(tl.float32)
-    u = (_mix(zu, h_ptr, B) * scale * tl.load(su_ptr + offs, mask=mask, other=0.0)).to(tl.float16).to(tl.float32)
+    g = _side(zg, h_ptr, ag_ptr, scale, scale_runs, B, R, MIX) * tl.load(sg_ptr + offs, mask=mask, other=0.0)
+    u = _side(zu, h_ptr, au_ptr, scale, scale_runs, B, R, MIX) * tl.load(su_ptr + offs, mask=mask, other=0.0)
+    g = g.to(tl.float16).to(tl.float32)
+    u = u.to(tl.float16).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
     a = (silu * u).to(tl.float16)
-    y = _mix(a * tl.load(sd_ptr + offs, mask=mask, other=0.0), h_ptr, B) * scale
+    y = _side(a * tl.load(sd_ptr + offs, mask=mask, other=0.0), h_ptr, ad_ptr, scale, scale_runs, B, R, MIX)
     tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
 
 
@@ -157,12 +209,81 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         tl.store(vc_ptr + ((b * HKV + hv) * L + tl.load(pos_ptr + t)) * D + c % D, yv.to(tl.float16))
 
 
+@triton.jit
+def _mixed_rows(src, signs, a_ptr, h_ptr, heads, scale, scale_runs, D: tl.constexpr, R: tl.constexpr,
+                COLS: tl.constexpr, OFFSET: tl.constexpr):
+    """Columns OFFSET … OFFSET + COLS − 1 of each head of one row after its output side (A ⊗ H_D, signs;
+    a head is a run), rounded to fp16 as the separate launch would store them; fp32 (R, COLS)."""
+    r = tl.arange(0, R)
+    c = tl.arange(0, D)
+    j = tl.arange(0, COLS)
+    on = r[:, None] < heads
+    x = tl.load(src + r[:, None] * D + c[None, :], mask=on, other=0.0)
+    y = _mix_outer(tl.dot(x, tl.load(h_ptr + c[:, None] * D + OFFSET + j[None, :])) * scale, a_ptr, R) * scale_runs
+    s = tl.load(signs + r[:, None] * D + OFFSET + j[None, :], mask=on, other=0.0)
+    return (y * s).to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _rope_rows(src, signs, a_ptr, h_ptr, cos_ptr, sin_ptr, dst, dst_stride, t, heads, scale, scale_runs,
+               D: tl.constexpr, R: tl.constexpr):
+    """One row's heads through its output side and the rotary embedding; head r stored at dst + r·dst_stride."""
+    y1 = _mixed_rows(src, signs, a_ptr, h_ptr, heads, scale, scale_runs, D, R, D // 2, 0)
+    y2 = _mixed_rows(src, signs, a_ptr, h_ptr, heads, scale, scale_runs, D, R, D // 2, D // 2)
+    half = tl.arange(0, D // 2)
+    c1, c2 = tl.load(cos_ptr + t * D + half)[None, :], tl.load(cos_ptr + t * D + D // 2 + half)[None, :]
+    s1, s2 = tl.load(sin_ptr + t * D + half)[None, :], tl.load(sin_ptr + t * D + D // 2 + half)[None, :]
+    r = tl.arange(0, R)
+    on = r[:, None] < heads
+    at = dst + r[:, None] * dst_stride + half[None, :]
+    tl.store(at, (y1 * c1 - y2 * s1).to(tl.float16), mask=on)
+    tl.store(at + D // 2, (y2 * c2 + y1 * s2).to(tl.float16), mask=on)
+
+
+@triton.jit
+def _rope_cache_mixed(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, aq_ptr, ak_ptr, av_ptr, h_ptr, cos_ptr,
+                      sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L, scale, scale_q, scale_kv,
+                      D: tl.constexpr, RQ: tl.constexpr, RKV: tl.constexpr):
+    bt = tl.program_id(0)  # b·T + t
+    which = tl.program_id(1)  # q, k, v: a whole row each (A mixes its heads)
+    b, t = bt // T, bt % T
+    if which == 0:
+        _rope_rows(q_ptr + bt * sq, uq_ptr, aq_ptr, h_ptr, cos_ptr, sin_ptr, qo_ptr + (b * H * T + t) * D, T * D,
+                   t, H, scale, scale_q, D, RQ)
+    elif which == 1:
+        _rope_rows(k_ptr + bt * sk, uk_ptr, ak_ptr, h_ptr, cos_ptr, sin_ptr,
+                   kc_ptr + (b * HKV * L + tl.load(pos_ptr + t)) * D, L * D, t, HKV, scale, scale_kv, D, RKV)
+    else:
+        y = _mixed_rows(v_ptr + bt * sv, uv_ptr, av_ptr, h_ptr, HKV, scale, scale_kv, D, RKV, D, 0)
+        r = tl.arange(0, RKV)
+        c = tl.arange(0, D)
+        at = vc_ptr + (b * HKV * L + tl.load(pos_ptr + t)) * D + r[:, None] * (L * D) + c[None, :]
+        tl.store(at, y.to(tl.float16), mask=r[:, None] < HKV)
+
+
+def rope_sides_fuse(sides: tuple[BlockSide | None, ...], head_dim: int) -> bool:
+    """Whether `rope_into_cache_rotated` takes q/k/v's output sides: without A, one block (a program per
+    unit of max(block, head) entries); with A, heads as runs (block = head size), k and v alike."""
+    if any(s is None for s in sides):
+        return False
+    if all(s.outer is None for s in sides):
+        return len({s.block for s in sides}) == 1
+    return all(s.outer is not None and s.block == head_dim for s in sides) \
+        and sides[1].padded_runs == sides[2].padded_runs
+
+
 def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
-    return rows, triton.cdiv(side.n // side.block, RUNS)
+    return rows, triton.cdiv(side.runs, side.padded_runs)
 
 
-def _scale(side: BlockSide) -> float:
-    return 1.0 / math.sqrt(side.block)
+def _args(side: BlockSide, device: torch.device) -> tuple:
+    """H_b, A (H_b again where there is none: never read), 1/√b, 1/√runs."""
+    h = hadamard_tile(side.block, device)
+    return h, h if side.outer is None else side.outer, 1.0 / math.sqrt(side.block), 1.0 / math.sqrt(side.runs)
+
+
+def _shape(side: BlockSide) -> dict:
+    return {"B": side.block, "R": side.padded_runs, "MIX": side.outer is not None}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
@@ -170,8 +291,9 @@ def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSi
     rows = x.reshape(-1, x.shape[-1])
     y = torch.empty_like(rows)
     n = rows.shape[1]
-    _norm_rotate[_grid(rows.shape[0], side)](rows, weight, side.signs, hadamard_tile(side.block, x.device), y, n,
-                                             eps, _scale(side), NP=triton.next_power_of_2(n), B=side.block, R=RUNS)
+    h, a, scale, scale_runs = _args(side, x.device)
+    _norm_rotate[_grid(rows.shape[0], side)](rows, weight, side.signs, h, a, y, n, eps, scale, scale_runs,
+                                             NP=triton.next_power_of_2(n), **_shape(side))
     return y.view(x.shape)
 
 
@@ -180,21 +302,30 @@ def rotate(x: torch.Tensor, side: BlockSide, input_side: bool, residual: torch.T
     side (U z, + residual (N, n) when given)."""
     y = torch.empty(x.shape, dtype=torch.float16, device=x.device)
     res = residual.contiguous() if residual is not None else y
-    _rotate[_grid(x.shape[0], side)](x, x.stride(0), side.signs, hadamard_tile(side.block, x.device), res, y,
-                                     side.n, _scale(side), B=side.block, R=RUNS, SIGNS_FIRST=input_side,
-                                     RESIDUAL=residual is not None)
+    h, a, scale, scale_runs = _args(side, x.device)
+    _rotate[_grid(x.shape[0], side)](x, x.stride(0), side.signs, h, a, res, y, side.n, scale, scale_runs,
+                                     SIGNS_FIRST=input_side, RESIDUAL=residual is not None, **_shape(side))
     return y
 
 
 def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, gate_out: BlockSide, up_out: BlockSide,
                     down_in: BlockSide) -> torch.Tensor:
-    """down's rotated input from gate's and up's raw GEMV outputs (N, n): Vᵀ_down (SiLU(U_g z_g) ⊙ U_u z_u)."""
+    """down's rotated input from gate's and up's raw GEMV outputs (N, n): Vᵀ_down (SiLU(U_g z_g) ⊙ U_u z_u).
+    The three sides must have one block and one number of runs (`mlp_sides_fuse`)."""
     y = torch.empty(gate.shape, dtype=torch.float16, device=gate.device)
-    block = down_in.block
+    h, ad, scale, scale_runs = _args(down_in, gate.device)
+    ag, au = (ad if s.outer is None else s.outer for s in (gate_out, up_out))
     _silu_mul_rotate[_grid(gate.shape[0], down_in)](gate, up, gate.stride(0), up.stride(0), gate_out.signs,
-                                                    up_out.signs, down_in.signs, hadamard_tile(block, gate.device),
-                                                    y, down_in.n, _scale(down_in), B=block, R=RUNS)
+                                                    up_out.signs, down_in.signs, h, ag, au, ad, y, down_in.n, scale,
+                                                    scale_runs, **_shape(down_in))
     return y
+
+
+def mlp_sides_fuse(*sides: BlockSide | None) -> bool:
+    """Whether `silu_mul_rotate` takes these sides: all given, one block, all with A or none, one size."""
+    if any(s is None for s in sides):
+        return False
+    return len({(s.block, s.outer is None, s.padded_runs, s.n) for s in sides}) == 1
 
 
 def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: tuple[BlockSide, ...],
@@ -205,6 +336,14 @@ def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     hkv, length, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     heads = q.shape[-1] // d
     block = sides[0].block
+    if sides[0].outer is not None:
+        q_out = torch.empty(b, heads, t, d, dtype=torch.float16, device=q.device)
+        _rope_cache_mixed[(b * t, 3)](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides),
+                                      *(s.outer for s in sides), hadamard_tile(d, q.device), cos.contiguous(),
+                                      sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length,
+                                      1.0 / math.sqrt(d), 1.0 / math.sqrt(heads), 1.0 / math.sqrt(hkv), D=d,
+                                      RQ=sides[0].padded_runs, RKV=sides[1].padded_runs)
+        return q_out
     unit = max(block, d)
     q_out = torch.empty(b, heads, t, d, dtype=torch.float16, device=q.device)
     grid = (b * t, (heads + 2 * hkv) * d // unit)

@@ -72,6 +72,7 @@ class QuantLinear(nn.Module):
         #: True also runs the Triton transform kernels off CUDA (on the CPU: TRITON_INTERPRET=1, tests)
         self.use_kernels: bool | None = None
         self._kernel_meta: dict[tuple[torch.device, str], tuple[tuple, tuple]] = {}
+        self._fused_sides: dict[torch.device, tuple[tuple, tuple]] = {}
         self._dense: dict[tuple[torch.device, torch.dtype], tuple[tuple, torch.Tensor]] = {}
 
     @classmethod
@@ -215,16 +216,20 @@ class QuantLinear(nn.Module):
             return False
         return all(torch.equal(getattr(self, k), getattr(other, k)) for k in mine[1])
 
-    def block_sides(self) -> tuple[BlockSide, BlockSide] | None:
-        """(output side, input side) where both are block Hadamards (`rht-block`): the decode engine applies
-        them inside its own kernels (`kernels.block_sides`) and calls `matmul_rotated`. None otherwise."""
-        sides = self.processor.block_sides(self.out_features, self.in_features)
-        if sides is None:
-            return None
-        from ..kernels.block_sides import BlockSide
+    def kernel_sides(self, device: torch.device) -> tuple[BlockSide | None, BlockSide | None]:
+        """(output side, input side) as the decode engine's fused kernels take them (`kernels.block_sides`),
+        each None where the side is not (A ⊗ H_b)·diag(s) with a block and A those kernels hold. Built once
+        per device and buffer version (so a captured CUDA graph copies nothing)."""
+        version = self._buffer_version()
+        hit = self._fused_sides.get(device)
+        if hit is None or hit[0] != version:
+            from ..kernels.block_sides import BlockSide
 
-        (b_out, u), (b_in, v) = sides
-        return BlockSide(getattr(self, u), b_out), BlockSide(getattr(self, v), b_in)
+            forms = self.processor.kernel_sides(self.out_features, self.in_features)
+            sides = tuple(None if f is None else BlockSide.build(getattr(self, f[0]).to(device), f[1], f[2])
+                          for f in forms)
+            hit = self._fused_sides[device] = (version, sides)
+        return hit[1]
 
     def matmul_rotated(self, rows: torch.Tensor) -> torch.Tensor:
         """Ŵ̃ · rows for rows = Vᵀ x (N, in_features): the stored matrix alone, no output side or bias (the
@@ -252,6 +257,15 @@ class QuantLinear(nn.Module):
             return apply_plan(plans[1], rows, False)
         return self.processor.apply_input(self._buffers_of(self._processor_names), rows)
 
+    def rotate_output(self, z: torch.Tensor, context=None) -> torch.Tensor:
+        """U z for rows z = Ŵ̃ Vᵀ x (N, out_features)."""
+        _, _, plans = context or self._run_context(z)
+        if plans:
+            from ..kernels.stages import apply_plan
+
+            return apply_plan(plans[0], z, True)
+        return self.processor.apply_output(self._buffers_of(self._processor_names), z)
+
     def from_rotated(self, rows: torch.Tensor, lead: torch.Size | tuple[int, ...],
                      residual: torch.Tensor | None = None, context=None) -> torch.Tensor:
         """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features)."""
@@ -261,13 +275,7 @@ class QuantLinear(nn.Module):
             and residual.dtype == rows.dtype
         z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows, m, n,
                            residual.reshape(-1, m) if fuse else None)
-        if plans:
-            from ..kernels.stages import apply_plan
-
-            y = apply_plan(plans[0], z, True)
-        else:
-            y = self.processor.apply_output(self._buffers_of(self._processor_names), z)
-        y = y.view(*lead, m)
+        y = self.rotate_output(z, (backend, prepared, plans)).view(*lead, m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if residual is not None and not fuse:

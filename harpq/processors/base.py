@@ -14,6 +14,9 @@ import torch
 from ..codebooks import Codebook
 from ..formats import BufferSpec
 
+#: (signs buffer name, block b, A: the ±1 matrix over runs of b entries, or None for the identity)
+KernelForm = tuple[str, int, "torch.Tensor | None"]
+
 
 class Processor(ABC):
     """A two-sided orthogonal transform with its parameters stored as tensors."""
@@ -65,10 +68,11 @@ class Processor(ABC):
         apply the same Vᵀ x, so linears reading one input can apply it once. None: no input side."""
         return None
 
-    def block_sides(self, out_features: int, in_features: int) -> tuple[tuple[int, str], tuple[int, str]] | None:
-        """((block, signs buffer) of the output side, the same of the input side) where both sides are
-        block Hadamards (the decode engine then fuses them into its own kernels); else None."""
-        return None
+    def kernel_sides(self, out_features: int, in_features: int) -> tuple[KernelForm | None, KernelForm | None]:
+        """(output side U, input side Vᵀ) each as (signs buffer, block b, A or None) with the side =
+        (A ⊗ H_b)·diag(signs) in the direction it is applied (`Side.kernel_form`), where it has that form:
+        the decode engine then applies it inside its own kernels. None for a side that has not."""
+        return None, None
 
     def stage_plans(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int):
         """(output side, input side) as `kernels.stages.StagePlan`s for the run-time kernels, or None where

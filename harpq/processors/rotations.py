@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .base import Processor
-from .sides import BlockHadamardSide, Buffers, KroneckerSide, Side, block_hadamard, hadamard_or_fft, side_from_spec
+from .sides import Buffers, KroneckerSide, Side, block_hadamard, hadamard_or_fft, side_from_spec
 
 
 class TwoSided(Processor):
@@ -70,11 +70,10 @@ class TwoSided(Processor):
         side = self.side("in", in_features)
         return {"processor": self.name, **side.spec()}, list(side.buffer_specs("v_"))
 
-    def block_sides(self, out_features: int, in_features: int):
-        out, inp = self.side("out", out_features), self.side("in", in_features)
-        if not (isinstance(out, BlockHadamardSide) and isinstance(inp, BlockHadamardSide)):
-            return None
-        return (out.block, "u_signs"), (inp.block, "v_signs")
+    def kernel_sides(self, out_features: int, in_features: int):
+        out = self.side("out", out_features).kernel_form(transpose=True)  # applied as U = Q_outᵀ
+        inp = self.side("in", in_features).kernel_form(transpose=False)
+        return (None if out is None else ("u_signs", *out)), (None if inp is None else ("v_signs", *inp))
 
     def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
         from ..kernels.stages import StagePlan

@@ -17,6 +17,7 @@ import torch
 from ..errors import HarpqError
 from ..formats import BufferSpec
 from ..hadamard import hadamard_transform, split_order
+from ..hadamard.construct import sylvester
 from ..hadamard.transform import FWHT_RADIX, dense_factor
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ class Side(ABC):
     @abstractmethod
     def backward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         """Qᵀ x along the last dim."""
+
+    def kernel_form(self, transpose: bool) -> tuple[int, torch.Tensor | None] | None:
+        """Q (Qᵀ with `transpose`) without its signs as A ⊗ H_b (H_b Sylvester, A a ±1 matrix over the runs of
+        b entries, None for the identity), for kernels that apply a side to a tile of runs; None where the
+        side is not of that form."""
+        return None
 
     def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]] | None:
         """(signs, blocks, schedule) with Q x = apply_stages(signs ⊙ x, blocks, schedule), for the run-time
@@ -88,6 +95,15 @@ class HadamardSide(SignedSide):
     def backward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         return hadamard_transform(x, transpose=True, k=self.k) * b[prefix + "signs"].to(x.dtype)
 
+    def kernel_form(self, transpose: bool, max_block: int = 128) -> tuple[int, torch.Tensor | None]:
+        """H_n = (H_K ⊗ H_{p/b}) ⊗ H_b for n = K·p (p a power of two, b = min(p, max_block)): runs of b
+        consecutive entries, mixed by A = H_K ⊗ H_{p/b} (Hᵀ_K with `transpose`; Sylvester is symmetric)."""
+        p = self.n // self.k
+        block = min(p, max_block)
+        h = dense_factor(self.k, torch.float64, torch.device("cpu"))
+        outer = torch.kron(h.T if transpose else h, torch.from_numpy(sylvester(p // block)).double())
+        return block, (None if outer.shape[0] == 1 else outer)
+
     def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """Sylvester stages of radix ≤ 64 over the 2^j digits (fastest first), then the dense H_K."""
         signs = b[prefix + "signs"]
@@ -126,6 +142,9 @@ class BlockHadamardSide(SignedSide):
 
     def backward(self, b: Buffers, prefix: str, x: torch.Tensor) -> torch.Tensor:
         return self._blocks(x) * b[prefix + "signs"].to(x.dtype)  # H_b is symmetric
+
+    def kernel_form(self, transpose: bool) -> tuple[int, None]:
+        return self.block, None
 
     def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
         """Sylvester stages of radix ≤ 64 over the digits inside a block; the blocks' index is untouched."""
