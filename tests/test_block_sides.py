@@ -1,6 +1,7 @@
 """Block-Hadamard sides fused into the decode step's kernels, against the processor's own sides and the
 unfused kernels; and the engine's fused layer against its unfused path."""
 
+import math
 import os
 
 import pytest
@@ -40,6 +41,26 @@ def close(got, want, tol=2e-3):
     assert got.dtype == torch.float16 and got.shape == want.shape
     err = (got.double() - want.double()).abs().max().item()
     assert err <= tol * max(1.0, want.abs().max().item()), err
+
+
+@pytest.mark.parametrize("n,k", [(4096, 1), (11008, 172), (768, 12), (28672, 28), (256, 1)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_kernel_form_is_the_side(n, k, transpose):
+    """(A ⊗ H_b)·diag(s) rebuilt from `kernel_form` equals the RHT side (Qᵀ: its backward) in float64."""
+    from harpq.hadamard.construct import sylvester
+    from harpq.processors.sides import HadamardSide
+
+    ref = HadamardSide(n, k)
+    b = ref.init("s_", torch.Generator().manual_seed(0))
+    s = b["s_signs"].double()
+    block, outer = ref.kernel_form(transpose)
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = x.reshape(3, n // block, block) @ torch.from_numpy(sylvester(block)).double()
+    if outer is not None:
+        y = torch.einsum("rs,bsc->brc", outer, y)
+    y = y.reshape(3, n) / math.sqrt(n)
+    want = ref.backward(b, "s_", x) / s if transpose else ref.forward(b, "s_", x / s)
+    assert (y - want).abs().max() < 1e-12
 
 
 SIDES = [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1),  # blocks

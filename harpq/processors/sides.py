@@ -101,7 +101,7 @@ class HadamardSide(SignedSide):
         p = self.n // self.k
         block = min(p, max_block)
         h = dense_factor(self.k, torch.float64, torch.device("cpu"))
-        outer = torch.kron(h.T if transpose else h, torch.from_numpy(sylvester(p // block)).double())
+        outer = torch.kron(h.T.contiguous() if transpose else h, torch.from_numpy(sylvester(p // block)).double())
         return block, (None if outer.shape[0] == 1 else outer)
 
     def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
