@@ -64,7 +64,8 @@ def test_kernel_form_is_the_side(n, k, transpose):
 
 
 SIDES = [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1),  # blocks
-         (4096, None, 2), (768, None, 1), (256, None, 3)]  # the full RHT: H_32 ⊗ H_128, H_12 ⊗ H_64, H_2 ⊗ H_128
+         (4096, None, 2), (768, None, 1), (256, None, 3),  # the full RHT: H_32 ⊗ H_128, H_12 ⊗ H_64, H_2 ⊗ H_128
+         (11008, None, 2)]  # H_172 ⊗ H_64: 172 runs, a program writes 16 of them
 
 
 @pytest.mark.parametrize("n,block,rows", SIDES)
@@ -83,7 +84,7 @@ def test_rotate_is_the_processor_side(n, block, rows):
     close(rotate(wide, s, input_side=True), ref.forward(b, "s_", wide.double()))
 
 
-@pytest.mark.parametrize("n,block", [(384, 128), (512, None), (4096, None)])
+@pytest.mark.parametrize("n,block", [(384, 128), (512, None), (4096, None), (11008, None)])
 def test_norm_rotate_is_norm_then_side(n, block):
     from harpq.kernels.block_sides import norm_rotate
 
@@ -93,17 +94,19 @@ def test_norm_rotate_is_norm_then_side(n, block):
     close(norm_rotate(x, w, 1e-5, s), want)
 
 
-@pytest.mark.parametrize("n,block", [(256, 64), (768, None)])
-def test_silu_mul_rotate_is_the_sides_around_silu_mul(n, block):
+@pytest.mark.parametrize("n,block,how", [(256, 64, "all"), (768, None, "all"), (11008, None, "outputs")])
+def test_silu_mul_rotate_is_the_sides_around_silu_mul(n, block, how):
     from harpq.kernels.block_sides import mlp_sides_fuse, silu_mul_rotate
 
     (rg, bg, sg), (ru, bu, su) = side(n, block, 8, output=True), side(n, block, 9, output=True)
     rd, bd, sd = side(n, block, 10)
-    assert mlp_sides_fuse(sg, su, sd)
+    assert mlp_sides_fuse(sg, su, sd) == how
     zg, zu = rand(3, n, seed=11, scale=3).half(), rand(3, n, seed=12, scale=3).half()
     g, u = rg.backward(bg, "s_", zg.double()).half(), ru.backward(bu, "s_", zu.double()).half()
-    want = rd.forward(bd, "s_", (torch.nn.functional.silu(g.float()).half() * u).double())
-    close(silu_mul_rotate(zg, zu, sg, su, sd), want)
+    a = torch.nn.functional.silu(g.float()).half() * u
+    close(silu_mul_rotate(zg, zu, sg, su, None), a.double())
+    if how == "all":
+        close(silu_mul_rotate(zg, zu, sg, su, sd), rd.forward(bd, "s_", a.double()))
 
 
 @pytest.mark.parametrize("heads,hkv,d,block", [(4, 2, 32, 64), (2, 2, 64, 32), (2, 1, 128, 128),
@@ -143,6 +146,7 @@ LAYERS = {  # what fuses: every side (blocks; full RHT with A), or some (the res
     "blocks; MLP blocks of 8 unfused": ("quipsharp2-block", DecoderShape(128, 2, 4, 4, 344, 64)),
     "full RHT: A = H_2, H_12": ("quipsharp2", DecoderShape(256, 2, 2, 2, 384, 64)),
     "full RHT, GQA, 4 bits": ("quipsharp4", DecoderShape(512, 2, 4, 2, 768, 64)),
+    "full RHT, MLP of 76 runs": ("quipsharp2", DecoderShape(256, 1, 2, 2, 1216, 64)),  # H_76 ⊗ H_16: split
 }
 
 
@@ -202,12 +206,17 @@ KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time val
                           + ["i32"] * 4 + ["fp32"] * 3,
                           [{"D": 128, "RQ": 32, "RKV": 32}, {"D": 128, "RQ": 64, "RKV": 16}]),
     "_norm_rotate": (["*fp16"] * 6 + ["i32"] + ["fp32"] * 3,
-                     [{"NP": 4096, "B": 128, "R": r, "MIX": r == 32} for r in (16, 32)]),
+                     [{"NP": 4096, "B": 128, "RIN": r, "ROUT": r, "MIX": r == 32} for r in (16, 32)]
+                     + [{"NP": 16384, "B": 64, "RIN": 256, "ROUT": 16, "MIX": True, "num_warps": 8}]),
     "_rotate": (["*fp16", "i32"] + ["*fp16"] * 5 + ["i32"] + ["fp32"] * 2,
-                [{"B": 128, "R": r, "MIX": r == 32, "SIGNS_FIRST": f, "RESIDUAL": not f}
-                 for f in (True, False) for r in (16, 32)]),
+                [{"B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, "SIGNS_FIRST": f, "RESIDUAL": not f}
+                 for f in (True, False) for r in (16, 32)]
+                + [{"B": b, "RIN": 256, "ROUT": 16, "MIX": True, "SIGNS_FIRST": f, "RESIDUAL": not f, "num_warps": 8}
+                   for f in (True, False) for b in (64, 128)]),
     "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 8 + ["i32"] + ["fp32"] * 2,
-                         [{"B": 128, "R": 16, "MIX": False}, {"B": 64, "R": 64, "MIX": True}]),
+                         [{"B": 128, "RIN": 16, "ROUT": 16, "MIX": False, "DOWN": True},
+                          {"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, "DOWN": True},
+                          {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, "DOWN": False, "num_warps": 8}]),
 }
 
 
@@ -220,8 +229,10 @@ import harpq.kernels.block_sides as bs
 name, types, variants = json.loads(sys.argv[1])
 fn = getattr(bs, name)
 for consts in variants:
+    options = {"num_warps": consts.pop("num_warps", 4)}
     sig = dict(zip(fn.arg_names, types)) | {k: "constexpr" for k in consts}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options=options)
 """
 
 

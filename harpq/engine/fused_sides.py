@@ -6,8 +6,9 @@ side with the stage kernels). Here the layer's launches are the fp16 path's, wit
 the RMSNorms also apply the shared input side of q/k/v and of gate/up, the RoPE kernel the output sides
 of q/k/v, the SiLU·up kernel the output sides of gate/up and the input side of down; o's input side
 and the output sides of o and down (each with the residual add) keep a launch: three transform launches
-per layer where every side fuses. A side the kernels cannot hold (a full RHT over more than 64 runs, as
-the 11,008-wide MLP of Llama-2-7B: H_172 ⊗ H_64) runs as before, through its module. Where the storage
+per layer where every side fuses (four where down's input side spans more than 64 runs, as the full RHT
+of Llama-2-7B's 11,008-wide MLP, H_172 ⊗ H_64: then it is a launch of its own). A side the kernels cannot
+hold (over 256 runs, blocks under 16) runs as before, through its module. Where the storage
 format can stack matrices (E8P with a scale per row, the scalar group formats), q/k/v and gate/up are one
 GEMV each.
 """
@@ -147,8 +148,11 @@ class LayerSides:
         x = rotate_out(m["o_proj"].matmul_rotated(o), "o_proj", residual=x.view(-1, dim))
         h = norm_in(x, blk.mlp_norm, "gate_proj")
         zg, zu = self._group(self.gate_up, MLP[:2], h)
-        if ks.mlp_sides_fuse(outs["gate_proj"], outs["up_proj"], ins["down_proj"]):
+        how = ks.mlp_sides_fuse(outs["gate_proj"], outs["up_proj"], ins["down_proj"])
+        if how == "all":
             a = ks.silu_mul_rotate(zg, zu, outs["gate_proj"], outs["up_proj"], ins["down_proj"])
+        elif how == "outputs":
+            a = rotate_in(ks.silu_mul_rotate(zg, zu, outs["gate_proj"], outs["up_proj"], None), "down_proj")
         else:
             a = rotate_in(silu_mul(rotate_out(zg, "gate_proj"), rotate_out(zu, "up_proj"), True), "down_proj")
         x = rotate_out(m["down_proj"].matmul_rotated(a), "down_proj", residual=x)

@@ -29,9 +29,10 @@ import triton.language as tl
 
 from ..hadamard.construct import sylvester
 
-RUNS = 16  # runs of b entries per program without A: the smallest M of tl.dot
+RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
-MAX_RUNS = 64  # the largest A a program holds (a whole row of runs)
+WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
+MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 runs of it (rows of A)
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,22 @@ class BlockSide:
 
     @property
     def padded_runs(self) -> int:
-        """Rows of a program's tile: 16 runs without A, all runs (padded) with it."""
+        """Runs a program reads: 16 without A, all of the row (padded) with it."""
         return RUNS if self.outer is None else self.outer.shape[0]
+
+    @property
+    def split(self) -> bool:
+        """A program writes 16 runs of the row (rows of A), not all of it."""
+        return self.outer is not None and self.runs > WHOLE_RUNS
+
+    @property
+    def written_runs(self) -> int:
+        """Runs a program writes."""
+        return RUNS if self.split else self.padded_runs
 
     @classmethod
     def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None) -> BlockSide | None:
-        """The kernels' view of a side, or None where they cannot take it (block under 16, A over 64 runs)."""
+        """The kernels' view of a side, or None where they cannot take it (block under 16, A over 256 runs)."""
         if block < MIN_BLOCK or signs.dtype != torch.float16:
             return None
         if outer is None:
@@ -114,60 +125,80 @@ def _mix_outer(y, a_ptr, R: tl.constexpr):
 
 
 @triton.jit
-def _side(tile, h_ptr, a_ptr, scale, scale_runs, B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
-    """(A ⊗ H_b) on a tile (R, B) fp16 of runs, normalised, fp32."""
+def _side(tile, h_ptr, a_ptr, chunk, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr,
+          MIX: tl.constexpr):
+    """(A ⊗ H_b) on a tile (RIN, B) fp16 of runs, normalised, fp32: without A the tile's runs; with A its
+    runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all of them where ROUT = RIN), the tile being the whole row."""
     y = _mix(tile, h_ptr, B) * scale
     if MIX:
-        y = _mix_outer(y, a_ptr, R) * scale_runs
+        i = chunk * ROUT + tl.arange(0, ROUT)
+        j = tl.arange(0, RIN)
+        a = tl.load(a_ptr + i[:, None] * RIN + j[None, :])
+        hi = y.to(tl.float16)
+        y = (tl.dot(a, hi) + tl.dot(a, (y - hi.to(tl.float32)).to(tl.float16))) * scale_runs
     return y
 
 
 @triton.jit
+def _tiles(n, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr):
+    """(offsets, mask) of the runs a program reads and of those it writes."""
+    chunk = tl.program_id(1)
+    offs_in, mask_in = _runs(0 if MIX else chunk, n, B, RIN)
+    offs_out, mask_out = _runs(chunk, n, B, ROUT)
+    return chunk, offs_in, mask_in, offs_out, mask_out
+
+
+@triton.jit
 def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_runs, NP: tl.constexpr,
-                 B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
+                 B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / n + eps)
-    offs, mask = _runs(tl.program_id(1), n, B, R)
+    chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     normed = (x * inv).to(tl.float16)  # rounded before the weight, as Llama does
     h = tl.load(w_ptr + offs, mask=mask, other=0.0) * normed
-    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, scale, scale_runs, B, R, MIX)
-    tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
+    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT,
+              MIX)
+    tl.store(y_ptr + row * n + offs_out, y.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
-def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, R: tl.constexpr,
-            MIX: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
+def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr,
+            ROUT: tl.constexpr, MIX: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
-    offs, mask = _runs(tl.program_id(1), n, B, R)
+    chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
-        y = _side(x * s, h_ptr, a_ptr, scale, scale_runs, B, R, MIX)
+        x = x * tl.load(s_ptr + offs, mask=mask, other=0.0)
+        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
     else:  # an output side: U z = s ⊙ H z, rounded as its own launch would store it
-        y = (_side(x, h_ptr, a_ptr, scale, scale_runs, B, R, MIX) * s).to(tl.float16).to(tl.float32)
+        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+        y = (y * tl.load(s_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     if RESIDUAL:
-        y += tl.load(r_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
+        y += tl.load(r_ptr + row * n + offs_out, mask=mask_out, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n + offs_out, y.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
 def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_ptr, au_ptr, ad_ptr, y_ptr, n, scale,
-                     scale_runs, B: tl.constexpr, R: tl.constexpr, MIX: tl.constexpr):
+                     scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr,
+                     DOWN: tl.constexpr):
     row = tl.program_id(0)
-    offs, mask = _runs(tl.program_id(1), n, B, R)
+    chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
-    g = _side(zg, h_ptr, ag_ptr, scale, scale_runs, B, R, MIX) * tl.load(sg_ptr + offs, mask=mask, other=0.0)
-    u = _side(zu, h_ptr, au_ptr, scale, scale_runs, B, R, MIX) * tl.load(su_ptr + offs, mask=mask, other=0.0)
-    g = g.to(tl.float16).to(tl.float32)
-    u = u.to(tl.float16).to(tl.float32)
+    g = _side(zg, h_ptr, ag_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+    u = _side(zu, h_ptr, au_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+    g = (g * tl.load(sg_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
+    u = (u * tl.load(su_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
     a = (silu * u).to(tl.float16)
-    y = _side(a * tl.load(sd_ptr + offs, mask=mask, other=0.0), h_ptr, ad_ptr, scale, scale_runs, B, R, MIX)
-    tl.store(y_ptr + row * n + offs, y.to(tl.float16), mask=mask)
+    if DOWN:  # down's input side too (the program holds the runs it needs: ROUT = RIN)
+        a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, scale, scale_runs,
+                  B, ROUT, ROUT, MIX)
+    tl.store(y_ptr + row * n + offs_out, a.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
@@ -268,12 +299,12 @@ def rope_sides_fuse(sides: tuple[BlockSide | None, ...], head_dim: int) -> bool:
         return False
     if all(s.outer is None for s in sides):
         return len({s.block for s in sides}) == 1
-    return all(s.outer is not None and s.block == head_dim for s in sides) \
+    return all(s.outer is not None and s.block == head_dim and not s.split for s in sides) \
         and sides[1].padded_runs == sides[2].padded_runs
 
 
 def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
-    return rows, triton.cdiv(side.runs, side.padded_runs)
+    return rows, triton.cdiv(side.runs, side.written_runs)
 
 
 def _args(side: BlockSide, device: torch.device) -> tuple:
@@ -283,7 +314,8 @@ def _args(side: BlockSide, device: torch.device) -> tuple:
 
 
 def _shape(side: BlockSide) -> dict:
-    return {"B": side.block, "R": side.padded_runs, "MIX": side.outer is not None}
+    return {"B": side.block, "RIN": side.padded_runs, "ROUT": side.written_runs, "MIX": side.outer is not None,
+            "num_warps": 8 if side.split else 4}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
@@ -309,23 +341,32 @@ def rotate(x: torch.Tensor, side: BlockSide, input_side: bool, residual: torch.T
 
 
 def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, gate_out: BlockSide, up_out: BlockSide,
-                    down_in: BlockSide) -> torch.Tensor:
-    """down's rotated input from gate's and up's raw GEMV outputs (N, n): Vᵀ_down (SiLU(U_g z_g) ⊙ U_u z_u).
-    The three sides must have one block and one number of runs (`mlp_sides_fuse`)."""
+                    down_in: BlockSide | None) -> torch.Tensor:
+    """SiLU(U_g z_g) ⊙ U_u z_u from gate's and up's raw GEMV outputs (N, n), then through down's input side
+    where given (`mlp_sides_fuse`: one block and form for the three; else the caller applies it)."""
     y = torch.empty(gate.shape, dtype=torch.float16, device=gate.device)
-    h, ad, scale, scale_runs = _args(down_in, gate.device)
-    ag, au = (ad if s.outer is None else s.outer for s in (gate_out, up_out))
-    _silu_mul_rotate[_grid(gate.shape[0], down_in)](gate, up, gate.stride(0), up.stride(0), gate_out.signs,
-                                                    up_out.signs, down_in.signs, h, ag, au, ad, y, down_in.n, scale,
-                                                    scale_runs, **_shape(down_in))
+    h, ag, scale, scale_runs = _args(gate_out, gate.device)
+    au = h if up_out.outer is None else up_out.outer
+    ad = h if down_in is None or down_in.outer is None else down_in.outer
+    sd = gate_out.signs if down_in is None else down_in.signs
+    _silu_mul_rotate[_grid(gate.shape[0], gate_out)](gate, up, gate.stride(0), up.stride(0), gate_out.signs,
+                                                     up_out.signs, sd, h, ag, au, ad, y, gate_out.n, scale,
+                                                     scale_runs, DOWN=down_in is not None, **_shape(gate_out))
     return y
 
 
-def mlp_sides_fuse(*sides: BlockSide | None) -> bool:
-    """Whether `silu_mul_rotate` takes these sides: all given, one block, all with A or none, one size."""
-    if any(s is None for s in sides):
-        return False
-    return len({(s.block, s.outer is None, s.padded_runs, s.n) for s in sides}) == 1
+def _form(side: BlockSide) -> tuple:
+    return side.block, side.outer is None, side.padded_runs, side.written_runs, side.n
+
+
+def mlp_sides_fuse(gate_out: BlockSide | None, up_out: BlockSide | None, down_in: BlockSide | None) -> str | None:
+    """How `silu_mul_rotate` takes these sides: "all" (gate's and up's output sides and down's input side),
+    "outputs" (down's input side left to the caller: it is split, or of another form), or None."""
+    if gate_out is None or up_out is None or _form(gate_out) != _form(up_out):
+        return None
+    if down_in is not None and _form(down_in) == _form(gate_out) and not gate_out.split:
+        return "all"
+    return "outputs"
 
 
 def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sides: tuple[BlockSide, ...],
