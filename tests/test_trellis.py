@@ -1,0 +1,104 @@
+"""The bitshift trellis (QTIP): Viterbi against brute force, the bitstream round trip, tail-biting's exact
+k·T bits, and the Gaussian distortion of the computed codes against QTIP's Table 1."""
+
+import itertools
+
+import pytest
+import torch
+
+from harpq.codebooks.trellis import code_values, pack, quantize_tail_biting, unpack, viterbi
+from harpq.errors import HarpqError
+
+
+def walks_of(L: int, k: int, t: int) -> torch.Tensor:
+    """Every walk of t states (all bitstreams of L + (t − 1)·k bits)."""
+    nbits = L + (t - 1) * k
+    bits = torch.tensor(list(itertools.product([0, 1], repeat=nbits)), dtype=torch.int64)
+    weights = 1 << torch.arange(L - 1, -1, -1)
+    return torch.stack([(bits[:, i * k:i * k + L] * weights).sum(1) for i in range(t)], dim=1)
+
+
+def sse(x, values, walk):
+    return ((x - values[walk]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("L,k,t", [(4, 1, 6), (5, 2, 4), (6, 3, 3)])
+def test_viterbi_equals_brute_force(L, k, t):
+    gen = torch.Generator().manual_seed(L + k)
+    values = torch.randn(1 << L, generator=gen)
+    x = torch.randn(5, t, generator=gen)
+    every = walks_of(L, k, t)  # (W, t)
+    costs = ((x[:, None, :] - values[every][None]) ** 2).sum(-1)  # (5, W)
+    walk = viterbi(x, values, L, k)
+    assert torch.allclose(sse(x, values, walk), costs.min(1).values, rtol=1e-5)
+    high = torch.randint(0, 1 << (L - k), (5,), generator=gen)  # pinned ends, as tail-biting pins them
+    pinned = viterbi(x, values, L, k, start_high=high, end_low=high)
+    assert torch.equal(pinned[:, 0] >> k, high) and torch.equal(pinned[:, -1] & ((1 << (L - k)) - 1), high)
+    low = (1 << (L - k)) - 1
+    allowed = ((every[None, :, 0] >> k) == high[:, None]) & ((every[None, :, -1] & low) == high[:, None])
+    want = torch.where(allowed, costs, torch.inf).min(1).values
+    assert torch.allclose(sse(x, values, pinned), want, rtol=1e-5)
+
+
+def test_a_walk_is_its_bitstream():
+    L, k, t = 10, 2, 32
+    values = code_values("1mad", L)
+    x = torch.randn(4, t, generator=torch.Generator().manual_seed(0))
+    free = viterbi(x, values, L, k)
+    bits = pack(free, L, k, tail_biting=False)
+    assert bits.shape == (4, L + (t - 1) * k)
+    assert torch.equal(unpack(bits, L, k, t, tail_biting=False), free)
+    consecutive = (free[:, 1:] >> k) == (free[:, :-1] & ((1 << (L - k)) - 1))  # each step shifts in k bits
+    assert consecutive.all()
+    tb = quantize_tail_biting(x, values, L, k)
+    bits = pack(tb, L, k)
+    assert bits.shape == (4, k * t)  # exactly k bits per weight
+    assert torch.equal(unpack(bits, L, k, t), tb)
+    assert torch.equal(values[unpack(bits, L, k, t)], values[tb])  # decode(encode(x)) is the walk's values
+
+
+def test_tail_biting_approximation_is_near_the_optimal_tail_biting_walk():
+    """QTIP Table 2: the two-pass approximation against the best walk over every shared seam (brute force)."""
+    L, k, t = 10, 2, 128
+    values = code_values("3inst", L)
+    values = values / values.pow(2).mean().sqrt()
+    x = torch.randn(16, t, generator=torch.Generator().manual_seed(1))
+    approx = sse(x, values, quantize_tail_biting(x, values, L, k)).sum()
+    best = torch.full((16,), torch.inf)
+    for seam in range(1 << (L - k)):
+        pinned = torch.full((16,), seam)
+        best = torch.minimum(best, sse(x, values, viterbi(x, values, L, k, start_high=pinned, end_low=pinned)))
+    free = sse(x, values, viterbi(x, values, L, k)).sum()
+    assert free <= best.sum() <= approx <= 1.01 * best.sum()
+
+
+@pytest.mark.parametrize("code", ["1mad", "3inst"])
+def test_gaussian_distortion_matches_qtip_table_1(code):
+    """i.i.d. N(0, 1) at k = 2, L = 16, T = 256, tail-biting: MSE 0.069 in QTIP's Table 1 (the bound 0.0625)."""
+    values = code_values(code)
+    values = values / values.pow(2).mean().sqrt()
+    x = torch.randn(24, 256, generator=torch.Generator().manual_seed(2))
+    mse = float(sse(x, values, quantize_tail_biting(x, values, 16, 2)).sum() / x.numel())
+    assert abs(mse - 0.069) <= 0.004, mse
+    assert mse > 2 ** -4  # never below the distortion-rate bound
+
+
+def test_code_values_are_near_gaussian():
+    for code in ("1mad", "3inst"):
+        v = code_values(code).double()
+        v = (v - v.mean()) / v.std()
+        assert abs(float((v ** 4).mean()) - 3) < 0.6  # Gaussian-like tails (kurtosis 3)
+
+
+def test_bad_input_is_refused_in_one_line():
+    with pytest.raises(HarpqError, match="unknown trellis code"):
+        code_values("hyb9")
+    with pytest.raises(HarpqError, match="1 ≤ k < L"):
+        viterbi(torch.zeros(1, 4), torch.zeros(16), 4, 4)
+    with pytest.raises(HarpqError, match="has 8 bits, not 7"):
+        unpack(torch.zeros(1, 7, dtype=torch.bool), 4, 2, 4)
+    free = torch.tensor([[0b1111, 0b1100, 0b0000]])  # ends at 00, starts with 11: not a cycle
+    with pytest.raises(HarpqError, match="does not bite its tail"):
+        pack(free, 4, 2)
+    with pytest.raises(HarpqError, match="at least 2 weights"):
+        quantize_tail_biting(torch.zeros(1, 1), torch.zeros(16), 4, 2)
