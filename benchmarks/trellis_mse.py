@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from harpq.codebooks.trellis import CODES, code_values, quantize_tail_biting, viterbi
+from harpq.codebooks.trellis import quantize_tail_biting, viterbi
+from harpq.formats.trellis import CODES, code_values
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "quipsharp": {"processor": "rht", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
     "hqq": {"processor": "none", "codebook": "hqq", "rounding": "nearest", "group_size": 64},
     "harp": {"processor": "harp", "codebook": "e8p", "rounding": "ldlq", "bits": 2},
+    "qtip": {"processor": "rht", "codebook": "qtip", "rounding": "ldlq", "bits": 2},
 }
 
 
@@ -54,6 +55,8 @@ class LayerRecipe:
     harp_seconds: float | None = None
     #: HARP: steps between two searches of the codebook for the fit's target
     harp_refresh: int = 1
+    #: qtip: state bits L of the trellis (Viterbi's work and memory grow as 2^L; QTIP uses 16)
+    trellis_L: int = 16
 
     def codebook_config(self) -> dict[str, Any]:
         if self.codebook in ("scalar", "hqq"):  # hqq is the scalar grid with HQQ's zero-point solver
@@ -61,6 +64,8 @@ class LayerRecipe:
                     "ragged_groups": self.ragged_groups, "scale": "hqq" if self.codebook == "hqq" else self.scale}
         if self.codebook == "e8p":
             return {"name": "e8p", "bits": self.bits, "scale": self.e8p_scale}
+        if self.codebook == "qtip":
+            return {"name": "qtip", "bits": self.bits, "L": self.trellis_L}
         return {"name": self.codebook, "bits": self.bits}
 
     def processor_config(self) -> dict[str, Any]:
@@ -145,6 +150,8 @@ METHOD_NOTES: dict[str, tuple[str, str]] = {
     "quipsharp": ("QuIP#: randomized Hadamard + E8P lattice + BlockLDLQ", "minutes"),
     "hqq": ("HQQ: half-quadratic zero-point fit, no data", "seconds (streamed from the files)"),
     "harp": ("HARP: learned butterfly rotation + E8P + BlockLDLQ", "hours (fits each rotation; use a GPU)"),
+    "qtip": ("QTIP: randomized Hadamard + trellis codes (3INST, 16×16 tiles) + BlockLDLQ",
+             "hours (a Viterbi over 65,536 states per 256 weights; use a GPU)"),
 }
 
 
@@ -154,7 +161,7 @@ def method_table() -> list[dict[str, Any]]:
     for method in METHODS:
         layer = Recipe.preset(method).layer
         note, speed = METHOD_NOTES[method]
-        group = "-" if layer.codebook == "e8p" else ("row" if layer.group_size == 0 else str(layer.group_size))
+        group = "-" if layer.codebook in ("e8p", "qtip") else ("row" if layer.group_size == 0 else str(layer.group_size))
         rows.append({"method": method, "processor": layer.processor, "codebook": layer.codebook,
                      "rounding": layer.rounding, "bits": layer.bits, "group": group,
                      "calibration": "yes" if layer.needs_hessian else "no", "cpu time": speed, "what": note})

@@ -6,8 +6,9 @@ import itertools
 import pytest
 import torch
 
-from harpq.codebooks.trellis import code_values, pack, quantize_tail_biting, unpack, viterbi
+from harpq.codebooks.trellis import quantize_tail_biting, viterbi
 from harpq.errors import HarpqError
+from harpq.formats.trellis import code_values, pack, unpack
 
 
 def walks_of(L: int, k: int, t: int) -> torch.Tensor:
@@ -102,3 +103,45 @@ def test_bad_input_is_refused_in_one_line():
         pack(free, 4, 2)
     with pytest.raises(HarpqError, match="at least 2 weights"):
         quantize_tail_biting(torch.zeros(1, 1), torch.zeros(16), 4, 2)
+
+
+def test_qtip_codebook_stores_what_it_rounded_in_k_bits_per_weight():
+    from harpq.codebooks import make_codebook
+
+    cb = make_codebook({"name": "qtip", "bits": 2, "L": 10})
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3)) * 0.02
+    state = cb.prepare(w)
+    blocks = [cb.round(w[:, j:j + 16], torch.arange(j, j + 16), state) for j in range(0, 64, 16)]
+    codes, recon = torch.cat([b[0] for b in blocks], 1), torch.cat([b[1] for b in blocks], 1)
+    buffers = cb.encode(codes, state)
+    assert torch.equal(cb.decode(buffers, 48, 64), recon)  # decode(encode) is exactly what was rounded
+    specs = cb.buffer_specs(48, 64)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in buffers.items()} == specs
+    assert specs["codes"][0] == (12, 16)  # 12 tiles × 256 weights × 2 bits = 16 words each
+    rel = float((recon - w).pow(2).mean() / w.pow(2).mean())
+    assert 0.04 < rel < 0.12  # near the trellis' Gaussian MSE at k = 2 (0.07–0.09 at L = 10)
+
+
+def test_qtip_quantizes_llama_tiny_end_to_end(tiny_path, tmp_path):
+    import harpq
+    from tests.conftest import CALIB
+
+    recipe = harpq.Recipe.preset("qtip", trellis_L=10)
+    recipe.overrides.append((r"mlp\.", {"codebook": "e8p"}))  # llama-tiny's MLP width 344 is not a multiple of 16
+    out = harpq.quantize(tiny_path, tmp_path / "q", recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
+    model = harpq.load(out).eval()
+    attn = model.model.layers[0].self_attn.q_proj
+    m, n = attn.out_features, attn.in_features
+    assert attn.format.name == "qtip" and attn.stored_bits() == 2 * m * n + 16 + 16 * (m + n)  # codes, scale, signs
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_qtip_refuses_shapes_it_cannot_tile():
+    from harpq.codebooks import make_codebook
+
+    with pytest.raises(HarpqError, match="multiples of 16"):
+        make_codebook({"name": "qtip", "bits": 2}).check_shape(344, 128, "mlp.up_proj")
+    with pytest.raises(HarpqError, match="offers 2, 3, 4 bits"):
+        make_codebook({"name": "qtip", "bits": 5})

@@ -170,7 +170,7 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--save-recipe", type=click.Path(), default=None,
               help="Write the full recipe and calibration settings of this run (.json or .yaml).")
 @click.option("--dry-run", is_flag=True, help="Check and print the recipe, write --save-recipe, quantize nothing.")
-@click.option("--bits", type=int, default=None, help="[default: 4; quipsharp, harp: 2]")
+@click.option("--bits", type=int, default=None, help="[default: 4; quipsharp, harp, qtip: 2]")
 @click.option("--group-size", type=int, default=None, help="0: one group per row. [default: 128; hqq: 64; quip: 0]")
 @click.option("--ragged-groups/--no-ragged-groups", default=None,
               help="Let the last group of a row be shorter where the group size does not divide in_features (off: "
@@ -182,7 +182,7 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
                    "(repeatable; later ones win).")
 @click.option("--processor", type=click.Choice(["none", "kron", "rht", "rht-block", "harp"]), default=None,
               help="Override the method's incoherence processor.")
-@click.option("--codebook", type=click.Choice(["scalar", "e8p", "hqq"]), default=None,
+@click.option("--codebook", type=click.Choice(["scalar", "e8p", "hqq", "qtip"]), default=None,
               help="Override the method's codebook (hqq: scalar grid with HQQ's zero-point solver).")
 @click.option("--rounding", type=click.Choice(["nearest", "ldlq"]), default=None,
               help="Override the method's rounding.")

@@ -7,10 +7,11 @@ from typing import Any
 from ..formats import stored_bits
 from ..registry import build
 from .base import Codebook
+from .qtip import QTIPCodebook
 from .quipsharp import E8PCodebook
 from .scalar import SCALAR_BITS, ScalarGrid
 
-CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid, "e8p": E8PCodebook}
+CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid, "e8p": E8PCodebook, "qtip": QTIPCodebook}
 
 
 def make_codebook(config: dict[str, Any]) -> Codebook:
@@ -18,4 +19,4 @@ def make_codebook(config: dict[str, Any]) -> Codebook:
     return build(CODEBOOKS, config, "codebook")
 
 
-__all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]
+__all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "QTIPCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]

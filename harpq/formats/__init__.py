@@ -3,5 +3,6 @@
 from .base import BufferSpec, StorageFormat, stored_bits
 from .e8p import E8PStages
 from .scalar import ScalarGroups
+from .trellis import TrellisTiles
 
-__all__ = ["BufferSpec", "E8PStages", "ScalarGroups", "StorageFormat", "stored_bits"]
+__all__ = ["BufferSpec", "E8PStages", "ScalarGroups", "StorageFormat", "TrellisTiles", "stored_bits"]

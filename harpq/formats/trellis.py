@@ -1,0 +1,144 @@
+"""Storage of QTIP's trellis codes: each 16 × 16 tile of the matrix is one tail-biting bitstream of k·256 bits.
+
+The bitshift trellis (L, k, V = 1): a state is an L-bit window of a bitstream; each step shifts k new bits in
+at the bottom, so a walk *is* its bitstream (nothing else is stored) and state t is its bits [t·k, t·k + L).
+A state decodes to its value by a computed code, a hash of the state that needs no table (1MAD, 3INST; QTIP
+§3.1): a decoder spends a few instructions per weight. A free walk takes L + (T − 1)·k bits; a tail-biting
+one (the last state's low L − k bits are the first state's high ones: the bitstream is a cycle) exactly k·T.
+
+A tile (rows 16i … 16i + 15, columns 16j … 16j + 15, read row by row) is a walk on the bitshift trellis
+(`codebooks.trellis`): its bitstream, k bits per weight, is stored as 8k int32 words, most significant bit
+first; tiles are ordered row-block-major (i, then j). Any bit pattern is a valid walk, so decoding needs no
+table beyond the computed code of each state, times one scale per matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..errors import HarpqError
+from .base import BufferSpec, StorageFormat
+
+TILE = 16  # rows and columns of a tile: one trellis sequence of 256 weights
+
+#: the computed codes: (multiplier, increment) of the 32-bit LCG hash each applies to the state
+LCG = {"1mad": (34038481, 76625530), "3inst": (89226354, 64248484)}
+CODES = tuple(LCG)
+_MASK32 = (1 << 32) - 1
+
+
+def _hash(states: torch.Tensor, code: str) -> torch.Tensor:
+    a, b = LCG[code]
+    return (states.to(torch.int64) * a + b) & _MASK32
+
+
+def code_values(code: str, L: int = 16) -> torch.Tensor:
+    """The value of every state 0 … 2^L − 1 (float32), unscaled.
+
+    1MAD: the four bytes of the hash summed, (sum − 510)/147.8 (a sum of four uniform bytes: ≈ N(0, 1)).
+    3INST: each 16-bit half of the hash keeps its sign and low 12 bits (mantissa and the two low exponent
+    bits), xor 0x3B60 (fp16 0.922), read as fp16; the two halves summed."""
+    if code not in LCG:
+        raise HarpqError(f"unknown trellis code {code!r} (offered: {', '.join(CODES)})")
+    x = _hash(torch.arange(1 << L), code)
+    if code == "1mad":
+        total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
+        return ((total.double() - 510) / 147.8).float()
+    halves = torch.stack([x & 0xFFFF, x >> 16], dim=-1)
+    halves = (halves & 0x8FFF) ^ 0x3B60
+    signed = torch.where(halves >= 1 << 15, halves - (1 << 16), halves).to(torch.int16)  # the same 16 bits
+    return signed.view(torch.float16).float().sum(-1)
+
+
+def _check(L: int, k: int) -> None:
+    if not (1 <= k < L <= 24):
+        raise HarpqError(f"a bitshift trellis needs 1 ≤ k < L ≤ 24 (got L = {L}, k = {k})")
+
+
+def pack(walk: torch.Tensor, L: int, k: int, tail_biting: bool = True) -> torch.Tensor:
+    """The bitstream (S, bits) bool of walks (S, T), most significant bit first: the first state's L bits,
+    then k per further state; tail-biting drops the last L − k (they repeat the first state's): k·T bits."""
+    _check(L, k)
+    s, t = walk.shape
+    first = (walk[:, :1] >> torch.arange(L - 1, -1, -1, device=walk.device)) & 1
+    steps = (walk[:, 1:, None] >> torch.arange(k - 1, -1, -1, device=walk.device)) & 1
+    bits = torch.cat([first, steps.reshape(s, -1)], dim=1).bool()
+    if tail_biting:
+        wrapped = (walk[:, -1] & ((1 << (L - k)) - 1)) == (walk[:, 0] >> k)
+        if not bool(wrapped.all()):
+            raise HarpqError("a walk that does not bite its tail cannot be stored in k·T bits")
+        bits = bits[:, : k * t]
+    return bits
+
+
+def unpack(bits: torch.Tensor, L: int, k: int, t: int, tail_biting: bool = True) -> torch.Tensor:
+    """Walks (S, T) from bitstreams `pack` wrote."""
+    _check(L, k)
+    want = k * t if tail_biting else L + (t - 1) * k
+    if bits.shape[1] != want:
+        raise HarpqError(f"a {'tail-biting ' if tail_biting else ''}walk of {t} states has {want} bits, "
+                         f"not {bits.shape[1]}")
+    stream = torch.cat([bits, bits[:, : L - k]], dim=1) if tail_biting else bits
+    weights = 1 << torch.arange(L - 1, -1, -1, device=bits.device)
+    starts = torch.arange(t, device=bits.device) * k
+    windows = stream.long()[:, starts[:, None] + torch.arange(L, device=bits.device)[None, :]]  # (S, T, L)
+    return (windows * weights).sum(-1)
+
+
+@functools.cache
+def unit_values(code: str, L: int) -> torch.Tensor:
+    """The code's state values scaled to unit RMS (the scale the stored matrix scale multiplies)."""
+    v = code_values(code, L).double()
+    return (v / v.pow(2).mean().sqrt()).float()
+
+
+def words_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(S, 32·w) bool, most significant first -> (S, w) int32."""
+    s = bits.shape[0]
+    weights = 1 << torch.arange(31, -1, -1, dtype=torch.int64, device=bits.device)
+    words = (bits.view(s, -1, 32).long() * weights).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def bits_from_words(words: torch.Tensor) -> torch.Tensor:
+    """(S, w) int32 -> (S, 32·w) bool, most significant first."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    return ((w[..., None] >> torch.arange(31, -1, -1, device=words.device)) & 1).bool().reshape(words.shape[0], -1)
+
+
+def to_tiles(w: torch.Tensor) -> torch.Tensor:
+    """(m, n) -> (m/16 · n/16, 256): one row per tile, its weights row by row."""
+    m, n = w.shape
+    return w.reshape(m // TILE, TILE, n // TILE, TILE).permute(0, 2, 1, 3).reshape(-1, TILE * TILE)
+
+
+def from_tiles(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    return t.reshape(m // TILE, n // TILE, TILE, TILE).permute(0, 2, 1, 3).reshape(m, n)
+
+
+class TrellisTiles(StorageFormat):
+    name = "qtip"
+
+    def __init__(self, bits: int, L: int = 16, code: str = "3inst"):
+        self.bits, self.L, self.code = bits, L, code
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "bits": self.bits, "L": self.L, "code": self.code}
+
+    def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
+        tiles = (out_features // TILE) * (in_features // TILE)
+        return {"codes": ((tiles, TILE * TILE * self.bits // 32), torch.int32), "scales": ((1, 1), torch.float16)}
+
+    def encode(self, walks: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """walks (tiles, 256) tail-biting state sequences, scale (1, 1) -> stored tensors."""
+        return {"codes": words_from_bits(pack(walks, self.L, self.bits)), "scales": scale.reshape(1, 1).half()}
+
+    def walks(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+        return unpack(bits_from_words(buffers["codes"]), self.L, self.bits, TILE * TILE)
+
+    def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
+        values = unit_values(self.code, self.L).to(buffers["codes"].device)
+        return from_tiles(values[self.walks(buffers)], out_features, in_features) * buffers["scales"].float()
