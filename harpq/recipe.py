@@ -161,7 +161,8 @@ def method_table() -> list[dict[str, Any]]:
     for method in METHODS:
         layer = Recipe.preset(method).layer
         note, speed = METHOD_NOTES[method]
-        group = "-" if layer.codebook in ("e8p", "qtip") else ("row" if layer.group_size == 0 else str(layer.group_size))
+        vector = layer.codebook in ("e8p", "qtip")
+        group = "-" if vector else ("row" if layer.group_size == 0 else str(layer.group_size))
         rows.append({"method": method, "processor": layer.processor, "codebook": layer.codebook,
                      "rounding": layer.rounding, "bits": layer.bits, "group": group,
                      "calibration": "yes" if layer.needs_hessian else "no", "cpu time": speed, "what": note})

@@ -84,6 +84,18 @@ def test_gaussian_distortion_matches_qtip_table_1(code):
     assert mse > 2 ** -4  # never below the distortion-rate bound
 
 
+def test_hyb_distortion_matches_qtip_table_1():
+    """HYB (V = 2: two weights per state from a 512-row table) at k = 2, L = 16: MSE 0.071 in Table 1."""
+    from harpq.formats.trellis import hyb_table, hyb_values
+
+    values = hyb_values(hyb_table())  # (2^16, 2), unit RMS
+    x = torch.randn(24, 128, 2, generator=torch.Generator().manual_seed(2))  # 24 sequences of 256 weights
+    walk = quantize_tail_biting(x, values, 16, 4)  # 2 bits per weight, 2 weights per step: 4 bits shift in
+    mse = float(((x - values[walk]) ** 2).mean())
+    assert abs(mse - 0.071) <= 0.004, mse
+    assert pack(walk, 16, 4).shape == (24, 2 * 256)  # still exactly k·T bits
+
+
 def test_code_values_are_near_gaussian():
     for code in ("1mad", "3inst"):
         v = code_values(code).double()
@@ -92,8 +104,8 @@ def test_code_values_are_near_gaussian():
 
 
 def test_bad_input_is_refused_in_one_line():
-    with pytest.raises(HarpqError, match="unknown trellis code"):
-        code_values("hyb9")
+    with pytest.raises(HarpqError, match="unknown computed trellis code"):
+        code_values("hyb")
     with pytest.raises(HarpqError, match="1 ≤ k < L"):
         viterbi(torch.zeros(1, 4), torch.zeros(16), 4, 4)
     with pytest.raises(HarpqError, match="has 8 bits, not 7"):
@@ -101,7 +113,7 @@ def test_bad_input_is_refused_in_one_line():
     free = torch.tensor([[0b1111, 0b1100, 0b0000]])  # ends at 00, starts with 11: not a cycle
     with pytest.raises(HarpqError, match="does not bite its tail"):
         pack(free, 4, 2)
-    with pytest.raises(HarpqError, match="at least 2 weights"):
+    with pytest.raises(HarpqError, match="at least 2 steps"):
         quantize_tail_biting(torch.zeros(1, 1), torch.zeros(16), 4, 2)
 
 
@@ -120,6 +132,18 @@ def test_qtip_codebook_stores_what_it_rounded_in_k_bits_per_weight():
     assert specs["codes"][0] == (12, 16)  # 12 tiles × 256 weights × 2 bits = 16 words each
     rel = float((recon - w).pow(2).mean() / w.pow(2).mean())
     assert 0.04 < rel < 0.12  # near the trellis' Gaussian MSE at k = 2 (0.07–0.09 at L = 10)
+
+
+def test_hyb_codebook_stores_its_table_and_decodes_what_it_rounded():
+    from harpq.codebooks import make_codebook
+
+    cb = make_codebook({"name": "qtip", "bits": 2, "L": 10, "code": "hyb"})
+    w = torch.randn(32, 32, generator=torch.Generator().manual_seed(4))
+    state = cb.prepare(w)
+    blocks = [cb.round(w[:, j:j + 16], torch.arange(j, j + 16), state) for j in (0, 16)]
+    buffers = cb.encode(torch.cat([b[0] for b in blocks], 1), state)
+    assert buffers["table"].shape == (512, 2) and buffers["codes"].shape == (4, 16)
+    assert torch.equal(cb.decode(buffers, 32, 32), torch.cat([b[1] for b in blocks], 1))
 
 
 def test_qtip_quantizes_llama_tiny_end_to_end(tiny_path, tmp_path):

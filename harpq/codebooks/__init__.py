@@ -19,4 +19,5 @@ def make_codebook(config: dict[str, Any]) -> Codebook:
     return build(CODEBOOKS, config, "codebook")
 
 
-__all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "QTIPCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook", "stored_bits"]
+__all__ = ["CODEBOOKS", "Codebook", "E8PCodebook", "QTIPCodebook", "SCALAR_BITS", "ScalarGrid", "make_codebook",
+           "stored_bits"]

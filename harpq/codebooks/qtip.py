@@ -2,7 +2,8 @@
 
 Inside BlockLDLQ (g = 16 columns at a time) the m × 16 block is m/16 tiles; each tile, read row by row, is
 one sequence of 256 weights quantized by Viterbi on the (L, k, 1) bitshift trellis with a computed code
-(3INST by default, 1MAD offered) and QTIP's two-pass tail-biting, so a tile stores exactly 256·k bits
+(3INST by default; 1MAD; HYB, two weights per state from a 512-row table stored with the matrix) and
+QTIP's two-pass tail-biting, so a tile stores exactly 256·k bits
 (QTIP §4.5). One scale per matrix: the codebook sees W̃ · ρ / RMS(W̃) against unit-RMS code values
 (ρ = 0.9, QTIP's scale override). The codes handed back per row are the walk's states (the storage format
 packs each tile's walk into its bitstream).
@@ -10,12 +11,13 @@ packs each tile's walk into its bitstream).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 from ..errors import HarpqError
-from ..formats.trellis import CODES, TILE, TrellisTiles, from_tiles, to_tiles, unit_values
+from ..formats.trellis import CODES, TILE, TrellisTiles, from_tiles, hyb_table, to_tiles
 from .base import Codebook
 from .scalar import fp16_ceil
 from .trellis import quantize_tail_biting
@@ -48,23 +50,38 @@ class QTIPCodebook(Codebook):
 
     def prepare(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         rms = weight.float().pow(2).mean().sqrt().clamp(min=1e-12)
-        return {"scale": fp16_ceil(rms / self.rho).reshape(1, 1).to(weight.device)}
+        state = {"scale": fp16_ceil(rms / self.rho).reshape(1, 1).to(weight.device)}
+        if self.code == "hyb":
+            state["table"] = _hyb_table().to(weight.device)
+        return state
 
     def round(self, x: torch.Tensor, cols: torch.Tensor, state: dict[str, torch.Tensor]):
         m, k = x.shape
         if m % TILE or k != TILE:
             raise HarpqError(f"qtip rounds blocks of 16 columns over a multiple of 16 rows, not {m}×{k}")
+        fmt = self.storage
         s = state["scale"].to(x.dtype)
-        values = unit_values(self.code, self.L).to(x.device)
-        seqs = to_tiles(x / s).float()
+        values = fmt.values(state, x.device)  # (2^L, V)
+        v = fmt.per_state
+        seqs = to_tiles(x / s).float().reshape(-1, TILE * TILE // v, v)
         chunk = max(1, (1 << 22) >> self.L)  # sequences per Viterbi: its back-pointers are 256 × chunk × 2^L bytes
-        walks = torch.cat([quantize_tail_biting(seqs[i:i + chunk], values, self.L, self.bits)
-                           for i in range(0, seqs.shape[0], chunk)])
-        return from_tiles(walks, m, k), from_tiles(values[walks].to(x.dtype), m, k) * s
+        walks = torch.cat([quantize_tail_biting(seqs[i:i + chunk], values, self.L, fmt.shift)
+                           for i in range(0, seqs.shape[0], chunk)])  # (tiles, 256 / V)
+        recon = values[walks].reshape(-1, TILE * TILE)
+        codes = walks.repeat_interleave(v, dim=1)  # each weight carries its state (V consecutive weights share one)
+        return from_tiles(codes, m, k), from_tiles(recon.to(x.dtype), m, k) * s
 
     @property
     def storage(self) -> TrellisTiles:
         return TrellisTiles(self.bits, self.L, self.code)
 
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.storage.encode(to_tiles(codes), state["scale"])
+        fmt = self.storage
+        walks = to_tiles(codes)[:, :: fmt.per_state]
+        return fmt.encode(walks, state["scale"], state.get("table"))
+
+
+@functools.cache
+def _hyb_table() -> torch.Tensor:
+    """HYB's table as stored (fp16): k-means once per process."""
+    return hyb_table().half()

@@ -15,19 +15,29 @@ from ..errors import HarpqError
 from ..formats.trellis import _check
 
 
+def _errors(xi: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """Squared error of every state's values (n, V) against one step of each sequence (S, V): (S, n)."""
+    if vals.shape[1] == 1:
+        return (xi[:, :1] - vals[:, 0]) ** 2
+    return ((xi[:, None, :] - vals[None]) ** 2).sum(-1)
+
+
 def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, k: int, start_high: torch.Tensor | None = None,
             end_low: torch.Tensor | None = None) -> torch.Tensor:
-    """The walk of least squared error for each sequence of x (S, T): states (S, T) int64.
+    """The walk of least squared error for each sequence: states (S, T) int64.
 
+    x (S, T) against values (2^L,), one weight per state; or x (S, T, V) against values (2^L, V), V weights
+    per state (HYB: V = 2). k: the bits each step shifts in (k·V for a code of k bits per weight).
     start_high / end_low (S,): where given, the first state's high L − k bits and the last state's low
     L − k bits are pinned to them (the tail-biting constraint)."""
     _check(L, k)
-    s, t = x.shape
+    xs = x.float() if x.dim() == 3 else x.float()[..., None]
+    s, t, _ = xs.shape
     n, low = 1 << L, 1 << (L - k)
-    vals = values.to(x.device, torch.float32)
+    vals = values.to(x.device, torch.float32).reshape(n, -1)
     states = torch.arange(n, device=x.device)
     inf = torch.tensor(float("inf"), device=x.device)
-    cost = (x[:, :1].float() - vals) ** 2
+    cost = _errors(xs[:, 0], vals)
     if start_high is not None:
         cost = torch.where((states >> k)[None, :] == start_high[:, None], cost, inf)
     back = torch.empty(t, s, n, dtype=torch.uint8 if k <= 8 else torch.int32, device=x.device)
@@ -35,7 +45,7 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, k: int, start_high: t
         # the predecessors of state j are (c << (L − k)) | (j >> k), c < 2^k: view cost as (S, 2^k, 2^(L − k))
         best, c = cost.view(s, 1 << k, low).min(dim=1)
         back[i] = c.repeat_interleave(1 << k, dim=1).to(back.dtype)
-        cost = best.repeat_interleave(1 << k, dim=1) + (x[:, i:i + 1].float() - vals) ** 2
+        cost = best.repeat_interleave(1 << k, dim=1) + _errors(xs[:, i], vals)
     if end_low is not None:
         cost = torch.where((states & (low - 1))[None, :] == end_low[:, None], cost, inf)
     walk = torch.empty(s, t, dtype=torch.int64, device=x.device)
@@ -47,13 +57,12 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, k: int, start_high: t
 
 
 def quantize_tail_biting(x: torch.Tensor, values: torch.Tensor, L: int, k: int) -> torch.Tensor:
-    """A tail-biting walk (S, T) for x (S, T) by QTIP's approximation: Viterbi on x rotated by T/2 reads
-    the L − k bits the seam (last → first weight) should share, then Viterbi on x with both ends pinned."""
+    """A tail-biting walk (S, T) for x (S, T) or (S, T, V) by QTIP's approximation: Viterbi on x rotated by
+    T/2 reads the L − k bits the seam (last → first step) should share, then Viterbi on x with both ends
+    pinned."""
     t = x.shape[1]
     if t < 2:
-        raise HarpqError(f"a tail-biting sequence needs at least 2 weights, not {t}")
-    seam = viterbi(torch.roll(x, t // 2, dims=1), values, L, k)[:, t // 2]  # the state of x's first weight
+        raise HarpqError(f"a tail-biting sequence needs at least 2 steps, not {t}")
+    seam = viterbi(torch.roll(x, t // 2, dims=1), values, L, k)[:, t // 2]  # the state of x's first step
     shared = seam >> k
     return viterbi(x, values, L, k, start_high=shared, end_low=shared)
-
-

@@ -26,8 +26,38 @@ TILE = 16  # rows and columns of a tile: one trellis sequence of 256 weights
 
 #: the computed codes: (multiplier, increment) of the 32-bit LCG hash each applies to the state
 LCG = {"1mad": (34038481, 76625530), "3inst": (89226354, 64248484)}
-CODES = tuple(LCG)
+#: codes of one weight per state computed from the state alone, and HYB: two weights per state from a table
+CODES = (*LCG, "hyb")
+HYB_ROWS = 9  # Q: the table has 2^Q rows of 2 values (2 KiB in fp16)
 _MASK32 = (1 << 32) - 1
+
+
+def values_per_state(code: str) -> int:
+    return 2 if code == "hyb" else 1
+
+
+def hyb_table(samples: int = 1 << 16, iterations: int = 25) -> torch.Tensor:
+    """HYB's starting table (2^Q, 2): k-means centres of 2-D N(0, 1) samples (QTIP: 2^20 samples, scipy),
+    scaled to unit RMS. Stored with every matrix (it is data, and QTIP tunes it per layer)."""
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.randn(samples, 2, generator=gen, dtype=torch.float64)
+    centres = pts[torch.randperm(samples, generator=gen)[: 1 << HYB_ROWS]].clone()
+    for _ in range(iterations):
+        nearest = torch.cdist(pts, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, nearest, pts)
+        counts = torch.bincount(nearest, minlength=centres.shape[0]).clamp(min=1)[:, None]
+        centres = torch.where(counts > 0, sums / counts, centres)
+    return (centres / centres.pow(2).mean().sqrt()).float()
+
+
+def hyb_values(table: torch.Tensor, L: int = 16) -> torch.Tensor:
+    """The two values of every state (2^L, 2): hash x = s² + s (mod 2^32), row = bits 15 − Q … 14 of x,
+    the first value's sign flipped by bit 15 (QTIP's HYB)."""
+    x = (torch.arange(1 << L, dtype=torch.int64, device=table.device) ** 2
+         + torch.arange(1 << L, device=table.device)) & _MASK32
+    pairs = table.float()[(x >> (15 - HYB_ROWS)) & ((1 << HYB_ROWS) - 1)].clone()
+    pairs[:, 0] = torch.where(((x >> 15) & 1).bool(), -pairs[:, 0], pairs[:, 0])
+    return pairs
 
 
 def _hash(states: torch.Tensor, code: str) -> torch.Tensor:
@@ -42,7 +72,7 @@ def code_values(code: str, L: int = 16) -> torch.Tensor:
     3INST: each 16-bit half of the hash keeps its sign and low 12 bits (mantissa and the two low exponent
     bits), xor 0x3B60 (fp16 0.922), read as fp16; the two halves summed."""
     if code not in LCG:
-        raise HarpqError(f"unknown trellis code {code!r} (offered: {', '.join(CODES)})")
+        raise HarpqError(f"unknown computed trellis code {code!r} (offered: {', '.join(LCG)})")
     x = _hash(torch.arange(1 << L), code)
     if code == "1mad":
         total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
@@ -124,21 +154,37 @@ class TrellisTiles(StorageFormat):
 
     def __init__(self, bits: int, L: int = 16, code: str = "3inst"):
         self.bits, self.L, self.code = bits, L, code
+        self.per_state = values_per_state(code)
+        self.shift = bits * self.per_state  # bits a step of the walk shifts in
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits, "L": self.L, "code": self.code}
 
     def buffer_specs(self, out_features: int, in_features: int) -> BufferSpec:
         tiles = (out_features // TILE) * (in_features // TILE)
-        return {"codes": ((tiles, TILE * TILE * self.bits // 32), torch.int32), "scales": ((1, 1), torch.float16)}
+        specs = {"codes": ((tiles, TILE * TILE * self.bits // 32), torch.int32), "scales": ((1, 1), torch.float16)}
+        if self.code == "hyb":
+            specs["table"] = ((1 << HYB_ROWS, 2), torch.float16)
+        return specs
 
-    def encode(self, walks: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """walks (tiles, 256) tail-biting state sequences, scale (1, 1) -> stored tensors."""
-        return {"codes": words_from_bits(pack(walks, self.L, self.bits)), "scales": scale.reshape(1, 1).half()}
+    def values(self, buffers: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Every state's values (2^L, V) for the matrix stored in `buffers` (or being stored: its table)."""
+        if self.code == "hyb":
+            return hyb_values(buffers["table"].to(device), self.L)
+        return unit_values(self.code, self.L).to(device)[:, None]
+
+    def encode(self, walks: torch.Tensor, scale: torch.Tensor, table: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
+        """walks (tiles, 256 / V) tail-biting state sequences, scale (1, 1) [, HYB's table] -> stored tensors."""
+        out = {"codes": words_from_bits(pack(walks, self.L, self.shift)), "scales": scale.reshape(1, 1).half()}
+        if self.code == "hyb":
+            out["table"] = table.half()
+        return out
 
     def walks(self, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-        return unpack(bits_from_words(buffers["codes"]), self.L, self.bits, TILE * TILE)
+        return unpack(bits_from_words(buffers["codes"]), self.L, self.shift, TILE * TILE // self.per_state)
 
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
-        values = unit_values(self.code, self.L).to(buffers["codes"].device)
-        return from_tiles(values[self.walks(buffers)], out_features, in_features) * buffers["scales"].float()
+        values = self.values(buffers, buffers["codes"].device)
+        tiles = values[self.walks(buffers)].reshape(-1, TILE * TILE)  # a state's V values are consecutive weights
+        return from_tiles(tiles, out_features, in_features) * buffers["scales"].float()
