@@ -169,3 +169,20 @@ def test_qtip_refuses_shapes_it_cannot_tile():
         make_codebook({"name": "qtip", "bits": 2}).check_shape(344, 128, "mlp.up_proj")
     with pytest.raises(HarpqError, match="offers 2, 3, 4 bits"):
         make_codebook({"name": "qtip", "bits": 5})
+
+
+def test_harp_fits_qtip_against_e8p_and_rounds_with_the_trellis():
+    from harpq.codebooks import E8PCodebook, make_codebook
+    from harpq.pipeline.linear import quantize_linear
+    from harpq.recipe import Recipe
+
+    assert isinstance(make_codebook({"name": "qtip", "bits": 3}).fit_target(), E8PCodebook)
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(32, 64, generator=gen, dtype=torch.float64) * 0.02
+    x = torch.randn(256, 64, generator=gen, dtype=torch.float64)
+    layer = Recipe.preset("harp", codebook="qtip", trellis_L=8, harp_steps=3, harp_schedule="kron").layer
+    lin = torch.nn.Linear(64, 32, bias=False).double()
+    lin.weight.data.copy_(w)
+    module, report = quantize_linear("q", lin, x.T @ x, layer)
+    assert module.format.name == "qtip" and report.parts["fit"]["steps"] == 3
+    assert report.proxy_loss <= report.parts["fit"]["proxy_loss_start"]  # never above its start

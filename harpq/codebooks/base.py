@@ -53,6 +53,11 @@ class Codebook(ABC):
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Codes of the whole matrix plus state -> the tensors that are stored."""
 
+    def fit_target(self) -> Codebook:
+        """The codebook a learned processor fits its rotation against (HARP's refreshed target): this one,
+        unless its search is too costly to repeat every few steps."""
+        return self
+
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         """Stored tensors -> the reconstructed processed weight (float32)."""
         return self.storage.decode(buffers, out_features, in_features)

@@ -205,5 +205,5 @@ class HARP(TwoSided):
         m, n = weight.shape
         settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n, self.seconds, self.refresh)
         fitted, self.last_fit = fit_two_sided(self.side("out", m), self.side("in", n), buffers, weight, hessian,
-                                              codebook, settings)
+                                              codebook.fit_target(), settings)
         return fitted
