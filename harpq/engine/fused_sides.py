@@ -16,16 +16,12 @@ GEMV each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantLinear
-
-if TYPE_CHECKING:
-    from ..kernels.block_sides import BlockSide
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -68,11 +64,6 @@ class StackedMatrix:
             self._prepared[key] = backend.prepare(self.format, self.buffers, self.m, self.n)
         z = backend.matmul(self.format, self.buffers, self._prepared[key], rows, self.m, self.n)
         return list(z.split(self.sizes, dim=-1))
-
-
-def _same(a: BlockSide | None, b: BlockSide | None) -> bool:
-    return a is not None and b is not None and a.block == b.block and torch.equal(a.signs, b.signs) \
-        and (a.outer is None) == (b.outer is None) and (a.outer is None or torch.equal(a.outer, b.outer))
 
 
 @dataclass
