@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from harpq.formats import E8PStages, ScalarGroups
+from harpq.formats import E8PStages, ScalarGroups, TrellisTiles
 from harpq.kernels import nvrtc, select, tuning
 
 SHAPES = {
@@ -43,6 +43,10 @@ FORMATS = {
     "E8P 2-bit": E8PStages(2, None),
     "E8P+E8 3-bit": E8PStages(3, 2.04),
     "E8P+E8P 4-bit": E8PStages(4, 3.45),
+    "QTIP 3INST 2-bit": TrellisTiles(2, 16, "3inst"),
+    "QTIP 1MAD 2-bit": TrellisTiles(2, 16, "1mad"),
+    "QTIP 3INST 3-bit": TrellisTiles(3, 16, "3inst"),
+    "QTIP 3INST 4-bit": TrellisTiles(4, 16, "3inst"),
 }
 
 

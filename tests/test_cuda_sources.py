@@ -6,9 +6,10 @@ import itertools
 import pytest
 import torch
 
-from harpq.formats import ScalarGroups
+from harpq.formats import ScalarGroups, TrellisTiles
 from harpq.formats.lattice import e8_one_bit_points, e8p_decode
-from harpq.kernels import e8p_cuda, scalar_cuda
+from harpq.formats.trellis import unit_values
+from harpq.kernels import e8p_cuda, scalar_cuda, trellis_cuda
 
 
 def test_e8p_field_tables_decode_every_code_exactly():
@@ -55,8 +56,39 @@ def _e8p_configs():
                    for s, n, batch, m in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS)})
 
 
+def _trellis_configs():
+    return sorted({trellis_cuda.defines(bits, code, m, n, batch)
+                   for bits, code, n, batch, m in itertools.product((2, 3, 4), ("3inst", "1mad"), (1376, 4096, 16 * 43),
+                                                                    BATCHES, ROWS)})
+
+
 def _all_configs():
-    return [("scalar_gemv.cu", d) for d in _scalar_configs()] + [("e8p_gemv.cu", d) for d in _e8p_configs()]
+    return ([("scalar_gemv.cu", d) for d in _scalar_configs()] + [("e8p_gemv.cu", d) for d in _e8p_configs()]
+            + [("trellis_gemv.cu", d) for d in _trellis_configs()])
+
+
+@pytest.mark.parametrize("code", ["3inst", "1mad"])
+def test_trellis_kernel_values_are_the_codes_values(code):
+    """The kernel's two fp16 parts per state, summed and times its factor, are the format's unit-RMS code
+    values for all 2^16 states (to fp32 rounding of the factor)."""
+    got = trellis_cuda.kernel_values(code).double() * trellis_cuda.factor(code)
+    assert torch.allclose(got, unit_values(code, 16).double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_trellis_lanes_read_the_walk(bits):
+    """Each lane's two words, shifted by its bit offset, hold the states of its eight walk positions,
+    the last lane's wrapping to the tile's first word (tail-biting)."""
+    fmt = TrellisTiles(bits)
+    buffers = fmt.random_buffers(48, 80, torch.Generator().manual_seed(bits))
+    assert torch.equal(trellis_cuda.lane_states(buffers["codes"], bits), fmt.walks(buffers))
+
+
+@pytest.mark.parametrize("bits,n,expect", [(2, 4096, (8, 2)), (3, 4096, (8, 1)), (4, 11008, (8, 1)),
+                                           (2, 1376, (2, 2)), (2, 16 * 43, (1, 1)), (3, 100, None)])
+def test_trellis_layout_choice(bits, n, expect):
+    """Tiles along K per step (the most of 8, 4, 2, 1 that divide n/16) and tiles per warp-wide load."""
+    assert trellis_cuda.layout(bits, n) == expect
 
 
 def _compile(job):
@@ -101,7 +133,7 @@ def test_each_format_compiles_for_sm_80():
     firsts = {}
     for source, defines in _all_configs():
         d = dict(defines)
-        key = (source, d.get("BITS"), d.get("INT_ZERO"), d.get("STAGE2"), d["MT"], d["NT"])
+        key = (source, d.get("BITS"), d.get("INT_ZERO"), d.get("STAGE2"), d.get("CODE"), d["MT"], d["NT"])
         firsts.setdefault(key, (source, defines))
     assert len(firsts) > 15
     _compiles(list(firsts.values()), "sm_80")

@@ -8,7 +8,7 @@ zeros: exactly fp16(W)), multiply on tensor cores with fp32 accumulation and rou
 import pytest
 import torch
 
-from harpq.formats import E8PStages, ScalarGroups
+from harpq.formats import E8PStages, ScalarGroups, TrellisTiles
 from harpq.kernels import nvrtc, select
 
 if nvrtc.available():
@@ -60,7 +60,21 @@ def test_e8p_kernel_matches_reference(bits, m, n, batch):
     check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=bits + m + batch)
 
 
-@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), E8PStages(3, 2.04)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("code", ["3inst", "1mad"])
+@pytest.mark.parametrize("m,n", [(48, 4096), (32, 1376), (16, 16 * 43), (272, 512)])  # G 8, 2, 1; MT 2
+@pytest.mark.parametrize("batch", [1, 9, 16])
+def test_trellis_kernel_matches_reference(bits, code, m, n, batch):
+    check(TrellisTiles(bits, 16, code), m, n, batch, seed=bits + m + batch)
+
+
+def test_trellis_kernel_many_rows():
+    """Enough row tiles for the launch shapes of large matrices (one wave, two m-tiles)."""
+    for batch in (1, 4):
+        check(TrellisTiles(2), 11008, 4096, batch, seed=batch)
+
+
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), E8PStages(3, 2.04), TrellisTiles(2)])
 def test_residual_is_added_in_the_kernel(fmt):
     m, n = 48, 1024
     buffers = random_buffers(fmt, m, n, 5)
@@ -75,8 +89,10 @@ def test_residual_is_added_in_the_kernel(fmt):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_stacked_e8p_matrices_keep_their_own_scales(bits, batch):
-    fmt, n = E8PStages(bits, {2: None, 4: 3.45}[bits]), 1024
+@pytest.mark.parametrize("family", ["e8p", "qtip"])
+def test_stacked_matrices_keep_their_own_scales(bits, batch, family):
+    fmt = E8PStages(bits, {2: None, 4: 3.45}[bits]) if family == "e8p" else TrellisTiles(bits)
+    n = 1024
     parts = [(random_buffers(fmt, m, n, 20 + i), m) for i, m in enumerate((48, 16, 32))]
     for i, (b, _) in enumerate(parts):
         b["scales"] = torch.full((1, 1), 0.5 * (i + 1), dtype=torch.float16, device="cuda")
@@ -93,6 +109,9 @@ def test_unsupported_layouts_fall_back_to_the_reference():
     x = torch.randn(1, 200, device="cuda").half()
     assert select(ScalarGroups(4, 100, "int"), x, 8, 200).name == "reference"
     assert select(E8PStages(2, None), torch.randn(1, 200, device="cuda").half(), 8, 200).name == "reference"
+    x = torch.randn(1, 512, device="cuda").half()
+    assert select(TrellisTiles(2, 16, "hyb"), x, 16, 512).name == "reference"  # a table per matrix
+    assert select(TrellisTiles(2, 12, "3inst"), x, 16, 512).name == "reference"  # the kernel decodes L = 16
     assert select(ScalarGroups(4, 128, "int"), torch.randn(1, 4096, device="cuda").bfloat16(), 8, 4096).name \
         == "reference"
     assert select(ScalarGroups(4, 128, "int"), torch.randn(17, 4096, device="cuda").half(), 8, 4096).name \

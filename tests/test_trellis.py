@@ -186,3 +186,29 @@ def test_harp_fits_qtip_against_e8p_and_rounds_with_the_trellis():
     module, report = quantize_linear("q", lin, x.T @ x, layer)
     assert module.format.name == "qtip" and report.parts["fit"]["steps"] == 3
     assert report.proxy_loss <= report.parts["fit"]["proxy_loss_start"]  # never above its start
+
+
+def test_tile_order_is_the_tensor_core_fragment_order():
+    """Walk position 8l + j is lane l = 4g + t's weight j of mma.m16n8k16's A fragment: row g (j < 4) or
+    g + 8, column 4t + j mod 4; to_tiles / from_tiles are inverse."""
+    from harpq.formats.trellis import TILE_ORDER, from_tiles, to_tiles
+
+    assert sorted(TILE_ORDER.tolist()) == list(range(256))
+    w = torch.arange(32 * 48).reshape(32, 48)
+    tiles = to_tiles(w)
+    for lane, j in [(0, 0), (5, 3), (5, 4), (31, 7)]:
+        g, t = divmod(lane, 4)
+        assert tiles[0, 8 * lane + j] == w[g + 8 * (j // 4), 4 * t + j % 4]
+    assert tiles[1, 0] == w[0, 16]  # tiles row-block-major
+    assert torch.equal(from_tiles(tiles, 32, 48), w)
+
+
+def test_stacked_trellis_matrices_decode_with_their_own_scales():
+    from harpq.formats import TrellisTiles
+
+    fmt = TrellisTiles(2)
+    parts = [(fmt.random_buffers(m, 64, torch.Generator().manual_seed(m)), m) for m in (32, 16)]
+    stacked = fmt.concat_rows(parts, 64)
+    assert stacked["scales"].shape == (48, 1)
+    assert torch.equal(fmt.decode(stacked, 48, 64), torch.cat([fmt.decode(b, m, 64) for b, m in parts]))
+    assert TrellisTiles(2, 16, "hyb").concat_rows(parts, 64) is None  # one table per matrix

@@ -1,7 +1,7 @@
 """QTIP's trellis-coded quantization as a codebook: 16 × 16 tiles, each one tail-biting walk of k bits per weight.
 
-Inside BlockLDLQ (g = 16 columns at a time) the m × 16 block is m/16 tiles; each tile, read row by row, is
-one sequence of 256 weights quantized by Viterbi on the (L, k, 1) bitshift trellis with a computed code
+Inside BlockLDLQ (g = 16 columns at a time) the m × 16 block is m/16 tiles; each tile, in the storage format's
+walk order, is one sequence of 256 weights quantized by Viterbi on the (L, k, 1) bitshift trellis with a computed code
 (3INST by default; 1MAD; HYB, two weights per state from a 512-row table stored with the matrix) and
 QTIP's two-pass tail-biting, so a tile stores exactly 256·k bits
 (QTIP §4.5). One scale per matrix: the codebook sees W̃ · ρ / RMS(W̃) against unit-RMS code values

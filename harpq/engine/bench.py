@@ -43,6 +43,10 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "harp2": ("harp", {"bits": 2, "harp_schedule": "kron"}),
     "harp3": ("harp", {"bits": 3, "harp_schedule": "kron"}),
     "harp4": ("harp", {"bits": 4, "harp_schedule": "kron"}),
+    "qtip2": ("qtip", {"bits": 2}),
+    "qtip3": ("qtip", {"bits": 3}),
+    "qtip4": ("qtip", {"bits": 4}),
+    "harp-qtip2": ("harp", {"bits": 2, "codebook": "qtip", "harp_schedule": "kron"}),
 }
 
 

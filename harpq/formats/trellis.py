@@ -6,10 +6,13 @@ A state decodes to its value by a computed code, a hash of the state that needs 
 §3.1): a decoder spends a few instructions per weight. A free walk takes L + (T − 1)·k bits; a tail-biting
 one (the last state's low L − k bits are the first state's high ones: the bitstream is a cycle) exactly k·T.
 
-A tile (rows 16i … 16i + 15, columns 16j … 16j + 15, read row by row) is a walk on the bitshift trellis
-(`codebooks.trellis`): its bitstream, k bits per weight, is stored as 8k int32 words, most significant bit
-first; tiles are ordered row-block-major (i, then j). Any bit pattern is a valid walk, so decoding needs no
-table beyond the computed code of each state, times one scale per matrix.
+A tile (rows 16i … 16i + 15, columns 16j … 16j + 15) is a walk on the bitshift trellis (`codebooks.trellis`):
+its bitstream, k bits per weight, is stored as 8k int32 words, most significant bit first; tiles are ordered
+row-block-major (i, then j). Any bit pattern is a valid walk, so decoding needs no table beyond the computed
+code of each state, times one scale per matrix. The walk visits the tile in the order of the tensor cores'
+A fragment (`TILE_ORDER`): weights 8l … 8l + 7 are those lane l = 4g + t of a warp holds in
+mma.m16n8k16 (rows g and g + 8, columns 4t … 4t + 3), so each lane of the decode kernel reads one
+contiguous 8k-bit stretch of the bitstream (and the next lane's first 16 − k bits).
 """
 
 from __future__ import annotations
@@ -139,14 +142,29 @@ def bits_from_words(words: torch.Tensor) -> torch.Tensor:
     return ((w[..., None] >> torch.arange(31, -1, -1, device=words.device)) & 1).bool().reshape(words.shape[0], -1)
 
 
+def _tile_order() -> torch.Tensor:
+    """Position p = 8l + j of the walk -> the tile's weight (row · 16 + column) it codes: lane l = 4g + t,
+    rows g (j < 4) and g + 8 (j ≥ 4), column 4t + j mod 4."""
+    p = torch.arange(TILE * TILE)
+    lane, j = p // 8, p % 8
+    g, t = lane // 4, lane % 4
+    return (g + 8 * (j // 4)) * TILE + 4 * t + j % 4
+
+
+TILE_ORDER = _tile_order()
+_TILE_INVERSE = torch.argsort(TILE_ORDER)
+
+
 def to_tiles(w: torch.Tensor) -> torch.Tensor:
-    """(m, n) -> (m/16 · n/16, 256): one row per tile, its weights row by row."""
+    """(m, n) -> (m/16 · n/16, 256): one row per tile, its weights in walk order (`TILE_ORDER`)."""
     m, n = w.shape
-    return w.reshape(m // TILE, TILE, n // TILE, TILE).permute(0, 2, 1, 3).reshape(-1, TILE * TILE)
+    rows = w.reshape(m // TILE, TILE, n // TILE, TILE).permute(0, 2, 1, 3).reshape(-1, TILE * TILE)
+    return rows[:, TILE_ORDER.to(w.device)]
 
 
 def from_tiles(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    return t.reshape(m // TILE, n // TILE, TILE, TILE).permute(0, 2, 1, 3).reshape(m, n)
+    rows = t[:, _TILE_INVERSE.to(t.device)]
+    return rows.reshape(m // TILE, n // TILE, TILE, TILE).permute(0, 2, 1, 3).reshape(m, n)
 
 
 class TrellisTiles(StorageFormat):
@@ -166,6 +184,14 @@ class TrellisTiles(StorageFormat):
         if self.code == "hyb":
             specs["table"] = ((1 << HYB_ROWS, 2), torch.float16)
         return specs
+
+    def concat_rows(self, parts, in_features):
+        """Tiles stacked (row-block-major: the row blocks of one matrix after another), the matrices' scales
+        as one per row (m, 1); HYB's tables differ per matrix, so HYB matrices do not stack."""
+        if self.code == "hyb":
+            return None
+        return {"codes": torch.cat([b["codes"] for b, _ in parts]),
+                "scales": torch.cat([b["scales"].reshape(1, 1).expand(m, 1) for b, m in parts])}
 
     def values(self, buffers: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """Every state's values (2^L, V) for the matrix stored in `buffers` (or being stored: its table)."""

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import e8p_cuda, scalar_cuda  # noqa: F401  (register their backends)
+from . import e8p_cuda, scalar_cuda, trellis_cuda  # noqa: F401  (register their backends)
 from .backends import MAX_DECODE_BATCH, GemvBackend, backends_for, register, select
 
 
