@@ -21,6 +21,7 @@ from .tuning import launch_shape
 
 SOURCE, ENTRY = "trellis_gemv.cu", "harpq_trellis_gemv"
 CODE = {"3inst": 0, "1mad": 1}
+MAGIC = 0x3B603B60  # 3INST's xor, a kernel argument (see `parts` in the source)
 L = 16  # the state bits the kernel decodes
 
 
@@ -29,7 +30,7 @@ def kernel_values(code: str) -> torch.Tensor:
     a, b = LCG[code]
     x = (torch.arange(1 << L, dtype=torch.int64) * a + b) & 0xFFFFFFFF
     if code == "3inst":
-        words = (x & 0x8FFF8FFF) ^ 0x3B603B60
+        words = (x & 0x8FFF8FFF) ^ MAGIC
     else:
         total = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
         words = total | 0xE5FE6400
@@ -95,7 +96,7 @@ def trellis_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bits
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(scale), np.int32(scale.numel() > 1), np.float32(factor(code)), nvrtc.ptr(y),
-                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n), np.uint32(MAGIC))
     return y
 
 

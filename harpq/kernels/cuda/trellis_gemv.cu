@@ -45,15 +45,18 @@ DEVICE u32 funnel_left(u32 lo, u32 hi, u32 o) {
 template <int J>
 DEVICE u32 state(u32 hi, u32 lo) {
     constexpr int right = 48 - BITS * J;  // the state's lowest bit, counted from the bottom of hi:lo
-    if (right >= 32) return right == 48 ? hi >> 16 : (hi >> (right - 32)) & 0xFFFFu;
+    if (right == 48) return hi >> 16;
+    if (right == 40) return prmt(hi, 0u, 0x4421);  // bytes 1, 2: one instruction instead of two
+    if (right >= 32) return (hi >> (right - 32)) & 0xFFFFu;
     return funnel(lo, hi, right) & 0xFFFFu;
 }
 
-// the two fp16 parts of a state's value
-DEVICE u32 parts(u32 s) {
+// the two fp16 parts of a state's value; `magic` is 3INST's 0x3B603B60 held in a register (a LOP3 takes one
+// constant operand: given both as constants, the compiler rebuilds one of them for every weight)
+DEVICE u32 parts(u32 s, u32 magic) {
     const u32 x = s * MUL + ADD;
 #if CODE == 0
-    return (x & 0x8FFF8FFFu) ^ 0x3B603B60u;
+    return (x & 0x8FFF8FFFu) ^ magic;
 #else
     u32 sum;
     asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(sum) : "r"(x), "r"(0x01010101u), "r"(0u));
@@ -62,9 +65,9 @@ DEVICE u32 parts(u32 s) {
 }
 
 template <int J>
-DEVICE void states(u32 hi, u32 lo, u32* v) {
-    v[J] = parts(state<J>(hi, lo));
-    if constexpr (J + 1 < 8) states<J + 1>(hi, lo, v);
+DEVICE void states(u32 hi, u32 lo, u32 magic, u32* v) {
+    v[J] = parts(state<J>(hi, lo), magic);
+    if constexpr (J + 1 < 8) states<J + 1>(hi, lo, magic, v);
 }
 
 struct TrellisPolicy {
@@ -72,6 +75,7 @@ struct TrellisPolicy {
     static constexpr int STEP = 16 * G;  // G tiles along K
     const u32* codes;
     int K;
+    u32 magic;
 
     struct Step {
         u32 w[MT][LOADS];
@@ -113,7 +117,7 @@ struct TrellisPolicy {
                 const u32 src = d.w[mt][q / TPL];
                 const u32 w0 = shfl(src, base + a), w1 = shfl(src, base + a1);
                 u32 v[8];
-                states<0>(funnel_left(w1, w0, o), w1 << o, v);
+                states<0>(funnel_left(w1, w0, o), w1 << o, magic, v);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     mma_into(acc, 2 * q, mt, nt, v[0], v[4], v[1], v[5], dup[nt][0], dup[nt][1]);
@@ -127,8 +131,8 @@ struct TrellisPolicy {
 extern "C" __global__ void GEMV_BOUNDS
 harpq_trellis_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes,
                    const u16* __restrict__ scale, int scale_rows, float factor, u16* __restrict__ y,
-                   const u16* __restrict__ residual, int M, int K) {
-    const TrellisPolicy p{codes, K};
+                   const u16* __restrict__ residual, int M, int K, u32 magic) {
+    const TrellisPolicy p{codes, K, magic};
     // one scale for the matrix, or one per row (matrices of one scale each, stacked)
     gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? factor : factor * half_to_float(scale[0]),
                 scale_rows ? scale : nullptr);
