@@ -17,7 +17,7 @@ from ..formats import TrellisTiles
 from ..formats.trellis import LCG, TILE, code_values
 from . import nvrtc
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
-from .tuning import launch_shape
+from .tuning import launch_shape, many_row_tiles
 
 SOURCE, ENTRY = "trellis_gemv.cu", "harpq_trellis_gemv"
 CODE = {"3inst": 0, "1mad": 1}
@@ -65,18 +65,19 @@ def factor(code: str) -> float:
     return 1 / rms / (147.8 if code == "1mad" else 1.0)
 
 
-def layout(bits: int, n: int) -> tuple[int, int] | None:
-    """(tiles along K per step, tiles one warp-wide load covers) for in_features n, or None."""
+def layout(bits: int, n: int, many_rows: bool = False) -> tuple[int, int] | None:
+    """(tiles along K per step, tiles one warp-wide load covers) for in_features n, or None. Sixteen tiles
+    per step where the grid has many row tiles (faster there on the H200, slower on 4096 rows), else up to 8."""
     if n % TILE:
         return None
     tiles = n // TILE
     tpl = 32 // (8 * bits)
-    g = next(g for g in (8, 4, 2, 1) if tiles % g == 0)
+    g = next(g for g in ((16, 8, 4, 2, 1) if many_rows else (8, 4, 2, 1)) if tiles % g == 0)
     return g, min(tpl, g)
 
 
 def defines(bits: int, code: str, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
-    g, tpl = layout(bits, n)
+    g, tpl = layout(bits, n, many_rows=many_row_tiles(m, device_index))
     config = {"BITS": bits, "CODE": CODE[code], "G": g, "TPL": tpl,
               **launch_shape(m, n // (TILE * g), g // tpl, batch, device_index, in_flight=8, xearly_many=1)}
     return tuple(sorted(config.items()))

@@ -23,6 +23,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def many_row_tiles(m: int, device_index: int = 0) -> bool:
+    """More 16-row tiles than two per SM: the regime of the large matrices' launch shapes."""
+    return m > 2 * _sm_count(device_index) * 16
+
+
 def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_index: int = 0,
                  in_flight: int = 4, xearly_many: int = 1, one_wave: bool = False) -> dict[str, int]:
     """steps: K-steps of a row tile; words_per_row: 32-bit words one step loads per row and thread;
@@ -35,7 +40,7 @@ def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_inde
     xearly = 1 if nt == 1 else 0  # with two n-tiles the early activations cost too many registers
     sms = _sm_count(device_index)
     extra = {}
-    if m > 2 * sms * 16:
+    if many_row_tiles(m, device_index):
         mt = 2 if batch > 4 or words_per_row < 4 or in_flight > 4 else 1
         per_sm = -(-m // (16 * sms))  # blocks per SM with one m-tile
         warps, unroll = 4, max(1, in_flight // (mt * words_per_row))
