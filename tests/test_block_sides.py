@@ -248,3 +248,35 @@ def test_kernels_compile_for_sm90(name):
     args = json.dumps([name, *KERNEL_SIGNATURES[name]])
     done = subprocess.run([sys.executable, "-c", COMPILE, args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("fmt", ["quipsharp2", "qtip2"])
+@torch.no_grad()
+def test_stacked_matrices_are_shared_and_follow_the_layer(fmt):
+    """q/k/v's and gate/up's codes are views of their one stacked GEMV matrix (E8P rows; trellis tiles,
+    row-block-major), and a Module._apply (what .to() and .cuda() run) moves the stacked tensors with the
+    layer: after it, the step reads the new ones only."""
+    decoder = build(DecoderShape(256, 1, 2, 2, 384, 64), fmt, "cpu")
+    blk = decoder.blocks[0]
+    stacks = (blk.fused_sides.qkv, blk.fused_sides.gate_up)
+    for stack in stacks:
+        assert all(_storage(m.codes) == _storage(stack.buffers["codes"]) for m in stack.mods)
+    ids, pos = torch.tensor([[1, 2, 3]]), torch.arange(3)
+
+    def step():
+        decoder.setup_cache(1, 4)
+        masks = {None: (decoder.positions[None, :] <= pos[:, None])[None, None]}
+        return blk(decoder.embed[ids], pos, decoder.cos[pos], decoder.sin[pos], masks, True)
+
+    before = step()
+    old = [stack.buffers["codes"] for stack in stacks]
+    decoder._apply(lambda t: t.clone())
+    for stack, was in zip(stacks, old, strict=True):
+        assert _storage(stack.buffers["codes"]) != _storage(was)
+        assert all(_storage(m.codes) == _storage(stack.buffers["codes"]) for m in stack.mods)
+        was.zero_()  # the old copy is no longer read
+    assert torch.equal(step(), before)

@@ -117,6 +117,12 @@ class Block(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.fused_sides is not None:  # its stacked matrices are plain tensors: move them along
+            self.fused_sides.apply_(fn)
+        return self
+
     def forward(self, x, pos, cos, sin, masks: dict, fused: bool):
         s, (b, t, _) = self.shape, x.shape
         mask = masks[self.window]

@@ -35,15 +35,28 @@ class StackedMatrix:
         self.format, self.n = mods[0].format, mods[0].in_features
         self.sizes = [m.out_features for m in mods]
         self.m = sum(self.sizes)
-        self.buffers = buffers
+        self.mods = mods
         self.use_kernels = mods[0].use_kernels
+        self._set(buffers)
+
+    def _set(self, buffers: dict[str, torch.Tensor]) -> None:
+        """Hold `buffers` and make the members' concatenated tensors (codes: rows, or row-block-major tiles)
+        views of them; tensors that are not a concatenation (one scale per matrix -> one per row) stay."""
+        self.buffers = buffers
         self._prepared: dict[tuple, tuple] = {}
-        start = 0
-        for mod in mods:
-            for name, t in buffers.items():
-                if getattr(mod, name).shape[0] == mod.out_features:  # row-wise tensors (codes), not scales
-                    setattr(mod, name, t[start:start + mod.out_features])
-            start += mod.out_features
+        for name, t in buffers.items():
+            parts = [getattr(mod, name) for mod in self.mods]
+            if sum(p.shape[0] for p in parts) != t.shape[0] or any(p.shape[1:] != t.shape[1:] for p in parts):
+                continue
+            start = 0
+            for mod, p in zip(self.mods, parts, strict=True):
+                setattr(mod, name, t[start:start + p.shape[0]])
+                start += p.shape[0]
+
+    def apply_(self, fn) -> None:
+        """Follow the members across a `Module._apply` (`.to()`, `.cuda()`, ...): the stacked tensors go
+        through `fn` and the members become views of them again."""
+        self._set({name: fn(t) for name, t in self.buffers.items()})
 
     @classmethod
     def build(cls, mods: list[QuantLinear]) -> StackedMatrix | None:
@@ -92,6 +105,11 @@ class LayerSides:
             return None
         return cls(mods, StackedMatrix.build([mods[n] for n in ATTN[:3]]),
                    StackedMatrix.build([mods["gate_proj"], mods["up_proj"]]))
+
+    def apply_(self, fn) -> None:
+        for stack in (self.qkv, self.gate_up):
+            if stack is not None:
+                stack.apply_(fn)
 
     def _group(self, stack: StackedMatrix | None, names: tuple[str, ...], rows: torch.Tensor) -> list[torch.Tensor]:
         if stack is not None:
