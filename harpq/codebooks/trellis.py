@@ -15,13 +15,6 @@ from ..errors import HarpqError
 from ..formats.trellis import _check
 
 
-def _errors(xi: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-    """Squared error of every state's values (n, V) against one step of each sequence (S, V): (S, n)."""
-    if vals.shape[1] == 1:
-        return (xi[:, :1] - vals[:, 0]) ** 2
-    return ((xi[:, None, :] - vals[None]) ** 2).sum(-1)
-
-
 def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, k: int, start_high: torch.Tensor | None = None,
             end_low: torch.Tensor | None = None) -> torch.Tensor:
     """The walk of least squared error for each sequence: states (S, T) int64.
@@ -29,29 +22,34 @@ def viterbi(x: torch.Tensor, values: torch.Tensor, L: int, k: int, start_high: t
     x (S, T) against values (2^L,), one weight per state; or x (S, T, V) against values (2^L, V), V weights
     per state (HYB: V = 2). k: the bits each step shifts in (k·V for a code of k bits per weight).
     start_high / end_low (S,): where given, the first state's high L − k bits and the last state's low
-    L − k bits are pinned to them (the tail-biting constraint)."""
+    L − k bits are pinned to them (the tail-biting constraint).
+
+    A state j's predecessors are (c << (L − k)) | (j >> k), c < 2^k: the best of them depends on j >> k
+    alone, so a step takes one minimum over (S, 2^k, 2^(L − k)) and keeps its 2^(L − k) choices per
+    sequence as back-pointers (not one per state). Costs leave out Σ x², the same for every walk of a
+    sequence: a step adds ‖v‖² − 2⟨x, v⟩, one addmm."""
     _check(L, k)
     xs = x.float() if x.dim() == 3 else x.float()[..., None]
     s, t, _ = xs.shape
     n, low = 1 << L, 1 << (L - k)
     vals = values.to(x.device, torch.float32).reshape(n, -1)
+    norms = vals.pow(2).sum(1)
     states = torch.arange(n, device=x.device)
     inf = torch.tensor(float("inf"), device=x.device)
-    cost = _errors(xs[:, 0], vals)
+    cost = torch.addmm(norms, xs[:, 0], vals.T, alpha=-2)
     if start_high is not None:
         cost = torch.where((states >> k)[None, :] == start_high[:, None], cost, inf)
-    back = torch.empty(t, s, n, dtype=torch.uint8 if k <= 8 else torch.int32, device=x.device)
+    back = torch.empty(t, s, low, dtype=torch.uint8 if k <= 8 else torch.int32, device=x.device)
     for i in range(1, t):
-        # the predecessors of state j are (c << (L − k)) | (j >> k), c < 2^k: view cost as (S, 2^k, 2^(L − k))
         best, c = cost.view(s, 1 << k, low).min(dim=1)
-        back[i] = c.repeat_interleave(1 << k, dim=1).to(back.dtype)
-        cost = best.repeat_interleave(1 << k, dim=1) + _errors(xs[:, i], vals)
+        back[i] = c
+        cost = torch.addmm(norms, xs[:, i], vals.T, alpha=-2).view(s, low, 1 << k).add_(best[:, :, None]).view(s, n)
     if end_low is not None:
         cost = torch.where((states & (low - 1))[None, :] == end_low[:, None], cost, inf)
     walk = torch.empty(s, t, dtype=torch.int64, device=x.device)
     walk[:, -1] = cost.argmin(dim=1)
     for i in range(t - 1, 0, -1):
-        c = back[i].gather(1, walk[:, i:i + 1]).squeeze(1).to(torch.int64)
+        c = back[i].gather(1, (walk[:, i:i + 1] >> k)).squeeze(1).to(torch.int64)
         walk[:, i - 1] = (c << (L - k)) | (walk[:, i] >> k)
     return walk
 
