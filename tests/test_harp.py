@@ -152,6 +152,14 @@ def test_harp_method_end_to_end(tiny_path, tmp_path, small_text):
     model = harpq.load(out)
     thetas = [b for k, b in model.named_buffers() if "theta" in k and not k.endswith("_scale")]
     assert thetas and all(b.dtype == torch.int8 for b in thetas) and any(bool(b.any()) for b in thetas)
+    # q/k/v and gate/up were fitted with one input side each: the step can apply it once per group
+    for layer in model.model.layers:
+        q, k, v = (getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+        assert q.shares_input_side(k) and q.shares_input_side(v)
+        assert layer.mlp.gate_proj.shares_input_side(layer.mlp.up_proj)
+        assert not q.shares_input_side(layer.self_attn.o_proj) or q.in_features != layer.self_attn.o_proj.in_features
+    shared = [e for e in log if e["fit"].get("shared_input")]
+    assert len(shared) == 10 and sum(e["fit"]["seconds"] > 0 for e in shared) == 4  # each group's fit once
     result = harpq.evaluate(out, ppl=[small_text], ctx=64)
     assert math.isfinite(next(iter(result["ppl"].values())))
 
@@ -188,7 +196,8 @@ def test_a_time_budget_stops_every_fit_early_and_never_worse_than_the_start(tiny
     fits = [e["fit"] for e in log]
     assert all(f["stopped"] == "time budget" and f["steps"] < 100_000 for f in fits)
     assert all(e["proxy_loss"] <= e["fit"]["proxy_loss_start"] for e in log)
-    assert fits[0]["budget_s"] == pytest.approx(0.7 / 14, abs=1e-3)  # first share: the budget over 14 linears
+    # first share: q/k/v's joint fit takes three shares of the budget over 14 linears
+    assert fits[0]["budget_s"] == pytest.approx(3 * 0.7 / 14, abs=1e-3)
     # a share is what is left over the linears left: the total overshoots by at most one step per linear
     step_time = max(f["seconds"] / max(f["steps"], 1) for f in fits)
     assert sum(f["seconds"] for f in fits) <= 0.7 + 14 * step_time + 0.05
@@ -230,3 +239,34 @@ def test_the_target_is_searched_every_refresh_steps(monkeypatch):
     assert set(fitted) == set(buffers)
     with pytest.raises(HarpqError, match="refresh interval"):
         make_processor({"name": "harp", "seed": 0, "refresh": 0})
+
+
+def test_a_shared_input_side_is_fitted_jointly_and_preserves_function(tiny_path):
+    """One input side for linears that read one input: the joint fit moves it (and each output side), all
+    members store the same input side, each stays function-preserving in float64, and the fit refuses
+    linears whose input widths or signs differ."""
+    from harpq.codebooks import make_codebook
+    from harpq.processors import make_processor
+
+    torch.manual_seed(0)
+    n = 128
+    h = random_hessian(n, tokens=512)
+    ws = [torch.randn(rows, n) * 0.02 for rows in (64, 32, 32)]
+    procs = [make_processor({"name": "harp", "seed": i, "input_seed": 7, "schedule": "kron", "steps": 20})
+             for i in range(3)]
+    starts = [p.init_buffers(w.shape[0], n) for p, w in zip(procs, ws, strict=True)]
+    fitted = procs[0].fit_shared_input(starts, ws, h, make_codebook({"name": "e8p", "bits": 2}))
+    assert procs[0].last_fit["shared_input"] == 3 and procs[0].last_fit["loss_best"] < procs[0].last_fit["loss_start"]
+    v_keys = [k for k in fitted[0] if k.startswith("v_")]
+    assert any(bool(fitted[0][k].any()) for k in v_keys if "theta" in k)
+    assert all(torch.equal(f[k], fitted[0][k]) for f in fitted[1:] for k in v_keys)
+    assert any(not torch.equal(fitted[0][k], fitted[1][k]) for k in fitted[0] if k.startswith("u_"))
+    x = torch.randn(5, n, dtype=torch.float64)
+    for p, w, b in zip(procs, ws, fitted, strict=True):
+        wt = p.transform_weight(b, w.double())  # the layer runs U (W̃ (Vᵀ x)) with the one shared Vᵀ x
+        y = p.apply_output(b, p.apply_input(fitted[0], x) @ wt.T)
+        assert float((y - x @ w.double().T).abs().max() / (x @ w.double().T).abs().max()) < 1e-10
+    other = make_processor({"name": "harp", "seed": 9, "input_seed": 8, "schedule": "kron", "steps": 2})
+    with pytest.raises(HarpqError, match="same input width and input signs"):
+        procs[0].fit_shared_input([starts[0], other.init_buffers(32, n)], ws[:2], h,
+                                  make_codebook({"name": "e8p", "bits": 2}))

@@ -68,15 +68,73 @@ def check_recipe_fits(name: str, linear: nn.Linear, recipe: LayerRecipe, check_v
     make_processor(recipe.processor_config())
 
 
+@dataclass
+class _Rounded:
+    """One candidate's processor buffers and what rounding made of the weight under them."""
+
+    buffers: dict[str, torch.Tensor]
+    w_proc: torch.Tensor
+    h_proc: torch.Tensor | None
+    state: dict[str, torch.Tensor]
+    codes: torch.Tensor
+    loss: float | None
+
+
+def _round(processor, codebook, pbuf, weight, hessian, recipe: LayerRecipe) -> _Rounded:
+    w_proc = processor.transform_weight(pbuf, weight)
+    h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
+    state = codebook.prepare(w_proc)
+    codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp,
+                                recipe.act_order, recipe.tune_passes)
+    loss = proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None
+    return _Rounded(pbuf, w_proc, h_proc, state, codes, loss)
+
+
+def _finish(name: str, weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor | None,
+            recipe: LayerRecipe, processor, codebook, rounded: list[_Rounded], chosen: int,
+            start: float) -> tuple[QuantLinear, LinearReport]:
+    """The QuantLinear of candidate `chosen` (0: fitted or the only one; 1: the learnable start) and its report."""
+    m, n = weight.shape
+    best = rounded[chosen]
+    module = QuantLinear(n, m, codebook, processor, bias=bias is not None, device=weight.device)
+    module.load_quantized({**codebook.encode(best.codes, best.state), **best.buffers},
+                          bias.detach().float() if bias is not None else None)
+    seconds = time.perf_counter() - start
+    mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(best.w_proc)}
+    if hessian is not None and recipe.processor != "none":
+        mu.update(h_before=hessian_incoherence(hessian), h_after=hessian_incoherence(best.h_proc))
+    parts = {"rounding": recipe.rounding, "processor": recipe.processor, "codebook": codebook.config()}
+    if processor.learnable:
+        fit = dict(getattr(processor, "last_fit", {}))
+        if len(rounded) > 1:
+            fit.update(proxy_loss_start=rounded[1].loss, kept="fitted" if chosen == 0 else "start")
+        parts["fit"] = fit
+    report = LinearReport(name, (m, n), best.loss, seconds, module.stored_bits() / (m * n), mu, parts)
+    fit = parts.get("fit", {})
+    fit_note = f", HARP fit {fit['steps']} steps in {fit['seconds']:.2f} s" if "seconds" in fit else ""
+    if fit.get("shared_input"):
+        fit_note += f" (input side shared by {fit['shared_input']} linears)"
+    if fit.get("stopped"):
+        fit_note += f" (stopped at its {fit['budget_s']:.2f} s share of --harp-budget)"
+    log.info("%s: %s %d-bit, %.3f bits/weight, proxy loss %s, %.2f s%s", name, recipe.codebook, recipe.bits,
+             report.bits_per_weight, "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds,
+             fit_note)
+    return module, report
+
+
+def _weight_and_bias(linear: nn.Linear | torch.Tensor, bias: torch.Tensor | None):
+    if isinstance(linear, nn.Linear):
+        linear, bias = linear.weight, linear.bias
+    return linear.detach().float(), bias
+
+
 def quantize_linear(
     name: str, linear: nn.Linear | torch.Tensor, hessian: torch.Tensor | None, recipe: LayerRecipe,
     bias: torch.Tensor | None = None,
 ) -> tuple[QuantLinear, LinearReport]:
     """Quantize a linear layer (or its weight tensor, with `bias`) on its current device."""
     start = time.perf_counter()
-    if isinstance(linear, nn.Linear):
-        linear, bias = linear.weight, linear.bias
-    weight = linear.detach().float()
+    weight, bias = _weight_and_bias(linear, bias)
     m, n = weight.shape
     codebook = make_codebook(recipe.codebook_config())
     processor = make_processor(recipe.processor_config())
@@ -84,36 +142,33 @@ def quantize_linear(
     candidates = [processor.fit(start_buffers, weight, hessian, codebook)]
     if processor.learnable and candidates[0] is not start_buffers:  # fitting must never end worse than its start
         candidates.append(start_buffers)
-    losses, best = [], None
-    for pbuf in candidates:
-        w_proc = processor.transform_weight(pbuf, weight)
-        h_proc = processor.transform_hessian(pbuf, hessian) if hessian is not None else None
-        state = codebook.prepare(w_proc)
-        codes, recon = round_weight(recipe.rounding, w_proc, h_proc, codebook, state, recipe.damp,
-                                    recipe.act_order, recipe.tune_passes)
-        losses.append(proxy_loss(w_proc, recon, h_proc) if h_proc is not None else None)
-        if best is None or losses[-1] < losses[best[0]]:
-            best = (len(losses) - 1, pbuf, w_proc, h_proc, state, codes)
-    chosen, pbuf, w_proc, h_proc, state, codes = best
-    module = QuantLinear(n, m, codebook, processor, bias=bias is not None, device=weight.device)
-    module.load_quantized({**codebook.encode(codes, state), **pbuf},
-                          bias.detach().float() if bias is not None else None)
-    seconds = time.perf_counter() - start
-    mu = {"w_before": weight_incoherence(weight), "w_after": weight_incoherence(w_proc)}
-    if hessian is not None and recipe.processor != "none":
-        mu.update(h_before=hessian_incoherence(hessian), h_after=hessian_incoherence(h_proc))
-    parts = {"rounding": recipe.rounding, "processor": recipe.processor, "codebook": codebook.config()}
-    if processor.learnable:
-        fit = dict(getattr(processor, "last_fit", {}))
-        if len(losses) > 1:
-            fit.update(proxy_loss_start=losses[1], kept="fitted" if chosen == 0 else "start")
-        parts["fit"] = fit
-    report = LinearReport(name, (m, n), losses[chosen], seconds, module.stored_bits() / (m * n), mu, parts)
-    fit = parts.get("fit", {})
-    fit_note = f", HARP fit {fit['steps']} steps in {fit['seconds']:.2f} s" if "seconds" in fit else ""
-    if fit.get("stopped"):
-        fit_note += f" (stopped at its {fit['budget_s']:.2f} s share of --harp-budget)"
-    log.info("%s: %s %d-bit, %.3f bits/weight, proxy loss %s, %.2f s%s", name, recipe.codebook, recipe.bits,
-             report.bits_per_weight, "-" if report.proxy_loss is None else f"{report.proxy_loss:.4g}", report.seconds,
-             fit_note)
-    return module, report
+    rounded = [_round(processor, codebook, pbuf, weight, hessian, recipe) for pbuf in candidates]
+    chosen = min(range(len(rounded)), key=lambda i: rounded[i].loss if rounded[i].loss is not None else 0.0)
+    return _finish(name, weight, bias, hessian, recipe, processor, codebook, rounded, chosen, start)
+
+
+def quantize_shared_input(
+    names: list[str], linears: list[nn.Linear | torch.Tensor], hessian: torch.Tensor, recipes: list[LayerRecipe],
+) -> list[tuple[QuantLinear, LinearReport]]:
+    """Quantize learnable-processor linears that read one input (q/k/v, gate/up) with one input side fitted
+    for all of them (`HARP.fit_shared_input`). The group keeps the fitted sides where every one of its
+    linears ends at or below its start's proxy loss, else the start for all, so that the linears keep
+    one input side (the step applies it once) and none ends above its start."""
+    start = time.perf_counter()
+    pairs = [_weight_and_bias(lin, None) for lin in linears]
+    weights = [w for w, _ in pairs]
+    codebook = make_codebook(recipes[0].codebook_config())
+    processors = [make_processor(r.processor_config()) for r in recipes]
+    starts = [{k: v.to(w.device) for k, v in p.init_buffers(*w.shape).items()} for p, w in zip(processors, weights,
+                                                                                             strict=True)]
+    fitted = processors[0].fit_shared_input(starts, weights, hessian, codebook)
+    rounded = [[_round(p, codebook, pbuf, w, hessian, r) for pbuf in (f, s)]
+               for p, w, f, s, r in zip(processors, weights, fitted, starts, recipes, strict=True)]
+    chosen = 0 if all(r[0].loss <= r[1].loss for r in rounded) else 1
+    out = []
+    for j, (name, (w, b), p, r, recipe) in enumerate(zip(names, pairs, processors, rounded, recipes, strict=True)):
+        if j:  # the group's fit is counted in its first linear (its time and its fit seconds)
+            p.last_fit = {**processors[0].last_fit, "seconds": 0.0, "fitted_with": names[0]}
+        out.append(_finish(name, w, b, hessian, recipe, p, codebook, r, chosen, start))
+        start = time.perf_counter()
+    return out

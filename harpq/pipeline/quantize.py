@@ -37,7 +37,7 @@ from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .experts import EXPERT_MATRICES, ExpertHessians, layer_experts, quantize_experts
 from .hessian import HessianCollector
-from .linear import check_recipe, check_recipe_fits, quantize_linear
+from .linear import check_recipe, check_recipe_fits, quantize_linear, quantize_shared_input
 from .resume import LayerCheckpoints, file_digest, model_digest
 from .stream import meta_skeleton, quantize_streaming
 
@@ -268,6 +268,25 @@ def quantize_model(
     return _quantize_planned(model, recipe, plan, tokens, resolve_device(device), batch_size, log_path, progress)
 
 
+def _shared_input_groups(layer_plan: dict[str, LayerRecipe], linears: dict[str, nn.Module],
+                         collector: HessianCollector | None, where: str, base_seed: int) -> dict:
+    """HARP linears of one layer that read the same input with the same settings (q/k/v, gate/up): the
+    first of each group -> (its members, their recipes); the others -> None (done with the first)."""
+    if collector is None:
+        return {}
+    groups: dict[tuple, list[str]] = {}
+    for rel, layer_recipe in layer_plan.items():
+        if rel in linears and layer_recipe.processor == "harp" and rel in collector.group_of:
+            r = _with_input_seed(layer_recipe, rel, collector, where, base_seed)
+            groups.setdefault((collector.group_of[rel], replace(r, seed=0)), []).append((rel, r))
+    out: dict = {}
+    for members in groups.values():  # same settings but each its own output side's seed
+        if len(members) > 1:
+            out[members[0][0]] = ([m for m, _ in members], [r for _, r in members])
+            out.update({m: None for m, _ in members[1:]})
+    return out
+
+
 class HarpBudget:
     """A run's seconds of HARP fitting, shared by the HARP linears still to quantize: each gets what is
     left over what remains to do, so a fit that ends early leaves its time to the next."""
@@ -341,8 +360,24 @@ def _quantize_planned(
                 with log_path.open("a") as f:
                     f.writelines(json.dumps({**report.to_dict(), "layer": i}) + "\n" for report in reports)
         del expert_hessians
+        shared = _shared_input_groups(plan[i], linears, collector, f"{prefix}.{i}.", recipe.layer.seed)
         for rel, layer_recipe in plan[i].items():
-            if rel not in linears:
+            if rel not in linears or (rel in shared and shared[rel] is None):
+                continue
+            if rel in shared:  # HARP linears reading one input: one fit of their shared input side
+                members, recipes = shared[rel]
+                if budget is not None:
+                    recipes = [replace(r, harp_seconds=budget.share() * len(members)) for r in recipes]
+                results = quantize_shared_input([f"{prefix}.{i}.{r}" for r in members], [linears[r] for r in members],
+                                                collector.hessian(rel), recipes)
+                for j, (r, (module, report)) in enumerate(zip(members, results, strict=True)):
+                    if budget is not None:
+                        budget.spend(report.parts.get("fit", {}).get("seconds", 0.0) if j == 0 else 0.0)
+                    _set_submodule(layer, r, module)
+                    specs[f"{prefix}.{i}.{r}"] = module.spec()
+                    if log_path is not None:
+                        with log_path.open("a") as f:
+                            f.write(json.dumps({**report.to_dict(), "layer": i}) + "\n")
                 continue
             full = f"{prefix}.{i}.{rel}"
             hessian = None

@@ -207,3 +207,15 @@ class HARP(TwoSided):
         fitted, self.last_fit = fit_two_sided(self.side("out", m), self.side("in", n), buffers, weight, hessian,
                                               codebook.fit_target(), settings)
         return fitted
+
+    def fit_shared_input(self, buffers: list[Buffers], weights: list[torch.Tensor], hessian: torch.Tensor | None,
+                         codebook: Codebook) -> list[Buffers]:
+        """`fit` for linears that read one input: one input side fitted for all (see `harp_fit`)."""
+        from .harp_fit import FitSettings, fit_shared_input
+
+        n = weights[0].shape[1]
+        settings = FitSettings(self.steps, self.lr, self.hbd_lambda, self.hbd_max_n, self.seconds, self.refresh)
+        outs = [butterfly_side(w.shape[0], self.schedule, self.store) for w in weights]
+        fitted, self.last_fit = fit_shared_input(outs, self.side("in", n), buffers, weights, hessian,
+                                                 codebook.fit_target(), settings)
+        return fitted

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..codebooks.base import Codebook
+from ..errors import HarpqError
 from ..rounding.nearest import nearest
 from .harp import ButterflySide
 from .sides import Buffers
@@ -66,14 +67,35 @@ def fit_two_sided(
     settings: FitSettings,
 ) -> tuple[Buffers, dict[str, Any]]:
     """-> (buffers with the fitted parameters rounded to their storage format, a summary of the fit)."""
+    fitted, summary = fit_shared_input([out_side], in_side, [buffers], [weight], hessian, codebook, settings)
+    return fitted[0], summary
+
+
+def fit_shared_input(
+    out_sides: list[ButterflySide],
+    in_side: ButterflySide,
+    buffers: list[Buffers],
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor | None,
+    codebook: Codebook,
+    settings: FitSettings,
+) -> tuple[list[Buffers], dict[str, Any]]:
+    """Fit linears that read one input (q/k/v, gate/up): one input side for all of them, each its own output
+    side, the loss the mean of their losses (each against its own target, scaled by its own RMS; the
+    Hessian term once). One linear is the plain two-sided fit. -> (each linear's buffers with the fitted
+    parameters, the shared input side's identical in all), a summary of the fit."""
     start = time.perf_counter()
-    dev = weight.device
-    w = weight.detach().float()
-    m, n = w.shape
-    su, sv = buffers["u_signs"].to(dev), buffers["v_signs"].to(dev)
-    params_u = [p.to(dev).clone().requires_grad_() for p in out_side.load_params(buffers, "u_")]
-    params_v = [p.to(dev).clone().requires_grad_() for p in in_side.load_params(buffers, "v_")]
-    params = params_u + params_v
+    dev = weights[0].device
+    ws = [w.detach().float() for w in weights]
+    n = ws[0].shape[1]
+    sv = buffers[0]["v_signs"].to(dev)
+    if any(w.shape[1] != n for w in ws) or any(not torch.equal(b["v_signs"].to(dev), sv) for b in buffers):
+        raise HarpqError("linears fitted with one input side need the same input width and input signs")
+    sus = [b["u_signs"].to(dev) for b in buffers]
+    params_us = [[p.to(dev).clone().requires_grad_() for p in side.load_params(b, "u_")]
+                 for side, b in zip(out_sides, buffers, strict=True)]
+    params_v = [p.to(dev).clone().requires_grad_() for p in in_side.load_params(buffers[0], "v_")]
+    params = [p for pu in params_us for p in pu] + params_v
     if settings.steps == 0 or not params:
         return buffers, {"steps": 0}
     h = None
@@ -82,23 +104,24 @@ def fit_two_sided(
         h = h / h.diagonal().mean().clamp(min=1e-30)
     g = quantizer_block(codebook, n)
     use_hbd = h is not None and settings.hbd_lambda > 0 and g < n and n < settings.hbd_max_n
-    scale = w.pow(2).mean().sqrt().clamp(min=1e-30)
+    scales = [w.pow(2).mean().sqrt().clamp(min=1e-30) for w in ws]
     opt = torch.optim.Adam(params, lr=settings.lr)
     best_loss, best_step, best = float("inf"), -1, [p.detach().clone() for p in params]
-    first = None
+    first, targets = None, [None] * len(ws)
     for step in range(settings.steps + 1):
-        ku = out_side.kernels(params_u, dev, torch.float32)
         kv = in_side.kernels(params_v, dev, torch.float32)
-        wt = two_sided(w, out_side, in_side, ku, kv, su, sv)
-        if step % settings.refresh == 0:  # between refreshes the last target stands in (a surrogate)
-            with torch.no_grad():
-                target = nearest(wt.detach(), codebook, codebook.prepare(wt.detach()))[1]
-        weights = 1.0
+        column_weights = 1.0
         if h is not None:
             ht = in_side.apply(in_side.apply(h, kv, sv).T, kv, sv)  # Q H Qᵀ (symmetric)
             diag = ht.diagonal().detach().abs()
-            weights = diag / diag.mean()
-        loss = (((wt - target) / scale).pow(2) * weights).mean()
+            column_weights = diag / diag.mean()
+        loss = 0.0
+        for i, (w, side, pu, su) in enumerate(zip(ws, out_sides, params_us, sus, strict=True)):
+            wt = two_sided(w, side, in_side, side.kernels(pu, dev, torch.float32), kv, su, sv)
+            if step % settings.refresh == 0:  # between refreshes the last target stands in (a surrogate)
+                with torch.no_grad():
+                    targets[i] = nearest(wt.detach(), codebook, codebook.prepare(wt.detach()))[1]
+            loss = loss + (((wt - targets[i]) / scales[i]).pow(2) * column_weights).mean() / len(ws)
         if use_hbd:
             loss = loss + settings.hbd_lambda * off_block_mass(ht, g) / n**2
         value = float(loss.detach())
@@ -113,10 +136,15 @@ def fit_two_sided(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    fitted = {**buffers, **out_side.store_params("u_", best[: len(params_u)]),
-              **in_side.store_params("v_", best[len(params_u):])}
+    shared = in_side.store_params("v_", best[len(params) - len(params_v):])
+    fitted, at = [], 0
+    for side, pu, b in zip(out_sides, params_us, buffers, strict=True):
+        fitted.append({**b, **side.store_params("u_", best[at:at + len(pu)]), **shared})
+        at += len(pu)
     summary = {"steps": step, "best_step": best_step, "loss_start": round(first, 6),
                "loss_best": round(best_loss, 6), "hbd": use_hbd, "seconds": round(time.perf_counter() - start, 3)}
+    if len(ws) > 1:
+        summary["shared_input"] = len(ws)
     if step < settings.steps:
         summary.update(stopped="time budget", budget_s=round(settings.seconds, 3))
     return fitted, summary
