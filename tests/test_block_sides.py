@@ -176,7 +176,11 @@ def test_fused_layer_equals_unfused(case):
 
 def test_layers_that_cannot_fuse_run_unfused():
     shape = DecoderShape(128, 1, 4, 4, 384, 64)
-    assert build(shape, "harp2", "cpu").blocks[0].fused_sides is None  # learned sides
+    harp = build(shape, "harp2", "cpu").blocks[0]
+    assert harp.fused_sides is None  # learned sides
+    from harpq.nn.shared_input import SharedInput
+
+    assert isinstance(harp.qkv, SharedInput) and isinstance(harp.gate_up, SharedInput)  # one input side per group
     assert build(shape, "rtn4", "cpu").blocks[0].fused_sides is None  # no sides
     decoder = build(shape, "quipsharp2-block", "cpu")
     from harpq.engine.fused_sides import LayerSides

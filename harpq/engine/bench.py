@@ -82,6 +82,22 @@ def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f:
     return module
 
 
+def _share_input_sides(linears: dict[str, nn.Module]) -> None:
+    """Linears that read one input get one input side, as the pipeline fits them (HARP's learned stages
+    included): each group's later members take the first member's input-side buffers."""
+    firsts: dict[str, QuantLinear] = {}
+    for name, mod in linears.items():
+        group = INPUT_GROUPS.get(name)
+        if group is None or not isinstance(mod, QuantLinear):
+            continue
+        first = firsts.setdefault(group, mod)
+        side = mod.processor.input_side(mod.in_features)
+        if first is mod or side is None:
+            continue
+        for key in side[1]:
+            getattr(mod, key).copy_(getattr(first, key))
+
+
 def build(shape: DecoderShape, fmt: str, device: torch.device | str = "cuda", seed: int = 0) -> Decoder:
     """A decoder of `shape` in format `fmt` with random weights (fp16 everywhere outside the linears)."""
     if fmt not in FORMATS:
@@ -101,6 +117,8 @@ def build(shape: DecoderShape, fmt: str, device: torch.device | str = "cuda", se
         linears = {n: fp16(o, k) if method == "fp16" else
                    random_quant_linear(method, settings, o, k, f"model.layers.{i}.{n}", device, gen)
                    for n, (o, k) in shape.linear_shapes().items()}
+        if method != "fp16":
+            _share_input_sides(linears)
         ones = torch.ones(shape.dim, dtype=torch.float16, device=device)
         blocks.append(Block(shape, linears, ones, ones.clone()))
     embed = torch.randn(shape.vocab, shape.dim, device=device, generator=gen).mul_(std).half()

@@ -269,17 +269,18 @@ def quantize_model(
 
 
 def _shared_input_groups(layer_plan: dict[str, LayerRecipe], linears: dict[str, nn.Module],
-                         collector: HessianCollector | None, where: str, base_seed: int) -> dict:
+                         collector: HessianCollector | None, where: str, base_seed: int
+                         ) -> dict[str, tuple[list[str], list[LayerRecipe]] | None]:
     """HARP linears of one layer that read the same input with the same settings (q/k/v, gate/up): the
     first of each group -> (its members, their recipes); the others -> None (done with the first)."""
     if collector is None:
         return {}
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[tuple, list[tuple[str, LayerRecipe]]] = {}
     for rel, layer_recipe in layer_plan.items():
         if rel in linears and layer_recipe.processor == "harp" and rel in collector.group_of:
             r = _with_input_seed(layer_recipe, rel, collector, where, base_seed)
             groups.setdefault((collector.group_of[rel], replace(r, seed=0)), []).append((rel, r))
-    out: dict = {}
+    out: dict[str, tuple[list[str], list[LayerRecipe]] | None] = {}
     for members in groups.values():  # same settings but each its own output side's seed
         if len(members) > 1:
             out[members[0][0]] = ([m for m, _ in members], [r for _, r in members])
@@ -370,9 +371,9 @@ def _quantize_planned(
                     recipes = [replace(r, harp_seconds=budget.share() * len(members)) for r in recipes]
                 results = quantize_shared_input([f"{prefix}.{i}.{r}" for r in members], [linears[r] for r in members],
                                                 collector.hessian(rel), recipes)
-                for j, (r, (module, report)) in enumerate(zip(members, results, strict=True)):
-                    if budget is not None:
-                        budget.spend(report.parts.get("fit", {}).get("seconds", 0.0) if j == 0 else 0.0)
+                for r, (module, report) in zip(members, results, strict=True):
+                    if budget is not None:  # the group's fit seconds are in its first linear's report
+                        budget.spend(report.parts.get("fit", {}).get("seconds", 0.0))
                     _set_submodule(layer, r, module)
                     specs[f"{prefix}.{i}.{r}"] = module.spec()
                     if log_path is not None:
