@@ -71,7 +71,8 @@ def test_decoder_needs_a_cache(tiny_model):
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_bench_models_are_valid(fmt):
-    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64)
+    ffn = 352 if "qtip" in fmt else 344  # the trellis codes 16 × 16 tiles
+    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=ffn, vocab=64)
     decoder = build(shape, fmt, "cpu")
     decoder.setup_cache(1, 4)
     with torch.no_grad():
@@ -80,6 +81,11 @@ def test_bench_models_are_valid(fmt):
     nbytes = step_bytes(decoder)
     fp16 = 2 * sum(o * i for o, i in shape.linear_shapes().values())
     assert nbytes["linears"] > 0 and (nbytes["linears"] == fp16) == (fmt == "fp16")
+
+
+def test_bench_refuses_a_shape_its_format_cannot_store():
+    with pytest.raises(HarpqError, match=r"model.layers.0.gate_proj is 344×128: qtip codes 16×16 tiles"):
+        build(DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64), "qtip2", "cpu")
 
 
 def test_shapes_are_the_published_ones():
@@ -229,17 +235,18 @@ def test_no_shared_input_where_the_input_sides_differ_or_there_are_none(method, 
 
 
 @torch.no_grad()
-def test_engine_shares_the_input_transform_of_q_k_v_and_gate_up():
-    """bench models draw q/k/v's and gate/up's input sides once per group, as the pipeline does; the
-    engine then rotates each group's input once, and the step equals the one through dense weights."""
+@pytest.mark.parametrize("fmt", ["quipsharp2", "harp2"])
+def test_engine_shares_the_input_transform_of_q_k_v_and_gate_up(fmt):
+    """bench models draw q/k/v's and gate/up's input sides once per group, as the pipeline does (HARP's learned
+    ones too: it fits them jointly); the engine then rotates each group's input once, and the step equals
+    the one through dense weights."""
     from harpq.nn import QuantLinear, SharedInput
 
     shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=256, vocab=64)
-    decoder = build(shape, "quipsharp2", "cpu")
+    decoder = build(shape, fmt, "cpu")
     blk = decoder.blocks[0]
     assert isinstance(blk.qkv, SharedInput) and isinstance(blk.gate_up, SharedInput)
     assert len(blk.qkv.mods) == 3 and len(blk.gate_up.mods) == 2
-    assert build(shape, "harp2", "cpu").blocks[0].qkv is None  # learned input sides differ per module
     ids = torch.tensor([[1, 2, 3]])
     decoder.setup_cache(1, 4)
     dense = decoder(ids, torch.arange(3)).double()

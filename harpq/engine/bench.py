@@ -69,7 +69,9 @@ def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f:
     prefix, _, leaf = name.rpartition(".")
     layer = replace(layer, input_seed=derive_seed(0, f"{prefix}.{INPUT_GROUPS.get(leaf, leaf)}"))
     processor = make_processor(layer.processor_config())
-    module = QuantLinear(in_f, out_f, make_codebook(layer.codebook_config()), processor, device=device)
+    codebook = make_codebook(layer.codebook_config())
+    codebook.check_shape(out_f, in_f, name)
+    module = QuantLinear(in_f, out_f, codebook, processor, device=device)
     params = processor.init_buffers(out_f, in_f)
     for key, value in module.named_buffers():
         if key in params:
