@@ -126,3 +126,19 @@ def test_cli_quantize_and_generate(tiny_path, tmp_path):
     res = runner.invoke(cli, ["generate", str(out), "Once upon a time", "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith("Once upon a time") and len(res.stdout.strip()) > len("Once upon a time")
+
+
+def test_streamed_runs_share_input_sides_as_the_layer_wise_path_draws_them(tiny_path, tmp_path):
+    """Without calibration the streamed path finds q/k/v and gate/up by name and seeds their input side as
+    the layer-wise path (which sees which linears read one tensor) does: the same signs in both runs, one
+    per group."""
+    recipe = harpq.Recipe.preset("rtn", bits=4, group_size=64, processor="rht")
+    streamed = harpq.quantize(tiny_path, tmp_path / "s", recipe, progress=False)
+    layered = harpq.quantize(tiny_path, tmp_path / "l", recipe, calib=CALIB, nsamples=2, seqlen=32, progress=False)
+    a, b = harpq.load(streamed), harpq.load(layered)
+    for la, lb in zip(a.model.layers, b.model.layers, strict=True):
+        q, k, v = (getattr(la.self_attn, n) for n in ("q_proj", "k_proj", "v_proj"))
+        assert q.shares_input_side(k) and q.shares_input_side(v) and not q.shares_input_side(la.self_attn.o_proj)
+        assert la.mlp.gate_proj.shares_input_side(la.mlp.up_proj)
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+            assert torch.equal(la.get_submodule(name).v_signs, lb.get_submodule(name).v_signs)

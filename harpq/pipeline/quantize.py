@@ -446,7 +446,8 @@ def quantize(
             skeleton = meta_skeleton(model)
             prefix, layers = find_decoder_layers(skeleton)
             plan = plan_modules(layers, prefix, recipe, check_values=False)  # values are checked as read
-            specs = quantize_streaming(model, tmp, skeleton, plan, prefix, resolve_device(device), progress)
+            specs = quantize_streaming(model, tmp, skeleton, plan, prefix, resolve_device(device), progress,
+                                       recipe.layer.seed)
             config = json.loads((Path(model) / "config.json").read_text())
             config.pop("quantization_config", None)
         else:

@@ -9,6 +9,7 @@ linear weight, and written to the output shards as it goes. Peak memory: one ten
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import HarpqError
 from ..io.checkpoint import ShardWriter
 from ..io.model import check_finite, find_decoder_layers, layer_linears
-from ..recipe import LayerRecipe
+from ..recipe import LayerRecipe, derive_seed
 from .linear import quantize_linear
 
 
@@ -30,9 +31,24 @@ def meta_skeleton(model_path: str | Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str) -> dict:
+#: linears that read the input of another, by name (q/k/v read q's, up reads gate's): with no calibration
+#: pass to see which read one tensor, the streamed path groups them so
+SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def input_group(rel: str, linears: dict) -> str:
+    """The linear of a layer whose input `rel` reads (itself unless a sibling named as in SAME_INPUT_AS
+    exists): the group the layer-wise path's Hessian hooks find, and the name its input seed derives from."""
+    parent, dot, leaf = rel.rpartition(".")
+    leader = f"{parent}{dot}{SAME_INPUT_AS[leaf]}" if leaf in SAME_INPUT_AS else rel
+    return leader if leader in linears else rel
+
+
+def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str,
+                    base_seed: int = 0) -> dict:
     """Checkpoint key of each planned weight -> (module name, recipe, has bias); an experts matrix's key is
-    its 3-D parameter's, its module name the experts module's."""
+    its 3-D parameter's, its module name the experts module's. Linears that read one input get one input
+    seed, derived as the layer-wise path derives it, so q/k/v and gate/up share their input side."""
     _, layers = find_decoder_layers(skeleton)
     out = {}
     for i, chosen in enumerate(plan):
@@ -40,7 +56,8 @@ def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]
         for rel, recipe in chosen.items():
             name = f"{prefix}.{i}.{rel}"
             if rel in linears:
-                out[f"{name}.weight"] = (name, recipe, linears[rel].bias is not None)
+                seed = derive_seed(base_seed, f"{prefix}.{i}.{input_group(rel, linears)}")
+                out[f"{name}.weight"] = (name, replace(recipe, input_seed=seed), linears[rel].bias is not None)
             else:  # "<experts>.gate_up_proj" / "<experts>.down_proj"
                 out[name] = (name.rpartition(".")[0], recipe, False)
     return out
@@ -49,13 +66,13 @@ def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]
 @torch.no_grad()
 def quantize_streaming(
     model_path: str | Path, tmp: Path, skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]],
-    prefix: str, device: torch.device, progress: bool = True,
+    prefix: str, device: torch.device, progress: bool = True, base_seed: int = 0,
 ) -> dict[str, dict]:
     """Quantize every planned linear of the checkpoint into `tmp`; returns the module specs.
 
     `skeleton` is the model on the meta device that `plan` was made from.
     """
-    targets = planned_weights(skeleton, plan, prefix)
+    targets = planned_weights(skeleton, plan, prefix, base_seed)
     expected = expected_tensors(skeleton)
     seen: set[str] = set()
     experts: dict[str, dict[str, list]] = {}
