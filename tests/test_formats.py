@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from harpq.formats import E8PStages, ScalarGroups
+from harpq.formats import E8PStages, ScalarGroups, TrellisTiles
 from harpq.kernels import backends as registry
 from harpq.kernels import backends_for, select
 from harpq.kernels.backends import REFERENCE
@@ -70,3 +70,18 @@ def test_reference_backend_adds_the_residual():
     x, r = torch.randn(3, 128), torch.randn(3, 8)
     want = x @ fmt.decode(buffers, 8, 128).T + r
     assert torch.allclose(REFERENCE.matmul(fmt, buffers, (), x, 8, 128, residual=r), want)
+
+
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 64, "int"), ScalarGroups(3, 32, "fp16"), E8PStages(2, None),
+                                 E8PStages(4, 3.45), TrellisTiles(2)])
+def test_row_concatenated_tensors_are_plain_concatenations(fmt):
+    """What a format lists as row-concatenated is exactly the members' tensors one after another (so members
+    may become views of the stacked matrix); packed streams such as integer zeros are not listed."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [(fmt.random_buffers(m, 256, gen), m) for m in (48, 16, 32)]
+    stacked = fmt.concat_rows(parts, 256)
+    assert fmt.row_concatenated() and set(fmt.row_concatenated()) <= set(stacked)
+    for name in fmt.row_concatenated():
+        assert torch.equal(stacked[name], torch.cat([b[name] for b, _ in parts]))
+    if isinstance(fmt, ScalarGroups) and fmt.zero == "int":
+        assert "zeros" not in fmt.row_concatenated()

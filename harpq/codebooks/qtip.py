@@ -64,9 +64,10 @@ class QTIPCodebook(Codebook):
         values = fmt.values(state, x.device)  # (2^L, V)
         v = fmt.per_state
         seqs = to_tiles(x / s).float().reshape(-1, TILE * TILE // v, v)
-        # sequences per Viterbi: its back-pointers are 256 × chunk × 2^(L − k·V) bytes, its step tensors
-        # chunk × 2^L floats (1 GiB of back-pointers at most on the CPU, 4 GiB on a GPU)
-        chunk = max(1, (1 << (24 if x.is_cuda else 22) + fmt.shift) >> self.L)
+        # sequences per Viterbi: its back-pointers take 256 × chunk × 2^(L − k·V) bytes (at most 1 GiB on
+        # the CPU, 4 GiB on a GPU)
+        back_bytes = 1 << (32 if x.is_cuda else 30)
+        chunk = max(1, back_bytes // (TILE * TILE * (1 << (self.L - fmt.shift))))
         walks = torch.cat([quantize_tail_biting(seqs[i:i + chunk], values, self.L, fmt.shift)
                            for i in range(0, seqs.shape[0], chunk)])  # (tiles, 256 / V)
         recon = values[walks].reshape(-1, TILE * TILE)

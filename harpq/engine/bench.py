@@ -22,6 +22,7 @@ from torch import nn
 
 from ..codebooks import make_codebook
 from ..errors import HarpqError
+from ..io.model import SAME_INPUT_AS, input_group
 from ..nn import QuantLinear
 from ..processors import make_processor
 from ..recipe import Recipe, derive_seed
@@ -57,17 +58,13 @@ def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(t.shape, device=t.device, generator=gen) * 0.01 + 0.001).to(t.dtype)
 
 
-#: linears that read one input: the pipeline draws their input side once (see `pipeline.quantize`)
-INPUT_GROUPS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-
-
 def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f: int, name: str,
                         device: torch.device, gen: torch.Generator) -> QuantLinear:
     """A QuantLinear of the format with random codes, scales and (HARP) learned-looking rotations; q/k/v
     and gate/up share their input side's seed, as in a quantized checkpoint."""
     layer = Recipe.preset(method, **settings).for_module(name)
     prefix, _, leaf = name.rpartition(".")
-    layer = replace(layer, input_seed=derive_seed(0, f"{prefix}.{INPUT_GROUPS.get(leaf, leaf)}"))
+    layer = replace(layer, input_seed=derive_seed(0, f"{prefix}.{SAME_INPUT_AS.get(leaf, leaf)}"))
     processor = make_processor(layer.processor_config())
     codebook = make_codebook(layer.codebook_config())
     codebook.check_shape(out_f, in_f, name)
@@ -89,10 +86,9 @@ def _share_input_sides(linears: dict[str, nn.Module]) -> None:
     included): each group's later members take the first member's input-side buffers."""
     firsts: dict[str, QuantLinear] = {}
     for name, mod in linears.items():
-        group = INPUT_GROUPS.get(name)
-        if group is None or not isinstance(mod, QuantLinear):
+        if not isinstance(mod, QuantLinear):
             continue
-        first = firsts.setdefault(group, mod)
+        first = firsts.setdefault(input_group(name, linears), mod)
         side = mod.processor.input_side(mod.in_features)
         if first is mod or side is None:
             continue

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantLinear
+from ..nn.quant_linear import view_stacked
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -40,18 +41,9 @@ class StackedMatrix:
         self._set(buffers)
 
     def _set(self, buffers: dict[str, torch.Tensor]) -> None:
-        """Hold `buffers` and make the members' concatenated tensors (codes: rows, or row-block-major tiles)
-        views of them; tensors that are not a concatenation (one scale per matrix -> one per row) stay."""
         self.buffers = buffers
         self._prepared: dict[tuple, tuple] = {}
-        for name, t in buffers.items():
-            parts = [getattr(mod, name) for mod in self.mods]
-            if sum(p.shape[0] for p in parts) != t.shape[0] or any(p.shape[1:] != t.shape[1:] for p in parts):
-                continue
-            start = 0
-            for mod, p in zip(self.mods, parts, strict=True):
-                setattr(mod, name, t[start:start + p.shape[0]])
-                start += p.shape[0]
+        view_stacked(self.mods, buffers)
 
     def apply_(self, fn) -> None:
         """Follow the members across a `Module._apply` (`.to()`, `.cuda()`, ...): the stacked tensors go

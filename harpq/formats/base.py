@@ -54,6 +54,11 @@ class StorageFormat(ABC):
         cannot hold them as one matrix (a scale shared by a whole matrix, say)."""
         return None
 
+    def row_concatenated(self) -> tuple[str, ...]:
+        """The stored tensors that `concat_rows` returns as the plain concatenation of the matrices' own along
+        dim 0 (so each matrix's may become a view of its part); packed or widened ones are not listed."""
+        return ()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config()})"
 

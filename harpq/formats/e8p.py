@@ -44,6 +44,9 @@ class E8PStages(StorageFormat):
             out["codes2"] = codes2.to(torch.uint8 if self.stage2 == "e8" else torch.int16)
         return out
 
+    def row_concatenated(self):
+        return ("codes", "codes2") if self.stage2 else ("codes",)  # scales: one per matrix -> one per row
+
     def concat_rows(self, parts, in_features):
         """Codes stacked, and the matrices' scales as one per row (m, 1): what the decode GEMV takes."""
         out = {"codes": torch.cat([b["codes"] for b, _ in parts]),

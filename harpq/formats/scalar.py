@@ -77,6 +77,9 @@ class ScalarGroups(StorageFormat):
             out["zeros"] = (rand * ((1 << self.bits) - 1)).half()
         return out
 
+    def row_concatenated(self):
+        return ("codes", "scales", "zeros") if self.zero == "fp16" else ("codes", "scales")  # int zeros: one bit stream
+
     def concat_rows(self, parts, in_features):
         if self.zero == "mid":  # one scale per matrix
             return None

@@ -185,6 +185,9 @@ class TrellisTiles(StorageFormat):
             specs["table"] = ((1 << HYB_ROWS, 2), torch.float16)
         return specs
 
+    def row_concatenated(self):
+        return ("codes",)  # row-block-major tiles; scales: one per matrix -> one per row
+
     def concat_rows(self, parts, in_features):
         """Tiles stacked (row-block-major: the row blocks of one matrix after another), the matrices' scales
         as one per row (m, 1); HYB's tables differ per matrix, so HYB matrices do not stack."""

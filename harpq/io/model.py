@@ -139,6 +139,19 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+#: linears that read the input of another, by name (q/k/v read q's, up reads gate's): where no calibration
+#: pass shows which linears read one tensor, these names group them
+SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def input_group(rel: str, linears: dict) -> str:
+    """The linear of a layer whose input `rel` reads (itself unless a sibling named as in SAME_INPUT_AS
+    exists): the group the layer-wise path's Hessian hooks find, and the name its input seed derives from."""
+    parent, dot, leaf = rel.rpartition(".")
+    leader = f"{parent}{dot}{SAME_INPUT_AS[leaf]}" if leaf in SAME_INPUT_AS else rel
+    return leader if leader in linears else rel
+
+
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).sum())

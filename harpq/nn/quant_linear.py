@@ -41,6 +41,17 @@ def _memory_bytes() -> int | None:
         return None
 
 
+def view_stacked(mods: list[QuantLinear], stacked: dict[str, torch.Tensor]) -> None:
+    """Make each member's tensor a view of its part of the stacked one, for the tensors its format stacks
+    as a plain concatenation along dim 0 (`StorageFormat.row_concatenated`); the rest stay the members' own."""
+    for name in mods[0].format.row_concatenated():
+        start = 0
+        for mod in mods:
+            rows = getattr(mod, name).shape[0]
+            setattr(mod, name, stacked[name][start:start + rows])
+            start += rows
+
+
 class QuantLinear(nn.Module):
     """y = U · decode(codes) · (Vᵀ x) + b, with U, V from the processor.
 
@@ -107,11 +118,7 @@ class QuantLinear(nn.Module):
         device = first.codes_device()
         fused = cls(first.in_features, rows, first.codebook, first.processor, first.bias is not None, device=device)
         fused.load_quantized(stacked, torch.cat([m.bias.data for m in mods]) if first.bias is not None else None)
-        start = 0
-        for m in mods:
-            for name in ("codes", "scales"):
-                setattr(m, name, getattr(fused, name)[start:start + m.out_features])
-            start += m.out_features
+        view_stacked(mods, fused._buffers_of(list(stacked)))
         fused.use_kernels = first.use_kernels
         return fused
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HarpqError
 from ..io.checkpoint import ShardWriter
-from ..io.model import check_finite, find_decoder_layers, layer_linears
+from ..io.model import check_finite, find_decoder_layers, input_group, layer_linears
 from ..recipe import LayerRecipe, derive_seed
 from .linear import quantize_linear
 
@@ -29,19 +29,6 @@ def meta_skeleton(model_path: str | Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(str(model_path), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
-
-
-#: linears that read the input of another, by name (q/k/v read q's, up reads gate's): with no calibration
-#: pass to see which read one tensor, the streamed path groups them so
-SAME_INPUT_AS = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-
-
-def input_group(rel: str, linears: dict) -> str:
-    """The linear of a layer whose input `rel` reads (itself unless a sibling named as in SAME_INPUT_AS
-    exists): the group the layer-wise path's Hessian hooks find, and the name its input seed derives from."""
-    parent, dot, leaf = rel.rpartition(".")
-    leader = f"{parent}{dot}{SAME_INPUT_AS[leaf]}" if leaf in SAME_INPUT_AS else rel
-    return leader if leader in linears else rel
 
 
 def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str,
