@@ -1,6 +1,6 @@
 """Decode GEMV time of every storage format against cuBLAS FP16 and torch's int4 "tinygemm", one table.
 
-    python benchmarks/gemv_speed.py [--shapes 7b,70b] [--batch 1,4,16] [--json out.json]
+    python benchmarks/gemv_speed.py [--shapes 7b,70b,4096x11008] [--batch 1,4,16] [--json out.json]
     python benchmarks/gemv_speed.py --sweep      # launch shapes (MT, WARPS, UNROLL) per format, shape, batch
     python benchmarks/gemv_speed.py --pdl both   # each format with and without programmatic dependent launch
     python benchmarks/gemv_speed.py --variants "STAGES=0;STAGES=4"   # launch-shape settings side by side
@@ -48,6 +48,16 @@ FORMATS = {
     "QTIP 3INST 3-bit": TrellisTiles(3, 16, "3inst"),
     "QTIP 3INST 4-bit": TrellisTiles(4, 16, "3inst"),
 }
+
+
+def shapes_of(name: str) -> list[tuple[int, int]]:
+    """A named group of shapes, or one shape written MxK."""
+    if name in SHAPES:
+        return SHAPES[name]
+    m, _, k = name.partition("x")
+    if not (m.isdigit() and k.isdigit()):
+        raise SystemExit(f"unknown shape {name!r}: one of {', '.join(SHAPES)} or MxK such as 4096x11008")
+    return [(int(m), int(k))]
 
 
 def graph_time(fn: Callable[[int], object], copies: int, calls: int = 200, replays: int = 7) -> float:
@@ -148,7 +158,7 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.sweep:
-        shapes = [s for group in args.shapes.split(",") for s in SHAPES[group]]
+        shapes = [s for group in args.shapes.split(",") for s in shapes_of(group)]
         sweep(shapes, [f for f in args.formats.split(",") if f], [int(b) for b in args.batch.split(",")], gen)
         return
     formats = [f for f in args.formats.split(",") if f]
@@ -156,7 +166,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"L2 {torch.cuda.get_device_properties(0).L2_cache_size >> 20} MB")
     for group in args.shapes.split(","):
-        for m, n in SHAPES[group]:
+        for m, n in shapes_of(group):
             for batch in map(int, args.batch.split(",")):
                 row = {"shape": f"{m}×{n}", "batch": batch, "us": {}}
                 row["us"]["cuBLAS FP16"] = time_fp16(m, n, batch, gen) * 1e6
