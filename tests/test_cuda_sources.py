@@ -47,7 +47,8 @@ def _scalar_configs():
                                                            BATCHES, ("int", "fp16"), ROWS):
         lay = scalar_cuda.layout(ScalarGroups(bits, group, zero), n)
         if lay:
-            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch))
+            for tiled in (False, True):
+                seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=tiled))
     return sorted(seen)
 
 

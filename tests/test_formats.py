@@ -25,13 +25,59 @@ def test_random_buffers_match_the_specs_and_decode(fmt):
 
 
 @pytest.mark.parametrize("zero", ["int", "fp16"])
-def test_scalar_rows_stack_exactly(zero):
-    fmt = ScalarGroups(3, 64, zero)
+@pytest.mark.parametrize("row_tile,rows", [(0, (8, 5, 11)), (16, (16, 48, 32))])  # 5·3 zeros: words straddle
+def test_scalar_rows_stack_exactly(zero, row_tile, rows):
+    fmt = ScalarGroups(3, 64, zero, row_tile)
     gen = torch.Generator().manual_seed(1)
-    parts = [(fmt.random_buffers(rows, 192, gen), rows) for rows in (8, 5, 11)]  # 5·3 zeros: words straddle
+    parts = [(fmt.random_buffers(m, 192, gen), m) for m in rows]
     stacked = fmt.concat_rows(parts, 192)
-    want = torch.cat([fmt.decode(b, rows, 192) for b, rows in parts])
-    assert torch.equal(fmt.decode(stacked, 24, 192), want)
+    want = torch.cat([fmt.decode(b, m, 192) for b, m in parts])
+    assert torch.equal(fmt.decode(stacked, sum(rows), 192), want)
+
+
+def test_row_tiled_matrices_with_a_partial_tile_do_not_stack():
+    fmt = ScalarGroups(4, 64, "int")
+    gen = torch.Generator().manual_seed(1)
+    assert fmt.concat_rows([(fmt.random_buffers(m, 128, gen), m) for m in (16, 8)], 128) is None
+
+
+@pytest.mark.parametrize("bits,n", [(4, 256), (4, 384), (3, 416), (2, 4096), (1, 1056)])
+@pytest.mark.parametrize("m", [48, 40])
+def test_row_tiled_codes_decode_as_the_rows_they_hold(bits, n, m):
+    """The same codes stored row-tiled (rows a multiple of 16) and one row after another decode to the same
+    weights; the tiled words sit where the decode kernel looks for them (chunk c of row r of tile T at
+    T·16·w + c·16·C + (r mod 16)·width + offset, a shorter last chunk included)."""
+    gen = torch.Generator().manual_seed(bits + n)
+    codes = torch.randint(0, 1 << bits, (m, n), generator=gen)
+    scale, zero = torch.rand(m, n // 32, generator=gen) + 0.1, torch.randint(0, 1 << bits, (m, n // 32), generator=gen)
+    rows, tiled = ScalarGroups(bits, 32, "int", 0), ScalarGroups(bits, 32, "int", 16)
+    a, b = rows.encode(codes, scale, zero), tiled.encode(codes, scale, zero)
+    assert torch.equal(rows.decode(a, m, n), tiled.decode(b, m, n))
+    assert tiled.tiled(m) == (m % 16 == 0)
+    if not tiled.tiled(m):
+        assert torch.equal(a["codes"], b["codes"])
+        return
+    w = a["codes"].shape[1]
+    chunk = 12 if bits == 3 else 16
+    flat = b["codes"].flatten()
+    for r in range(m):
+        for c in range(-(-w // chunk)):
+            width = min(chunk, w - c * chunk)
+            at = r // 16 * 16 * w + c * 16 * chunk + r % 16 * width
+            assert torch.equal(flat[at:at + width], a["codes"][r, c * chunk:c * chunk + width])
+
+
+def test_checkpoints_from_before_the_row_tiles_read_rows():
+    """A saved scalar codebook config without `row_tile` means the rows-one-after-another layout."""
+    from harpq.codebooks import make_codebook, saved_codebook
+
+    old = {"name": "scalar", "bits": 4, "group_size": 128, "ragged_groups": False, "scale": "minmax"}
+    assert saved_codebook(old).storage.row_tile == 0
+    assert make_codebook(old).storage.row_tile == 16  # what a new quantization writes
+    new = make_codebook(old).config()
+    assert saved_codebook(new).storage.row_tile == 16 and new["row_tile"] == 16
+    with pytest.raises(ValueError, match="row tile 8"):
+        ScalarGroups(4, 128, "int", 8)
 
 
 def test_scalar_grids_with_a_scale_per_matrix_do_not_stack():

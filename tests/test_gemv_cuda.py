@@ -47,10 +47,12 @@ def test_scalar_kernel_matches_reference(bits, group, zero, batch):
                                           (3, 4096, 128), (4, 1376, 32), (2, 512, 32), (8, 4096, 128),
                                           (3, 4096, 32), (1, 4096, 64), (4, 4096, 16)])
 @pytest.mark.parametrize("batch", [1, 9])
-def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch):
-    """Model widths, widths/groups that force fewer words per thread (NW = 2, 1), and groups smaller than a
-    step (the scale then multiplies each weight pair)."""
-    check(ScalarGroups(bits, group, "int"), 272, n, batch, seed=n + bits)
+@pytest.mark.parametrize("row_tile", [16, 0])
+def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch, row_tile):
+    """Model widths, widths/groups that force fewer words per thread (NW = 2, 1; a short last chunk of the
+    row-tiled layout), and groups smaller than a step (the scale then multiplies each weight pair); codes
+    row-tiled and one row after another."""
+    check(ScalarGroups(bits, group, "int", row_tile), 272, n, batch, seed=n + bits)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -41,7 +41,8 @@ class ScalarGrid(Codebook):
     name = "scalar"
     dim = 1
 
-    def __init__(self, bits: int, group_size: int = 128, ragged_groups: bool = False, scale: str = "minmax"):
+    def __init__(self, bits: int, group_size: int = 128, ragged_groups: bool = False, scale: str = "minmax",
+                 row_tile: int = 16):
         if bits not in SCALAR_BITS:
             raise HarpqError(f"the scalar codebook offers {', '.join(map(str, SCALAR_BITS))} bits, not {bits}")
         if group_size < 0 or 0 < group_size < 8:
@@ -55,6 +56,7 @@ class ScalarGrid(Codebook):
         self.group_size = group_size
         self.ragged_groups = ragged_groups
         self.maxq = (1 << bits) - 1
+        self.row_tile = row_tile  # the storage layout of the codes (`ScalarGroups`)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,7 @@ class ScalarGrid(Codebook):
             "group_size": self.group_size,
             "ragged_groups": self.ragged_groups,
             "scale": self.scale_rule,
+            "row_tile": self.row_tile,
         }
 
     def group_len(self, in_features: int) -> int:
@@ -143,7 +146,8 @@ class ScalarGrid(Codebook):
 
     @property
     def storage(self) -> ScalarGroups:
-        return ScalarGroups(self.bits, self.group_size, {"minmax": "int", "hqq": "fp16", "rms": "mid"}[self.scale_rule])
+        return ScalarGroups(self.bits, self.group_size, {"minmax": "int", "hqq": "fp16", "rms": "mid"}[self.scale_rule],
+                            self.row_tile)
 
     def encode(self, codes: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.storage.encode(codes, state["scale"], state["zero"])

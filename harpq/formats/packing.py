@@ -60,3 +60,30 @@ def unpack_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     high = torch.where(spill != word, w[..., spill.long()] << (32 - offset), 0)
     codes = (low | high) & ((1 << bits) - 1)
     return codes.reshape(*lead, chunks * 32)[..., :n]
+
+
+def tile_chunk_words(bits: int) -> int:
+    """Words of a row in one chunk of the row-tiled layout: 64 bytes (48 at 3 bits, whose runs of 32 codes
+    take 3 words), the most one decode-kernel thread reads of a row at once."""
+    return 12 if bits == 3 else 16
+
+
+def to_row_tiles(words: torch.Tensor, tile: int, chunk: int) -> torch.Tensor:
+    """Rows of packed words (m, w) -> the row-tiled layout, same shape: `tile` rows at a time, chunk-major
+    inside a tile (each row's first `chunk` words, then their next `chunk`, ...; a shorter last chunk),
+    so that the rows of a tile a kernel reads together lie in one contiguous stretch. m % tile == 0."""
+    m, w = words.shape
+    full = w // chunk * chunk
+    head = words[:, :full].reshape(m // tile, tile, full // chunk, chunk).transpose(1, 2)
+    tail = words[:, full:].reshape(m // tile, tile * (w - full))
+    return torch.cat([head.reshape(m // tile, tile * full), tail], dim=1).view(m, w)
+
+
+def from_row_tiles(words: torch.Tensor, tile: int, chunk: int) -> torch.Tensor:
+    """Inverse of `to_row_tiles`."""
+    m, w = words.shape
+    full = w // chunk * chunk
+    t = words.reshape(m // tile, tile * w)
+    head = t[:, : tile * full].reshape(m // tile, full // chunk, tile, chunk).transpose(1, 2)
+    tail = t[:, tile * full:].reshape(m // tile, tile, w - full)
+    return torch.cat([head.reshape(m // tile, tile, full), tail], dim=2).reshape(m, w)

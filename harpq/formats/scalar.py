@@ -5,6 +5,10 @@ Three ways to store the zero-point, one format each:
 - `fp16` (HQQ): fractional fp16 zeros and fp16 scales per group;
 - `mid`  (QuIP's grid on ±2.4·RMS): one fp16 scale per matrix, zero (2^b − 1)/2, one group per row.
 Groups are runs of `group_size` consecutive input columns (0: the whole row; the last may be shorter).
+
+The codes of matrices whose rows are a multiple of `row_tile` (16; 0 in checkpoints written before it
+existed) are stored row-tiled (`packing.to_row_tiles`): the 16 rows a decode kernel's warp reads together
+lie in one contiguous stretch of memory, which streams 5–15 % faster from HBM than 16 rows a row apart.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import BufferSpec, StorageFormat
-from .packing import pack_bits, packed_words, unpack_bits
+from .packing import from_row_tiles, pack_bits, packed_words, tile_chunk_words, to_row_tiles, unpack_bits
 
 ZERO_KINDS = ("int", "fp16", "mid")
 
@@ -22,15 +26,29 @@ ZERO_KINDS = ("int", "fp16", "mid")
 class ScalarGroups(StorageFormat):
     name = "scalar"
 
-    def __init__(self, bits: int, group_size: int, zero: str):
+    def __init__(self, bits: int, group_size: int, zero: str, row_tile: int = 16):
         if zero not in ZERO_KINDS:
             raise ValueError(f"zero-point kind {zero!r} is not one of {ZERO_KINDS}")
+        if row_tile not in (0, 16):
+            raise ValueError(f"row tile {row_tile} is not 0 (rows one after another) or 16")
         self.bits = bits
         self.group_size = 0 if zero == "mid" else group_size
         self.zero = zero
+        self.row_tile = row_tile
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "zero": self.zero}
+        return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "zero": self.zero,
+                "row_tile": self.row_tile}
+
+    def tiled(self, out_features: int) -> bool:
+        """Whether a matrix of this many rows stores its codes row-tiled."""
+        return bool(self.row_tile) and out_features % self.row_tile == 0
+
+    def codes_by_row(self, codes: torch.Tensor) -> torch.Tensor:
+        """The stored codes (m, words) as rows of packed words, whatever the layout."""
+        if not self.tiled(codes.shape[0]):
+            return codes
+        return from_row_tiles(codes, self.row_tile, tile_chunk_words(self.bits))
 
     def group_len(self, in_features: int) -> int:
         return self.group_size if self.group_size else in_features
@@ -52,6 +70,8 @@ class ScalarGroups(StorageFormat):
         """codes (m, n) in [0, 2^b), scale and zero (m, groups) -> stored tensors (scale rounded to fp16,
         integer zeros packed; `mid` keeps one scale and no zeros)."""
         packed = pack_bits(codes, self.bits)
+        if self.tiled(packed.shape[0]):
+            packed = to_row_tiles(packed, self.row_tile, tile_chunk_words(self.bits))
         if self.zero == "mid":
             return {"codes": packed, "scales": scale[:1, :1].half()}
         if self.zero == "fp16":
@@ -83,6 +103,8 @@ class ScalarGroups(StorageFormat):
     def concat_rows(self, parts, in_features):
         if self.zero == "mid":  # one scale per matrix
             return None
+        if self.row_tile and any(m % self.row_tile for _, m in parts):  # tiles would straddle two matrices
+            return None
         out = {"codes": torch.cat([b["codes"] for b, _ in parts]), "scales": torch.cat([b["scales"] for b, _ in parts])}
         if self.zero == "fp16":
             out["zeros"] = torch.cat([b["zeros"] for b, _ in parts])
@@ -94,7 +116,7 @@ class ScalarGroups(StorageFormat):
 
     def decode(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int) -> torch.Tensor:
         m, n = out_features, in_features
-        q = unpack_bits(buffers["codes"], self.bits, n).float()
+        q = unpack_bits(self.codes_by_row(buffers["codes"]), self.bits, n).float()
         scale, zero = self.scale_zero(buffers, m, n)
         groups, g = self.num_groups(n), self.group_len(n)
         if groups * g == n:  # whole groups: broadcast per group instead of gathering per column

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..codebooks import saved_codebook
 from ..errors import HarpqError
 from ..formats.packing import unpack_bits
 from .checkpoint import AUX_FILES, ShardWriter, staging_dir, verify_manifest
@@ -106,7 +107,7 @@ def _module_tensors(name: str, spec: dict[str, Any], t: dict[str, torch.Tensor],
     cb = spec["codebook"]
     bits, g = cb["bits"], cb["group_size"] or n
     groups = n // g
-    codes = unpack_bits(t[f"{name}.codes"], bits, n)
+    codes = unpack_bits(saved_codebook(cb).storage.codes_by_row(t[f"{name}.codes"]), bits, n)
     zeros = unpack_bits(t[f"{name}.zeros"].view(1, -1), bits, m * groups).view(m, groups)
     scales = t[f"{name}.scales"]
     out: dict[str, torch.Tensor] = {}

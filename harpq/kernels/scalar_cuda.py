@@ -42,9 +42,9 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
 
 
 def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
-            device_index: int = 0) -> tuple[tuple[str, int], ...]:
+            device_index: int = 0, tiled: bool = False) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
-    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale,
+    config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
               **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
                              one_wave=True)}
     return tuple(sorted(config.items()))
@@ -52,15 +52,16 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
 
 @torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
 def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
-                group_shift: int, step_scale: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, words) int32, meta (groups, m) int32 = half2 (scale, zero) [, residual (B, m)
-    fp16, added] -> (B, m) fp16."""
+                group_shift: int, step_scale: int, residual: torch.Tensor | None = None,
+                tiled: bool = False) -> torch.Tensor:
+    """x (B, n) fp16, codes (m, words) int32 (rows or, `tiled`, row-tiled), meta (groups, m) int32 = half2
+    (scale, zero) [, residual (B, m) fp16, added] -> (B, m) fp16."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0))
+    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
@@ -69,7 +70,7 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
 
 
 @scalar_gemv.register_fake
-def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None):
+def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None, tiled=False):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -91,7 +92,7 @@ class ScalarCuda(GemvBackend):
         nw, shift, step_scale = layout(fmt, n)
         codes = buffers["codes"]
         return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
-                           fmt.zero == "int", nw, shift, step_scale, residual)
+                           fmt.zero == "int", nw, shift, step_scale, residual, fmt.tiled(m))
 
 
 register(ScalarGroups.name, ScalarCuda())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..codebooks import Codebook, make_codebook
+from ..codebooks import Codebook, saved_codebook
 from ..formats import stored_bits
 from ..processors import Processor, make_processor
 
@@ -92,7 +92,7 @@ class QuantLinear(nn.Module):
         return cls(
             spec["in_features"],
             spec["out_features"],
-            make_codebook(spec["codebook"]),
+            saved_codebook(spec["codebook"]),
             make_processor(spec["processor"]),
             bias=spec.get("bias", False),
             device=device,

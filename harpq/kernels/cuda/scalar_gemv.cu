@@ -1,13 +1,15 @@
 // y = x · Ŵᵀ for packed b-bit scalar grids with a scale and a zero-point per group of a row
 // (RTN/GPTQ: integer zeros; HQQ: fp16 zeros; QuIP: one scale per matrix, zero (2^b − 1)/2), batch 1–16.
 //
-// Compile-time configuration (NVRTC -D): BITS (1, 2, 3, 4, 8), INT_ZERO (1: zero-points are integers),
+// Compile-time configuration (NVRTC -D): BITS (1, 2, 3, 4, 8), INT_ZERO (1: zero-points are integers), TILED,
 // NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), STEP_SCALE (1: a step lies
 // in one group, its scale multiplies the step's fp32 products; 0: groups smaller than a step, the scale
 // multiplies each weight pair in fp16), and the driver's MT, NT, WARPS, UNROLL, XEARLY (gemv_common.cuh).
 //
-// Layout read as stored (harpq's bit stream: 32 codes fill exactly BITS words, lowest bits first); the
-// per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
+// Layout read as stored (harpq's bit stream: 32 codes fill exactly BITS words, lowest bits first), rows one
+// after another or, with TILED, row-tiled (`formats.packing.to_row_tiles`: 16 rows at a time, chunks of
+// CHUNK words of each row, chunk-major), so that the 16 rows of a warp's step are one contiguous stretch;
+// the per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
 // warp's 16 rows of one group are 64 contiguous bytes.
 //
 // Decode, two codes at a time: one lop3 moves codes j and j + P/2 of a word (P codes per word; 16 bits
@@ -19,6 +21,11 @@
 // pair's two columns are brought together by one prmt per pair and batch tile.
 
 #include "gemv_common.cuh"
+
+#ifndef TILED
+#define TILED 0
+#endif
+constexpr int CHUNK = BITS == 3 ? 12 : 16;  // words of a row per chunk of the tiled layout
 
 #if BITS == 3
 constexpr int RUN_ = 32;  // a thread reads 3 words = 32 codes
@@ -96,12 +103,22 @@ struct ScalarPolicy {
         u32 m[2 * MT];
     };
 
+    // where word w of a row is stored (a thread's NW words never straddle two chunks)
+    DEVICE long long word_of(int row, int w) const {
+#if TILED
+        const int c = w / CHUNK, width = min(CHUNK, row_words - c * CHUNK);
+        return (long long)(row >> 4) * 16 * row_words + c * 16 * CHUNK + (row & 15) * width + w - c * CHUNK;
+#else
+        return (long long)row * row_words + w;
+#endif
+    }
+
     DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
         const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all of a row)
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
             const int row = rows.valid[r] ? rows.row[r] : 0;
-            load_stream(codes + (long long)row * row_words + (4 * s + t) * NW, d.w[r], NW);
+            load_stream(codes + word_of(row, (4 * s + t) * NW), d.w[r], NW);
             d.m[r] = rows.valid[r] ? meta[(long long)gi * M + row] : 0u;
         }
     }
