@@ -3,10 +3,11 @@
     python benchmarks/harp_fit_speed.py --shape llama-2-7b --steps 1200
     python benchmarks/harp_fit_speed.py --shape llama-2-7b --steps 100 --modules q down   # quicker
     python benchmarks/harp_fit_speed.py --shape llama-small --steps 20                    # CPU
+    python benchmarks/harp_fit_speed.py --steps 150 --schedule kron --refresh 8 --store int8
 
 Random weights and a synthetic Hessian H = Q diag(λ) Qᵀ (λ_i ∝ i^−1.2, a few outlier channels ×50:
 a spectrum like a real layer input's) are made on the device. Each module is fitted as the pipeline
-does (greedy schedule, E8P 2-bit target, HBD on), then the per-step cost is split into the codebook
+does (greedy schedule unless told, E8P 2-bit target, HBD on), then the per-step cost is split into the codebook
 search for the target, the two-sided weight transform (forward + backward), the Hessian transform
 (forward + backward) and the rest. The whole-model figure is per-layer time × layer count.
 """
@@ -84,6 +85,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--modules", nargs="+", default=["q", "k", "v", "o", "gate", "up", "down"])
+    ap.add_argument("--schedule", default="greedy")
+    ap.add_argument("--refresh", type=int, default=1)
+    ap.add_argument("--store", default="fp16")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, mlp, layers, kv = SHAPES[args.shape]
@@ -93,14 +97,16 @@ def main() -> None:
     hessians = {n: synthetic_hessian(n, device, gen) for n in sorted({shapes[k][1] for k in args.modules})}
     codebook = E8PCodebook(args.bits)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name}: {args.shape}, HARP greedy, E8P {args.bits}-bit target, {args.steps} steps per module")
+    print(f"{name}: {args.shape}, HARP {args.schedule} ({args.store}), E8P {args.bits}-bit target refreshed every "
+          f"{args.refresh} step(s), {args.steps} steps per module")
     print("| module | shape | fit s | s/step | target | weight f+b | hessian f+b | start loss | best loss |")
     print("|---|---|---|---|---|---|---|---|---|")
     total = 0.0
     for key in args.modules:
         m, n = shapes[key]
         w = torch.randn(m, n, device=device, generator=gen) * 0.02
-        proc = make_processor({"name": "harp", "seed": 0, "steps": args.steps})
+        proc = make_processor({"name": "harp", "seed": 0, "steps": args.steps, "schedule": args.schedule,
+                               "refresh": args.refresh, "store": args.store})
         b = {k: v.to(device) for k, v in proc.init_buffers(m, n).items()}
         sync()
         start = time.perf_counter()
