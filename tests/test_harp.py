@@ -144,7 +144,7 @@ def test_parameters_round_trip_through_save_and_load(tmp_path, store):
 
 def test_harp_method_end_to_end(tiny_path, tmp_path, small_text):
     out = tmp_path / "harp"
-    recipe = harpq.Recipe.preset("harp", harp_steps=4, harp_schedule="kron", harp_store="int8")
+    recipe = harpq.Recipe.preset("harp", harp_steps=4, harp_schedule="kron", harp_store="int8", harp_refresh=1)
     harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
     log = [json.loads(line) for line in (out / "quant_log.jsonl").read_text().splitlines()]
     assert len(log) == 14
