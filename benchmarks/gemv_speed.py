@@ -40,7 +40,7 @@ FORMATS = {
     "hqq 4-bit g64": ScalarGroups(4, 64, "fp16"),
     "scalar 3-bit g128": ScalarGroups(3, 128, "int"),
     "scalar 2-bit g128": ScalarGroups(2, 128, "int"),
-    "E8P 2-bit": E8PStages(2, None),
+    "E8P 2-bit": E8PStages(2, None, row_tile=0),  # as the e8p codebook stores it (rows: faster at 2 bits)
     "E8P+E8 3-bit": E8PStages(3, 2.04),
     "E8P+E8P 4-bit": E8PStages(4, 3.45),
     "QTIP 3INST 2-bit": TrellisTiles(2, 16, "3inst"),

@@ -53,8 +53,9 @@ def _scalar_configs():
 
 
 def _e8p_configs():
-    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch)
-                   for s, n, batch, m in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS)})
+    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch, tiled=tiled)
+                   for s, n, batch, m, tiled in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS,
+                                                                  (False, True))})
 
 
 def _trellis_configs():

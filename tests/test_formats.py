@@ -68,7 +68,7 @@ def test_row_tiled_codes_decode_as_the_rows_they_hold(bits, n, m):
 
 
 def test_checkpoints_from_before_the_row_tiles_read_rows():
-    """A saved scalar codebook config without `row_tile` means the rows-one-after-another layout."""
+    """A saved scalar or e8p codebook config without `row_tile` means the rows-one-after-another layout."""
     from harpq.codebooks import make_codebook, saved_codebook
 
     old = {"name": "scalar", "bits": 4, "group_size": 128, "ragged_groups": False, "scale": "minmax"}
@@ -78,6 +78,9 @@ def test_checkpoints_from_before_the_row_tiles_read_rows():
     assert saved_codebook(new).storage.row_tile == 16 and new["row_tile"] == 16
     with pytest.raises(ValueError, match="row tile 8"):
         ScalarGroups(4, 128, "int", 8)
+    e8p = {"name": "e8p", "bits": 4, "scale": 1.03, "resid_scale": None}
+    assert saved_codebook(e8p).storage.row_tile == 0 and make_codebook(e8p).storage.row_tile == 16
+    assert make_codebook({**e8p, "bits": 2}).storage.row_tile == 0  # rows measured faster at 2 bits
 
 
 def test_scalar_grids_with_a_scale_per_matrix_do_not_stack():
@@ -86,15 +89,33 @@ def test_scalar_grids_with_a_scale_per_matrix_do_not_stack():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_e8p_matrices_stack_with_a_scale_per_row(bits):
-    fmt = E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits])
+@pytest.mark.parametrize("row_tile,rows", [(0, (8, 16)), (16, (16, 32))])
+def test_e8p_matrices_stack_with_a_scale_per_row(bits, row_tile, rows):
+    fmt = E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits], row_tile)
     gen = torch.Generator().manual_seed(3)
-    parts = [(fmt.random_buffers(rows, 64, gen), rows) for rows in (8, 16)]
+    parts = [(fmt.random_buffers(m, 320, gen), m) for m in rows]  # 40 codes a row: a short last chunk
     parts[1][0]["scales"] = parts[0][0]["scales"] * 3  # the matrices' scales differ
-    stacked = fmt.concat_rows(parts, 64)
-    assert stacked["scales"].shape == (24, 1)
-    want = torch.cat([fmt.decode(b, rows, 64) for b, rows in parts])
-    assert torch.equal(fmt.decode(stacked, 24, 64), want)
+    stacked = fmt.concat_rows(parts, 320)
+    assert stacked["scales"].shape == (sum(rows), 1)
+    want = torch.cat([fmt.decode(b, m, 320) for b, m in parts])
+    assert torch.equal(fmt.decode(stacked, sum(rows), 320), want)
+    if row_tile:
+        assert fmt.concat_rows([parts[0], (fmt.random_buffers(8, 320, gen), 8)], 320) is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_e8p_row_tiled_codes_decode_as_the_rows_they_hold(bits):
+    from harpq.formats.packing import to_row_tiles
+
+    rows, tiled = (E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits], t) for t in (0, 16))
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(-2**15, 2**15, (32, 40), generator=gen)
+    codes2 = torch.randint(0, 256 if bits == 3 else 2**15, (32, 40), generator=gen) if bits > 2 else None
+    a, b = rows.encode(codes, codes2, torch.ones(1, 1)), tiled.encode(codes, codes2, torch.ones(1, 1))
+    assert torch.equal(rows.decode(a, 32, 320), tiled.decode(b, 32, 320))
+    for name in a:
+        if name != "scales":
+            assert torch.equal(b[name], to_row_tiles(a[name], 16, 32)) and not torch.equal(b[name], a[name])
 
 
 def test_cpu_calls_run_the_reference_and_say_why_once(caplog):

@@ -56,10 +56,13 @@ def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch, row
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m,n", [(40, 4096), (33, 11008), (16, 384), (24, 192)])  # NW 4, 4, 2, 1
+@pytest.mark.parametrize("m,n", [(40, 4096), (33, 11008), (16, 384), (24, 192), (32, 4096), (48, 4160), (272, 1088)])
 @pytest.mark.parametrize("batch", [1, 8, 12, 16])
-def test_e8p_kernel_matches_reference(bits, m, n, batch):
-    check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=bits + m + batch)
+@pytest.mark.parametrize("row_tile", [16, 0])
+def test_e8p_kernel_matches_reference(bits, m, n, batch, row_tile):
+    """Words per thread NW = 4, 4, 2, 1, 4, 1, 1; codes row-tiled where the rows are a multiple of 16 (16 × 384,
+    48 × 4160 and 272 × 1088 end their rows with a short chunk) and, for `row_tile` 0, one row after another."""
+    check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits], row_tile), m, n, batch, seed=bits + m + batch)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

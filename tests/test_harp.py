@@ -152,6 +152,9 @@ def test_harp_method_end_to_end(tiny_path, tmp_path, small_text):
     model = harpq.load(out)
     thetas = [b for k, b in model.named_buffers() if "theta" in k and not k.endswith("_scale")]
     assert thetas and all(b.dtype == torch.int8 for b in thetas) and any(bool(b.any()) for b in thetas)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert modules["model.layers.1.self_attn.v_proj"]["input_side_from"] == "model.layers.1.self_attn.q_proj"
+    assert modules["model.layers.1.mlp.up_proj"]["input_side_from"] == "model.layers.1.mlp.gate_proj"
     # q/k/v and gate/up were fitted with one input side each: the step can apply it once per group
     for layer in model.model.layers:
         q, k, v = (getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj"))

@@ -142,3 +142,9 @@ def test_streamed_runs_share_input_sides_as_the_layer_wise_path_draws_them(tiny_
         assert la.mlp.gate_proj.shares_input_side(la.mlp.up_proj)
         for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
             assert torch.equal(la.get_submodule(name).v_signs, lb.get_submodule(name).v_signs)
+    # both store each group's side once (the stream with the group's first linear in its shards' order)
+    for out in (streamed, layered):
+        modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+        holders = {n: s.get("input_side_from") for n, s in modules.items()}
+        assert sum(h is None for h in holders.values()) == 2 * 4  # per layer: one of q/k/v, one of gate/up, o, down
+        assert all(modules[h].get("input_side_from") is None for h in holders.values() if h)

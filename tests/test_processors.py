@@ -147,3 +147,59 @@ def test_block_hadamard_mixes_only_within_blocks_and_says_which_block():
         BlockHadamardSide(512, 96)
     with pytest.raises(HarpqError, match="odd"):
         make_processor({"name": "rht-block", "seed": 1, "block": 64}).init_buffers(31, 64)
+
+
+def test_shared_input_sides_are_stored_once_and_tied_on_load(tiny_path, tmp_path):
+    """q/k/v and gate/up under the RHT draw one input side: the checkpoint holds it with q_proj (gate_proj),
+    the others name it, every loader ties them to it, and bits per weight count it once."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harpq.io.model import load_model
+    from harpq.nn import QuantLinear
+    from harpq.pipeline.calibration import calibration_windows
+
+    out = tmp_path / "qs"
+    recipe = harpq.Recipe.preset("quipsharp")
+    harpq.quantize(tiny_path, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    for i in range(2):
+        at = f"model.layers.{i}."
+        assert f"{at}self_attn.q_proj.v_signs" in keys and f"{at}mlp.gate_proj.v_signs" in keys
+        for member, leader in (("self_attn.k_proj", "self_attn.q_proj"), ("self_attn.v_proj", "self_attn.q_proj"),
+                               ("mlp.up_proj", "mlp.gate_proj")):
+            assert f"{at}{member}.v_signs" not in keys and f"{at}{member}.u_signs" in keys
+            assert modules[at + member]["input_side_from"] == at + leader
+        assert "input_side_from" not in modules[f"{at}self_attn.o_proj"]
+
+    memory = load_model(tiny_path)
+    tokens = calibration_windows(AutoTokenizer.from_pretrained(tiny_path), CALIB, 4, 64, seed=0)
+    harpq.quantize_model(memory, recipe, tokens, progress=False)
+    memory.float()
+    x = torch.randint(0, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    for loaded in (harpq.load(out), AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)):
+        attn = loaded.model.layers[1].self_attn
+        assert attn.k_proj.v_signs is attn.q_proj.v_signs and bool(attn.q_proj.v_signs.abs().min() == 1)
+        with torch.no_grad():
+            assert torch.equal(loaded(x).logits, memory(x).logits)
+    k = attn.k_proj
+    side = sum(getattr(k, n).numel() * getattr(k, n).element_size() * 8 for n in k.input_side_names())
+    alone = QuantLinear.from_spec({**k.spec(), "input_side_from": None})
+    assert side > 0 and k.stored_bits() == alone.stored_bits() - side
+
+
+def test_a_borrowed_input_side_must_exist_and_match():
+    from harpq.nn import QuantLinear, tie_input_sides
+
+    spec = {"in_features": 64, "out_features": 32, "bias": False, "codebook": {"name": "e8p", "bits": 2},
+            "processor": {"name": "rht", "seed": 0}}
+    root = torch.nn.Module()
+    root.a = QuantLinear.from_spec(spec)
+    root.b = QuantLinear.from_spec({**spec, "input_side_from": "c"})
+    with pytest.raises(ValueError, match="c, which the model does not have"):
+        tie_input_sides(root)
+    root.c = QuantLinear.from_spec({**spec, "in_features": 128})
+    with pytest.raises(ValueError, match="does not apply the same input side"):
+        tie_input_sides(root)

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silent: what a run may never destroy, and how interrupted runs are recovered."""
 
+import functools
 import importlib
 import json
 import os
@@ -138,15 +139,17 @@ def test_keyboard_interrupt_keeps_a_resumable_run(tmp_path):
     assert not (tmp_path / ".out.harpq-partial").exists()
 
 
-def _gptq(src, out, **kw):
+def _gptq(src, out, method="gptq", **kw):
     from conftest import CALIB
 
-    return harpq.quantize(src, out, Recipe.preset("gptq", bits=3, group_size=0), calib=CALIB, nsamples=4,
-                          seqlen=64, progress=False, **kw)
+    recipe = Recipe.preset("gptq", bits=3, group_size=0) if method == "gptq" else Recipe.preset(method)
+    return harpq.quantize(src, out, recipe, calib=CALIB, nsamples=4, seqlen=64, progress=False, **kw)
 
 
-def test_an_interrupted_run_resumes_where_it_stopped_bit_identically(model, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("method", ["gptq", "quipsharp"])  # quipsharp: input sides stored once, re-tied
+def test_an_interrupted_run_resumes_where_it_stopped_bit_identically(model, tmp_path, monkeypatch, caplog, method):
     pipeline = importlib.import_module("harpq.pipeline.quantize")
+    _gptq = functools.partial(globals()["_gptq"], method=method)
 
     whole = _gptq(model, tmp_path / "whole")
     real = pipeline.quantize_linear

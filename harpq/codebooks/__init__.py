@@ -15,7 +15,7 @@ CODEBOOKS: dict[str, type[Codebook]] = {"scalar": ScalarGrid, "e8p": E8PCodebook
 
 
 #: settings a saved config lacks because it was written before they existed, and what they meant then
-_BEFORE_KEYS = {"scalar": {"row_tile": 0}}
+_BEFORE_KEYS = {"scalar": {"row_tile": 0}, "e8p": {"row_tile": 0}}
 
 
 def make_codebook(config: dict[str, Any]) -> Codebook:

@@ -19,7 +19,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn import QuantExperts, QuantLinear
+from ..nn import QuantExperts, QuantLinear, tie_input_sides
 from .checkpoint import verify_manifest
 
 QUANT_METHOD = "harpq"
@@ -68,6 +68,9 @@ class HarpqHfQuantizer(HfQuantizer):
             if directory not in VERIFIED:
                 verify_manifest(directory)
         install_quant_linears(model, self.quantization_config.modules, device="meta")
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        tie_input_sides(model)  # linears whose shared input side the checkpoint holds once, with another
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
         return True

@@ -89,24 +89,27 @@ def layout(n: int, batch: int = 1) -> int | None:
     return next((nw for nw in ((2, 1) if batch > 8 else (4, 2, 1)) if n % (64 * nw) == 0), None)
 
 
-def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0) -> tuple[tuple[str, int], ...]:
+def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0,
+            tiled: bool = False) -> tuple[tuple[str, int], ...]:
     words = nw * (2 if stage2 == 2 else 1)  # 32-bit words a step loads per row (stage-one + stage-two codes)
-    config = {"STAGE2": stage2, "NW": nw,
+    config = {"STAGE2": stage2, "NW": nw, "TILED": int(tiled),
               **launch_shape(m, n // (64 * nw), words, batch, device_index, in_flight=8, xearly_many=1)}
     return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::e8p_gemv", mutates_args=())
 def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, tables: torch.Tensor,
-             scale: torch.Tensor, stage2: int, resid_inv: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)], scale (1, 1) fp16, or (m, 1) for matrices
-    stacked with a scale each [, residual (B, m) fp16] -> scale · x · Ŵᵀ (+ residual) (B, m)."""
+             scale: torch.Tensor, stage2: int, resid_inv: float, residual: torch.Tensor | None = None,
+             tiled: bool = False) -> torch.Tensor:
+    """x (B, n) fp16, codes (m, n/8) int16 [, codes2 (m, n/8)] (rows or, `tiled`, row-tiled), scale (1, 1)
+    fp16, or (m, 1) for matrices stacked with a scale each [, residual (B, m) fp16] -> scale · x · Ŵᵀ
+    (+ residual) (B, m)."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(stage2, layout(n, batch), m, n, batch, x.device.index or 0))
+    d = dict(defines(stage2, layout(n, batch), m, n, batch, x.device.index or 0, tiled))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
@@ -117,7 +120,7 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
 
 
 @e8p_gemv.register_fake
-def _(x, codes, codes2, tables, scale, stage2, resid_inv, residual=None):
+def _(x, codes, codes2, tables, scale, stage2, resid_inv, residual=None, tiled=False):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -137,7 +140,7 @@ class E8PCuda(GemvBackend):
         codes2 = buffers.get("codes2")
         return e8p_gemv(x, buffers["codes"].contiguous(), None if codes2 is None else codes2.contiguous(),
                         prepared[0], buffers["scales"], STAGE2[fmt.stage2], 1.0 / fmt.resid if fmt.resid else 0.0,
-                        residual)
+                        residual, fmt.tiled(m))
 
 
 register(E8PStages.name, E8PCuda())

@@ -67,6 +67,7 @@ class QuantLinear(nn.Module):
         processor: Processor,
         bias: bool = False,
         device: torch.device | str | None = None,
+        input_side_from: str | None = None,
     ):
         super().__init__()
         self.in_features = in_features
@@ -76,8 +77,14 @@ class QuantLinear(nn.Module):
         self.processor = processor
         self._codebook_names = list(codebook.buffer_specs(out_features, in_features))
         self._processor_names = list(processor.buffer_specs(out_features, in_features))
+        #: the module (full name) whose input side this one applies and does not store itself
+        self.input_side_from = input_side_from
+        borrowed = set(self.input_side_names()) if input_side_from else set()
         for name, (shape, dtype) in self._specs().items():
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+            # a borrowed side is a placeholder until `take_input_side` ties it (never on the meta device, which
+            # loaders fill only for what the checkpoint holds)
+            at = "cpu" if name in borrowed and torch.device(device or "cpu").type == "meta" else device
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=at), persistent=name not in borrowed)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
         #: run-time kernels for ≤ 16 rows: None = where they can run; False = always the PyTorch reference;
         #: True also runs the Triton transform kernels off CUDA (on the CPU: TRITON_INTERPRET=1, tests)
@@ -96,6 +103,7 @@ class QuantLinear(nn.Module):
             make_processor(spec["processor"]),
             bias=spec.get("bias", False),
             device=device,
+            input_side_from=spec.get("input_side_from"),
         )
 
     @classmethod
@@ -123,13 +131,35 @@ class QuantLinear(nn.Module):
         return fused
 
     def spec(self) -> dict[str, Any]:
-        return {
+        out = {
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "codebook": self.codebook.config(),
             "processor": self.processor.config(),
         }
+        if self.input_side_from:
+            out["input_side_from"] = self.input_side_from
+        return out
+
+    def input_side_names(self) -> list[str]:
+        """The buffers of the processor's input side V (none for processors without one)."""
+        side = self.processor.input_side(self.in_features)
+        return [] if side is None else list(side[1])
+
+    def take_input_side(self, leader: QuantLinear, leader_name: str, loading: bool = False) -> None:
+        """Apply `leader`'s input side as this module's own, holding its tensors instead of a copy: the side is
+        then stored once, with the leader, and counted once in bits per weight. The two must be equal (as
+        `shares_input_side` says), or, `loading` a checkpoint that stored it once, of the same kind."""
+        mine, theirs = self.processor.input_side(self.in_features), leader.processor.input_side(leader.in_features)
+        same = self.shares_input_side(leader) if not loading else \
+            mine is not None and theirs is not None and mine[0] == theirs[0] and self.in_features == leader.in_features
+        if leader is self or not same:
+            raise ValueError(f"{leader_name} does not apply the same input side as this module")
+        self.input_side_from = leader_name
+        for name in self.input_side_names():
+            self._buffers[name] = leader._buffers[name]
+            self._non_persistent_buffers_set.add(name)
 
     def load_quantized(self, buffers: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear:
         for name, tensor in buffers.items():
@@ -290,8 +320,10 @@ class QuantLinear(nn.Module):
         return y
 
     def stored_bits(self) -> int:
-        """Every stored bit: codes, scales, zero-points and processor parameters (bias excluded)."""
-        return stored_bits(self._specs())
+        """Every stored bit: codes, scales, zero-points and processor parameters (bias excluded; an input side
+        taken from another module is that module's)."""
+        borrowed = set(self.input_side_names()) if self.input_side_from else set()
+        return stored_bits({k: v for k, v in self._specs().items() if k not in borrowed})
 
     def _specs(self):
         m, n = self.out_features, self.in_features

@@ -36,3 +36,18 @@ class SharedInput(nn.Module):
             return [m(x) for m in self.mods]
         rows = first.rotate_input(x.reshape(-1, first.in_features))
         return [m.from_rotated(rows, x.shape[:-1]) for m in self.mods]
+
+
+def tie_input_sides(root: nn.Module, prefix: str = "") -> None:
+    """Give every QuantLinear under `root` that borrows its input side (`input_side_from`, a full module name
+    starting with `prefix`) its leader's tensors: after loading, where the checkpoint holds the side once."""
+    for mod in root.modules():
+        if isinstance(mod, QuantLinear) and mod.input_side_from:
+            name = mod.input_side_from
+            if not name.startswith(prefix):
+                raise ValueError(f"input side of {name}, outside {prefix or 'the model'}")
+            try:
+                leader = root.get_submodule(name[len(prefix):])
+            except AttributeError:
+                raise ValueError(f"a module takes its input side from {name}, which the model does not have") from None
+            mod.take_input_side(leader, name, loading=True)

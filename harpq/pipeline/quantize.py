@@ -33,6 +33,7 @@ from ..io.model import (
     load_tokenizer,
     read_config,
 )
+from ..nn import QuantLinear
 from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .experts import EXPERT_MATRICES, ExpertHessians, layer_experts, quantize_experts
@@ -288,6 +289,26 @@ def _shared_input_groups(layer_plan: dict[str, LayerRecipe], linears: dict[str, 
     return out
 
 
+def _tie_input_sides(layer: nn.Module, layer_plan: dict[str, LayerRecipe], collector: HessianCollector,
+                     where: str) -> dict[str, str]:
+    """Quantized linears of one layer that read one input and ended with equal input sides (q/k/v, gate/up
+    under RHT, Kronecker or a jointly fitted HARP side) take the first one's: the checkpoint stores the side
+    once. Returns member -> the linear whose side it took."""
+    leaders: dict[int, str] = {}
+    tied = {}
+    for rel in layer_plan:
+        if rel not in collector.group_of:
+            continue
+        mod = layer.get_submodule(rel)
+        if not isinstance(mod, QuantLinear) or not mod.input_side_names():
+            continue
+        first = leaders.setdefault(collector.group_of[rel], rel)
+        if first != rel and mod.shares_input_side(layer.get_submodule(first)):
+            mod.take_input_side(layer.get_submodule(first), where + first)
+            tied[rel] = first
+    return tied
+
+
 class HarpBudget:
     """A run's seconds of HARP fitting, shared by the HARP linears still to quantize: each gets what is
     left over what remains to do, so a fit that ends early leaves its time to the next."""
@@ -398,6 +419,9 @@ def _quantize_planned(
             if log_path is not None:
                 with log_path.open("a") as f:
                     f.write(json.dumps({**report.to_dict(), "layer": i}) + "\n")
+        if collector is not None:
+            for rel in _tie_input_sides(layer, plan[i], collector, f"{prefix}.{i}."):
+                specs[f"{prefix}.{i}.{rel}"] = layer.get_submodule(rel).spec()
         del collector
         if inputs is not None:
             inputs = run_layer(layer, inputs, kwargs, batch_size)

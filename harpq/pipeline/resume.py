@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io.hf_integration import module_from_spec
+from ..nn import tie_input_sides
 
 log = logging.getLogger(__name__)
 RECORD = "state.json"
@@ -115,6 +116,7 @@ class LayerCheckpoints:
             owner = layer.get_submodule(parent) if parent else layer
             setattr(owner, child, module_from_spec(spec))
         layer.load_state_dict(load_file(self.dir / f"layer-{index:05d}.safetensors"), strict=True)
+        tie_input_sides(layer, f"{prefix}.{index}.")
         return mine
 
     def restore_rng(self) -> None:

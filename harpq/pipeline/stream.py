@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import HarpqError
 from ..io.checkpoint import ShardWriter
 from ..io.model import check_finite, find_decoder_layers, input_group, layer_linears
+from ..nn import QuantLinear
 from ..recipe import LayerRecipe, derive_seed
 from .linear import quantize_linear
 
@@ -33,9 +34,10 @@ def meta_skeleton(model_path: str | Path) -> torch.nn.Module:
 
 def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]], prefix: str,
                     base_seed: int = 0) -> dict:
-    """Checkpoint key of each planned weight -> (module name, recipe, has bias); an experts matrix's key is
-    its 3-D parameter's, its module name the experts module's. Linears that read one input get one input
-    seed, derived as the layer-wise path derives it, so q/k/v and gate/up share their input side."""
+    """Checkpoint key of each planned weight -> (module name, recipe, has bias, the full name of the linear
+    whose input it reads); an experts matrix's key is its 3-D parameter's, its module name the experts
+    module's. Linears that read one input get one input seed, derived as the layer-wise path derives it, so
+    q/k/v and gate/up share their input side."""
     _, layers = find_decoder_layers(skeleton)
     out = {}
     for i, chosen in enumerate(plan):
@@ -43,10 +45,11 @@ def planned_weights(skeleton: torch.nn.Module, plan: list[dict[str, LayerRecipe]
         for rel, recipe in chosen.items():
             name = f"{prefix}.{i}.{rel}"
             if rel in linears:
-                seed = derive_seed(base_seed, f"{prefix}.{i}.{input_group(rel, linears)}")
-                out[f"{name}.weight"] = (name, replace(recipe, input_seed=seed), linears[rel].bias is not None)
+                group = f"{prefix}.{i}.{input_group(rel, linears)}"
+                seed = derive_seed(base_seed, group)
+                out[f"{name}.weight"] = (name, replace(recipe, input_seed=seed), linears[rel].bias is not None, group)
             else:  # "<experts>.gate_up_proj" / "<experts>.down_proj"
-                out[name] = (name.rpartition(".")[0], recipe, False)
+                out[name] = (name.rpartition(".")[0], recipe, False, name)
     return out
 
 
@@ -65,6 +68,8 @@ def quantize_streaming(
     experts: dict[str, dict[str, list]] = {}
     writer = ShardWriter(tmp)
     specs: dict[str, dict] = {}
+    #: input group -> (the first of its linears written, that linear's input side): the side is stored once
+    holders: dict[str, tuple[str, QuantLinear]] = {}
     shards = sorted(Path(model_path).glob("*.safetensors"))
     total = 0
     for shard in shards:
@@ -88,7 +93,7 @@ def quantize_streaming(
                     if key not in targets:
                         writer.add(key, tensor)
                         continue
-                    name, layer_recipe, has_bias = targets[key]
+                    name, layer_recipe, has_bias, group = targets[key]
                     if tensor.dim() == 3:  # one matrix of every expert
                         which = key.rpartition(".")[2]
                         short = which.removesuffix("_proj")
@@ -100,6 +105,11 @@ def quantize_streaming(
                             log.write(json.dumps(report.to_dict()) + "\n")
                         continue
                     module, report = quantize_linear(name, tensor.to(device), None, layer_recipe)
+                    holder = holders.get(group)
+                    if holder is not None and module.shares_input_side(holder[1]):
+                        module.take_input_side(holder[1], holder[0])  # not written again below
+                    elif holder is None and module.input_side_names():
+                        holders[group] = (name, _input_side_only(module))
                     specs[name] = {**module.spec(), "bias": has_bias}  # the bias is copied as it stands
                     for buf, value in module.state_dict().items():
                         writer.add(f"{name}.{buf}", value)
@@ -113,6 +123,15 @@ def quantize_streaming(
     for name, mats in experts.items():
         specs[name] = {"kind": "experts", "hidden_act": act, **mats}
     return specs
+
+
+def _input_side_only(module: QuantLinear) -> QuantLinear:
+    """A stand-in for `module` that keeps only its input side (what later members of its group compare
+    with), so the stream does not hold the module's codes."""
+    keep = QuantLinear.from_spec(module.spec(), device="meta")
+    for name in module.input_side_names():
+        keep._buffers[name] = module._buffers[name].detach().clone()
+    return keep
 
 
 def expected_tensors(skeleton: torch.nn.Module) -> dict[str, tuple[int, ...]]:

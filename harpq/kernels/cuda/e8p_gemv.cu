@@ -2,7 +2,9 @@
 // 1-bit E8 codebook, 4 bits: E8P again, each added with weight 1/resid), batch 1–16.
 //
 // Compile-time configuration (NVRTC -D): STAGE2 (0 none, 1 E8 1-bit, 2 E8P), NW (32-bit words = 2 codes
-// of a row each thread reads per step: 1, 2, 4), and the driver's MT, NT, WARPS, UNROLL (gemv_common.cuh).
+// of a row each thread reads per step: 1, 2, 4), TILED (codes of both stages row-tiled: 16 rows at a time,
+// chunks of 32 codes of each row in turn, `formats.packing.to_row_tiles`), and the driver's MT, NT, WARPS,
+// UNROLL (gemv_common.cuh).
 //
 // A 16-bit code is byte 0 = entry of the 256 absolute-value vectors, byte 1 = 7 signs and the ±¼ shift.
 // Two 1 KB tables in shared memory turn it into eight 4-bit fields n = 2k + b, one per coordinate, with
@@ -17,6 +19,11 @@
 // stage is one table of the same fields (n = 2v + 8, minus 36).
 
 #include "gemv_common.cuh"
+
+#ifndef TILED
+#define TILED 0
+#endif
+constexpr int CHUNK = 32;  // codes of a row per chunk of the tiled layout
 
 constexpr u32 EXP32 = 0x50005000u;    // (32, 32)
 constexpr u32 OFFSET = 0x50785078u;   // (35.75, 35.75)
@@ -73,19 +80,28 @@ struct E8PPolicy {
 #endif
     };
 
+    // where code e of a row is stored, in codes (a thread's codes never straddle two chunks)
+    DEVICE long long code_of(int row, int e) const {
+        const int row_codes = K / 8;
+#if TILED
+        const int c = e / CHUNK, width = min(CHUNK, row_codes - c * CHUNK);
+        return (long long)(row >> 4) * 16 * row_codes + c * 16 * CHUNK + (row & 15) * width + e - c * CHUNK;
+#else
+        return (long long)row * row_codes + e;
+#endif
+    }
+
     DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
-        const int row_words = K / 16;
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
-            const long long row = rows.valid[r] ? rows.row[r] : 0;
-            const long long at = row * row_words + (4 * s + t) * NW;
-            load_stream(codes + at, d.w[r], NW);
+            const int row = rows.valid[r] ? rows.row[r] : 0;
+            const long long at = code_of(row, (4 * s + t) * NW * 2);  // two codes per word
+            load_stream(codes + at / 2, d.w[r], NW);
 #if STAGE2 == 2
-            load_stream(codes2 + at, d.w2[r], NW);
+            load_stream(codes2 + at / 2, d.w2[r], NW);
 #elif STAGE2 == 1
-            const long long byte = row * (K / 8) + (4 * s + t) * NW * 2;
-            if (NW == 1) d.w2[r][0] = reinterpret_cast<const u16*>(codes2)[byte / 2];
-            else load_stream(codes2 + byte / 4, d.w2[r], NW / 2);
+            if (NW == 1) d.w2[r][0] = reinterpret_cast<const u16*>(codes2)[at / 2];  // one byte per code
+            else load_stream(codes2 + at / 4, d.w2[r], NW / 2);
 #endif
         }
     }
