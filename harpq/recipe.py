@@ -152,7 +152,7 @@ METHOD_NOTES: dict[str, tuple[str, str]] = {
     "quip": ("QuIP: Kronecker incoherence processing + LDLQ", "minutes"),
     "quipsharp": ("QuIP#: randomized Hadamard + E8P lattice + BlockLDLQ", "minutes"),
     "hqq": ("HQQ: half-quadratic zero-point fit, no data", "seconds (streamed from the files)"),
-    "harp": ("HARP: learned butterfly rotation + E8P + BlockLDLQ", "hours (fits each rotation; use a GPU)"),
+    "harp": ("HARP: learned butterfly rotation + E8P + BlockLDLQ", "about ten minutes (fits each rotation)"),
     "qtip": ("QTIP: randomized Hadamard + trellis codes (3INST, 16×16 tiles) + BlockLDLQ",
              "hours (a Viterbi over 65,536 states per 256 weights; use a GPU)"),
 }
