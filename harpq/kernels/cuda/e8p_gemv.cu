@@ -84,8 +84,7 @@ struct E8PPolicy {
     DEVICE long long code_of(int row, int e) const {
         const int row_codes = K / 8;
 #if TILED
-        const int c = e / CHUNK, width = min(CHUNK, row_codes - c * CHUNK);
-        return (long long)(row >> 4) * 16 * row_codes + c * 16 * CHUNK + (row & 15) * width + e - c * CHUNK;
+        RETURN_ROW_TILED_AT(row, e, row_codes, CHUNK)
 #else
         return (long long)row * row_codes + e;
 #endif

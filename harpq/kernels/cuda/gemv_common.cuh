@@ -105,6 +105,14 @@ DEVICE void load_cached(const u32* p, u32* r, int n, bool on) {
               : "=r"(r[i]), "=r"(r[i + 1]) : "l"(p + i), "r"(pred) X_CLOBBER);
 }
 
+// The body of a format's "where is element e of a row of row_len elements" in the row-tiled layout of
+// `formats.packing.to_row_tiles` (16 rows at a time, chunks of `chunk` elements of each row in turn, the last
+// chunk shorter where the row is); the elements a thread reads at once lie in one chunk. A macro rather than a
+// function: as one the compiler allocated a tested kernel's registers differently (128 -> 150).
+#define RETURN_ROW_TILED_AT(row, e, row_len, chunk)                                                         \
+    const int c = (e) / (chunk), width = min((chunk), (row_len) - c * (chunk));                             \
+    return (long long)((row) >> 4) * 16 * (row_len) + c * 16 * (chunk) + ((row) & 15) * width + (e) - c * (chunk);
+
 // Programmatic dependent launch (sm_90 on): launched with programmatic stream serialization, a GEMV
 // starts while the kernel before it finishes and streams its first weights (which no kernel writes) in
 // that time; it waits for the producer's results (its activations, the residual) before it reads them,

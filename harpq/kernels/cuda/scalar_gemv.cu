@@ -106,8 +106,7 @@ struct ScalarPolicy {
     // where word w of a row is stored (a thread's NW words never straddle two chunks)
     DEVICE long long word_of(int row, int w) const {
 #if TILED
-        const int c = w / CHUNK, width = min(CHUNK, row_words - c * CHUNK);
-        return (long long)(row >> 4) * 16 * row_words + c * 16 * CHUNK + (row & 15) * width + w - c * CHUNK;
+        RETURN_ROW_TILED_AT(row, w, row_words, CHUNK)
 #else
         return (long long)row * row_words + w;
 #endif
