@@ -188,6 +188,10 @@ def test_shared_input_sides_are_stored_once_and_tied_on_load(tiny_path, tmp_path
     side = sum(getattr(k, n).numel() * getattr(k, n).element_size() * 8 for n in k.input_side_names())
     alone = QuantLinear.from_spec({**k.spec(), "input_side_from": None})
     assert side > 0 and k.stored_bits() == alone.stored_bits() - side
+    log = {e["module"]: e for e in map(json.loads, (out / "quant_log.jsonl").read_text().splitlines())}
+    logged = log["model.layers.1.self_attn.k_proj"]["bits_per_weight"]  # the log counts the side once too
+    assert logged == pytest.approx(k.stored_bits() / (k.in_features * k.out_features), abs=1e-5)
+    assert set(log) == set(modules)
 
 
 def test_a_borrowed_input_side_must_exist_and_match():

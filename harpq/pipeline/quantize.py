@@ -38,7 +38,7 @@ from ..recipe import LayerRecipe, Recipe, derive_seed
 from .calibration import calibration_windows
 from .experts import EXPERT_MATRICES, ExpertHessians, layer_experts, quantize_experts
 from .hessian import HessianCollector
-from .linear import check_recipe, check_recipe_fits, quantize_linear, quantize_shared_input
+from .linear import LinearReport, check_recipe, check_recipe_fits, quantize_linear, quantize_shared_input
 from .resume import LayerCheckpoints, file_digest, model_digest
 from .stream import meta_skeleton, quantize_streaming
 
@@ -383,6 +383,7 @@ def _quantize_planned(
                     f.writelines(json.dumps({**report.to_dict(), "layer": i}) + "\n" for report in reports)
         del expert_hessians
         shared = _shared_input_groups(plan[i], linears, collector, f"{prefix}.{i}.", recipe.layer.seed)
+        reports: dict[str, LinearReport] = {}  # logged once the layer's linears have shared what they share
         for rel, layer_recipe in plan[i].items():
             if rel not in linears or (rel in shared and shared[rel] is None):
                 continue
@@ -397,9 +398,7 @@ def _quantize_planned(
                         budget.spend(report.parts.get("fit", {}).get("seconds", 0.0))
                     _set_submodule(layer, r, module)
                     specs[f"{prefix}.{i}.{r}"] = module.spec()
-                    if log_path is not None:
-                        with log_path.open("a") as f:
-                            f.write(json.dumps({**report.to_dict(), "layer": i}) + "\n")
+                    reports[r] = report
                 continue
             full = f"{prefix}.{i}.{rel}"
             hessian = None
@@ -416,12 +415,15 @@ def _quantize_planned(
                 budget.spend(report.parts.get("fit", {}).get("seconds", 0.0))
             _set_submodule(layer, rel, module)
             specs[full] = module.spec()
-            if log_path is not None:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({**report.to_dict(), "layer": i}) + "\n")
+            reports[rel] = report
         if collector is not None:
             for rel in _tie_input_sides(layer, plan[i], collector, f"{prefix}.{i}."):
-                specs[f"{prefix}.{i}.{rel}"] = layer.get_submodule(rel).spec()
+                module = layer.get_submodule(rel)
+                specs[f"{prefix}.{i}.{rel}"] = module.spec()
+                reports[rel].bits_per_weight = module.stored_bits() / (module.out_features * module.in_features)
+        if log_path is not None:
+            with log_path.open("a") as f:
+                f.writelines(json.dumps({**report.to_dict(), "layer": i}) + "\n" for report in reports.values())
         del collector
         if inputs is not None:
             inputs = run_layer(layer, inputs, kwargs, batch_size)
