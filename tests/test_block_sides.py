@@ -189,7 +189,8 @@ def test_layers_that_cannot_fuse_run_unfused():
     mods = dict(zip(("q_proj", "k_proj", "v_proj"), blk.qkv.mods, strict=True)) | dict(blk.linears) \
         | dict(zip(("gate_proj", "up_proj"), blk.gate_up.mods, strict=True))
     assert LayerSides.build(mods, 32) is not None
-    mods["k_proj"].v_signs.neg_()  # k's input side no longer q's: q/k/v cannot share one rotated input
+    mods["k_proj"].v_signs = -mods["k_proj"].v_signs  # k's input side no longer q's (it held q's tensor):
+    # q/k/v cannot share one rotated input
     assert LayerSides.build(mods, 32) is None
 
 

@@ -83,17 +83,11 @@ def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f:
 
 def _share_input_sides(linears: dict[str, nn.Module]) -> None:
     """Linears that read one input get one input side, as the pipeline fits them (HARP's learned stages
-    included): each group's later members take the first member's input-side buffers."""
-    firsts: dict[str, QuantLinear] = {}
+    included): each group's later members take the first member's side, as a quantized checkpoint's do."""
     for name, mod in linears.items():
-        if not isinstance(mod, QuantLinear):
-            continue
-        first = firsts.setdefault(input_group(name, linears), mod)
-        side = mod.processor.input_side(mod.in_features)
-        if first is mod or side is None:
-            continue
-        for key in side[1]:
-            getattr(mod, key).copy_(getattr(first, key))
+        leader = input_group(name, linears)
+        if isinstance(mod, QuantLinear) and leader != name and mod.input_side_names():
+            mod.take_input_side(linears[leader], leader, equal_values=False)
 
 
 def build(shape: DecoderShape, fmt: str, device: torch.device | str = "cuda", seed: int = 0) -> Decoder:

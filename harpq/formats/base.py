@@ -21,6 +21,21 @@ class StorageFormat(ABC):
 
     #: the key kernel backends are registered under
     name: str
+    #: rows per tile of the row-tiled code layout (`packing.to_row_tiles`), 0 for rows one after another
+    row_tile: int = 0
+
+    def tiled(self, out_features: int) -> bool:
+        """Whether a matrix of this many rows stores its codes row-tiled."""
+        return bool(self.row_tile) and out_features % self.row_tile == 0
+
+    def _set_row_tile(self, row_tile: int) -> None:
+        if row_tile not in (0, 16):
+            raise ValueError(f"row tile {row_tile} is not 0 (rows one after another) or 16")
+        self.row_tile = row_tile
+
+    def _tiles_straddle(self, parts: list[tuple[dict[str, torch.Tensor], int]]) -> bool:
+        """Whether stacking these matrices' rows would put one tile across two of them."""
+        return bool(self.row_tile) and any(m % self.row_tile for _, m in parts)
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

@@ -28,19 +28,13 @@ class E8PStages(StorageFormat):
     def __init__(self, bits: int, resid: float | None, row_tile: int = 16):
         if bits not in STAGE2:
             raise ValueError(f"E8P stores 2, 3 or 4 bits per weight, not {bits}")
-        if row_tile not in (0, 16):
-            raise ValueError(f"row tile {row_tile} is not 0 (rows one after another) or 16")
+        self._set_row_tile(row_tile)
         self.bits = bits
         self.stage2 = STAGE2[bits]
         self.resid = resid if self.stage2 else None
-        self.row_tile = row_tile
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits, "resid": self.resid, "row_tile": self.row_tile}
-
-    def tiled(self, out_features: int) -> bool:
-        """Whether a matrix of this many rows stores its codes row-tiled."""
-        return bool(self.row_tile) and out_features % self.row_tile == 0
 
     def codes_by_row(self, codes: torch.Tensor) -> torch.Tensor:
         """Stored codes of either stage (m, n/8) as rows, whatever the layout."""
@@ -68,7 +62,7 @@ class E8PStages(StorageFormat):
 
     def concat_rows(self, parts, in_features):
         """Codes stacked, and the matrices' scales as one per row (m, 1): what the decode GEMV takes."""
-        if self.row_tile and any(m % self.row_tile for _, m in parts):  # tiles would straddle two matrices
+        if self._tiles_straddle(parts):
             return None
         out = {"codes": torch.cat([b["codes"] for b, _ in parts]),
                "scales": torch.cat([b["scales"].reshape(1, 1).expand(m, 1) for b, m in parts])}

@@ -29,20 +29,14 @@ class ScalarGroups(StorageFormat):
     def __init__(self, bits: int, group_size: int, zero: str, row_tile: int = 16):
         if zero not in ZERO_KINDS:
             raise ValueError(f"zero-point kind {zero!r} is not one of {ZERO_KINDS}")
-        if row_tile not in (0, 16):
-            raise ValueError(f"row tile {row_tile} is not 0 (rows one after another) or 16")
+        self._set_row_tile(row_tile)
         self.bits = bits
         self.group_size = 0 if zero == "mid" else group_size
         self.zero = zero
-        self.row_tile = row_tile
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "bits": self.bits, "group_size": self.group_size, "zero": self.zero,
                 "row_tile": self.row_tile}
-
-    def tiled(self, out_features: int) -> bool:
-        """Whether a matrix of this many rows stores its codes row-tiled."""
-        return bool(self.row_tile) and out_features % self.row_tile == 0
 
     def codes_by_row(self, codes: torch.Tensor) -> torch.Tensor:
         """The stored codes (m, words) as rows of packed words, whatever the layout."""
@@ -103,7 +97,7 @@ class ScalarGroups(StorageFormat):
     def concat_rows(self, parts, in_features):
         if self.zero == "mid":  # one scale per matrix
             return None
-        if self.row_tile and any(m % self.row_tile for _, m in parts):  # tiles would straddle two matrices
+        if self._tiles_straddle(parts):
             return None
         out = {"codes": torch.cat([b["codes"] for b, _ in parts]), "scales": torch.cat([b["scales"] for b, _ in parts])}
         if self.zero == "fp16":

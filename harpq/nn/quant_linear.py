@@ -147,12 +147,13 @@ class QuantLinear(nn.Module):
         side = self.processor.input_side(self.in_features)
         return [] if side is None else list(side[1])
 
-    def take_input_side(self, leader: QuantLinear, leader_name: str, loading: bool = False) -> None:
+    def take_input_side(self, leader: QuantLinear, leader_name: str, equal_values: bool = True) -> None:
         """Apply `leader`'s input side as this module's own, holding its tensors instead of a copy: the side is
-        then stored once, with the leader, and counted once in bits per weight. The two must be equal (as
-        `shares_input_side` says), or, `loading` a checkpoint that stored it once, of the same kind."""
+        then stored once, with the leader, and counted once in bits per weight. The two sides must be of one
+        kind and, unless `equal_values` is off (loading a checkpoint that holds the side once; a benchmark's
+        random model), equal as `shares_input_side` says."""
         mine, theirs = self.processor.input_side(self.in_features), leader.processor.input_side(leader.in_features)
-        same = self.shares_input_side(leader) if not loading else \
+        same = self.shares_input_side(leader) if equal_values else \
             mine is not None and theirs is not None and mine[0] == theirs[0] and self.in_features == leader.in_features
         if leader is self or not same:
             raise ValueError(f"{leader_name} does not apply the same input side as this module")

@@ -50,4 +50,4 @@ def tie_input_sides(root: nn.Module, prefix: str = "") -> None:
                 leader = root.get_submodule(name[len(prefix):])
             except AttributeError:
                 raise ValueError(f"a module takes its input side from {name}, which the model does not have") from None
-            mod.take_input_side(leader, name, loading=True)
+            mod.take_input_side(leader, name, equal_values=False)
