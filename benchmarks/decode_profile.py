@@ -36,10 +36,16 @@ def family(name: str) -> str:
     for fam, keys in FAMILIES:
         if any(k.lower() in low for k in keys):
             return fam
-    return "other (copies, adds, argmax)"
+    return FAMILIES_OTHER
 
 
-def profile_step(fmt: str, shape: str, replays: int = 8) -> tuple[dict[str, float], dict[str, int], float]:
+FAMILIES_OTHER = "other (copies, adds, argmax)"
+
+
+def profile_step(fmt: str, shape: str, replays: int = 8,
+                 others: dict[str, float] | None = None) -> tuple[dict[str, float], dict[str, int], float]:
+    """Kernel µs and launches per token by family, and the step's wall µs; `others` collects the µs per token
+    of each kernel no family claims, by name."""
     decoder = bench.build(SHAPES[shape], fmt)
     runner = DecodeRunner(decoder, 1, 16 + 4 * replays + 8)
     runner.prefill(torch.randint(0, decoder.shape.vocab, (1, 16), device=decoder.device))
@@ -56,8 +62,11 @@ def profile_step(fmt: str, shape: str, replays: int = 8) -> tuple[dict[str, floa
     counts: dict[str, int] = collections.defaultdict(int)
     for evt in prof.events():
         if evt.device_type == torch.autograd.DeviceType.CUDA and evt.device_time > 0:
-            times[family(evt.name)] += evt.device_time / replays
-            counts[family(evt.name)] += 1
+            fam = family(evt.name)
+            times[fam] += evt.device_time / replays
+            counts[fam] += 1
+            if others is not None and fam == FAMILIES_OTHER:
+                others[evt.name[:80]] = others.get(evt.name[:80], 0.0) + evt.device_time / replays
     del runner, decoder
     gc.collect()
     torch.cuda.empty_cache()
@@ -69,11 +78,14 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-2-7b")
     ap.add_argument("--formats", default="fp16,quipsharp2,harp2,rtn4")
     args = ap.parse_args()
-    names = [f for f, _ in FAMILIES] + ["other (copies, adds, argmax)"]
+    names = [f for f, _ in FAMILIES] + [FAMILIES_OTHER]
     rows = {}
     for fmt in args.formats.split(","):
-        rows[fmt] = profile_step(fmt, args.shape)
+        others: dict[str, float] = {}
+        rows[fmt] = profile_step(fmt, args.shape, others=others)
         print(fmt, {k: round(v) for k, v in rows[fmt][0].items()}, f"step {rows[fmt][2]:.0f} µs", flush=True)
+        for name, us in sorted(others.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"    other: {us:6.0f} µs  {name}")
     print(f"\n{args.shape} on {torch.cuda.get_device_name()}, batch 1: µs of kernel time per token (kernels per token)")
     print("| family | " + " | ".join(rows) + " |")
     print("|---|" + "---|" * len(rows))

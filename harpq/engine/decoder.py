@@ -221,12 +221,22 @@ class Decoder(nn.Module):
         x = self.embed[tokens]
         cos, sin = self.cos[pos], self.sin[pos]
         causal = self.positions[None, :] <= pos[:, None]
-        masks = {w: (causal if w is None else causal & (self.positions[None, :] > pos[:, None] - w))[None, None]
+        masks = {w: _additive(causal if w is None else causal & (self.positions[None, :] > pos[:, None] - w), x.dtype)
                  for w in {blk.window for blk in self.blocks}}  # per sliding window: key > query − window
         for blk in self.blocks:
             x = blk(x, pos, cos, sin, masks, fused)
         x = rms_norm(x[:, -1], self.norm, self.shape.norm_eps, fused)
         return self.lm_head(x)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean (T, S) attention mask as the (1, 1, T, S) additive mask attention kernels take (0 or −inf) in
+    the activations' dtype, its rows 16 elements apart: made once per step, because a boolean mask, or one
+    of another dtype or an unaligned row stride, is converted (or padded) again by every layer's attention."""
+    t, s = allowed.shape
+    out = torch.empty(t, -(-s // 16) * 16, dtype=dtype, device=allowed.device)[:, :s]
+    out.zero_().masked_fill_(~allowed, float("-inf"))
+    return out[None, None]
 
 
 def from_hf(model: nn.Module) -> Decoder:
