@@ -265,12 +265,12 @@ def test_stacked_matrices_are_shared_and_follow_the_layer(fmt):
     """q/k/v's and gate/up's codes are views of their one stacked GEMV matrix (E8P rows; trellis tiles,
     row-block-major), and a Module._apply (what .to() and .cuda() run) moves the stacked tensors with the
     layer: after it, the step reads the new ones only."""
-    decoder = build(DecoderShape(256, 1, 2, 2, 384, 64), fmt, "cpu")
+    decoder = build(DecoderShape(256, 1, 2, 2, 384, 64), fmt, DEV)  # the fused step's kernels run on DEV
     blk = decoder.blocks[0]
     stacks = (blk.fused_sides.qkv, blk.fused_sides.gate_up)
     for stack in stacks:
         assert all(_storage(m.codes) == _storage(stack.buffers["codes"]) for m in stack.mods)
-    ids, pos = torch.tensor([[1, 2, 3]]), torch.arange(3)
+    ids, pos = torch.tensor([[1, 2, 3]], device=DEV), torch.arange(3, device=DEV)
 
     def step():
         decoder.setup_cache(1, 4)
