@@ -49,15 +49,15 @@ class LayerRecipe:
     seed: int = 0
     input_seed: int | None = None
     #: HARP's defaults are the setting that measured best at equal bits on llama-small (kron stages stored
-    #: as int8, 150 Adam steps, the target searched every 8th step) and fits Llama-2-7B shapes in about half
-    #: an H200-hour (benchmarks/RESULTS.md)
-    harp_steps: int = 150
+    #: as int8, 40 Adam steps, the target searched at every step) and fits Llama-2-7B shapes in about two
+    #: thirds of an H200-hour at 2 bits (benchmarks/RESULTS.md)
+    harp_steps: int = 40
     harp_schedule: str = "kron"
     harp_store: str = "int8"
     #: seconds this module's HARP fit may take (set per module from the run's `Recipe.harp_budget`)
     harp_seconds: float | None = None
     #: HARP: steps between two searches of the codebook for the fit's target
-    harp_refresh: int = 8
+    harp_refresh: int = 1
     #: qtip: state bits L of the trellis (Viterbi's work and memory grow as 2^L; QTIP uses 16)
     trellis_L: int = 16
 

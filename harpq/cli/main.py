@@ -193,10 +193,10 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--scale-sweep", is_flag=True, help="e8p: choose the codebook scale per model on the proxy loss.")
 @click.option("--act-order", is_flag=True, help="LDLQ: round columns in order of decreasing Hessian diagonal.")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="LDLQ: relative Hessian damping.")
-@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 150]")
+@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 40]")
 @click.option("--harp-refresh", type=click.IntRange(min=1), default=None, metavar="K",
               help="HARP: search the codebook for the fit's target every K steps (the search dominates a step; "
-                   "between searches the last target stands in). [default: 8]")
+                   "between searches the last target stands in). [default: 1]")
 @click.option("--harp-budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="HARP: seconds of fitting for the whole run, shared by its HARP linears (each fit stops "
                    "when its share is spent, keeping its best iterate, never worse than the RHT start).")
@@ -387,7 +387,7 @@ def eval_lines(result: dict[str, Any]) -> list[str]:
 @click.option("--ctx", type=int, default=512, show_default=True)
 @click.option("--nsamples", type=int, default=128, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
-@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 150]")
+@click.option("--harp-steps", type=int, default=None, help="HARP: Adam steps per module. [default: 40]")
 @click.option("--keep-models/--no-keep-models", default=True, show_default=True,
               help="Keep each quantized model under OUT/models (to run, export or evaluate further).")
 @click.option("--device", default="cpu", show_default=True)
