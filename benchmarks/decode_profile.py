@@ -31,15 +31,15 @@ FAMILIES = [  # (family, substrings of the kernel name), first match wins
 ]
 
 
+FAMILIES_OTHER = "other (copies, adds, argmax)"
+
+
 def family(name: str) -> str:
     low = name.lower()
     for fam, keys in FAMILIES:
         if any(k.lower() in low for k in keys):
             return fam
     return FAMILIES_OTHER
-
-
-FAMILIES_OTHER = "other (copies, adds, argmax)"
 
 
 def profile_step(fmt: str, shape: str, replays: int = 8,
@@ -66,7 +66,8 @@ def profile_step(fmt: str, shape: str, replays: int = 8,
             times[fam] += evt.device_time / replays
             counts[fam] += 1
             if others is not None and fam == FAMILIES_OTHER:
-                others[evt.name[:80]] = others.get(evt.name[:80], 0.0) + evt.device_time / replays
+                key = evt.name[:80]
+                others[key] = others.get(key, 0.0) + evt.device_time / replays
     del runner, decoder
     gc.collect()
     torch.cuda.empty_cache()
