@@ -147,6 +147,65 @@ def test_cuda_graph_decode_equals_eager(tiny_path, method):
     assert graphed.graph is not None
 
 
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("quipsharp", 2)])
+def test_quant_linear_takes_its_input_norm(method, bits):
+    """Where no kernel folds it (here: the CPU), QuantLinear(x, norm=(w, eps)) is QuantLinear(RMSNorm(x)), with or
+    without an input transform."""
+    from harpq.engine.bench import random_quant_linear
+    from harpq.kernels.fused import rms_norm_reference
+
+    gen = torch.Generator().manual_seed(bits)
+    module = random_quant_linear(method, {"bits": bits}, 32, 256, "model.layers.0.self_attn.q_proj",
+                                 torch.device("cpu"), gen)
+    x, weight = torch.randn(3, 2, 256, generator=gen), torch.rand(256, generator=gen) + 0.5
+    got = module(x, norm=(weight, 1e-5))
+    assert got.shape == (3, 2, 32)
+    assert torch.equal(got, module(rms_norm_reference(x, weight, 1e-5)))
+
+
+def test_a_folded_norm_refuses_a_weight_it_cannot_take():
+    from harpq.kernels.nvrtc import norm_arg
+
+    with pytest.raises(ValueError, match="at most 4 rows, got 5"):
+        norm_arg(torch.ones(256).half(), 5, 256, 4)
+    with pytest.raises(ValueError, match=r"norm weight of shape \(256,\) torch.float32, expected \(256,\) fp16"):
+        norm_arg(torch.ones(256), 1, 256, 4)
+    with pytest.raises(ValueError, match=r"shape \(128,\)"):
+        norm_arg(torch.ones(128).half(), 1, 256, 4)
+    assert norm_arg(torch.ones(256).half(), 4, 256, 4).shape == (256,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the folded norm runs in the CUDA kernels")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_with_norms_folded_into_the_gemvs_equals_without(tiny_path, batch, monkeypatch):
+    """rtn 4-bit layers: the step that folds each input RMSNorm into the q/k/v and gate/up GEMVs gives the logits
+    of the step that runs the norms as their own kernels (fp16 rounding apart)."""
+    from harpq.engine import decoder as decoder_module
+    from harpq.engine.bench import random_quant_linear
+
+    model = harpq.load(tiny_path, device="cuda").eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, torch.nn.Linear):
+                    setattr(parent, name, random_quant_linear("rtn", {"bits": 4}, mod.out_features, mod.in_features,
+                                                              f"{i}.{name}", torch.device("cuda"), gen))
+    ids = torch.randint(0, model.config.vocab_size, (batch, 6), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(4))
+    logits = {}
+    for fold in (True, False):
+        monkeypatch.setattr(decoder_module, "FOLD_NORMS", fold)
+        dec = from_hf(model)
+        dec.setup_cache(batch, 16)
+        qkv, x0 = dec.blocks[0].qkv, torch.zeros(batch, dec.shape.dim, device="cuda").half()
+        assert harpq.kernels.select(qkv.format, x0, qkv.out_features, qkv.in_features).folds_norm(x0)
+        with torch.no_grad():
+            dec(ids[:, :5], torch.arange(5, device="cuda"))
+            logits[fold] = dec(ids[:, 5:], torch.tensor([5], device="cuda")).double()
+    assert (logits[True] - logits[False]).norm() / logits[False].norm() < 5e-3
+
+
 @torch.no_grad()
 def test_fused_projections_share_memory_with_the_model(tiny_path):
     model = harpq.load(tiny_path).eval()

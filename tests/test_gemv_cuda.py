@@ -92,6 +92,65 @@ def test_residual_is_added_in_the_kernel(fmt):
     assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
 
 
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
+                                 ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
+@pytest.mark.parametrize("m,n", [(48, 1024), (12288, 4096), (272, 4160)])  # 8-warp blocks / many rows / short chunk
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
+    """The kernel that takes the layer's RMSNorm weight computes W · RMSNorm(x) (Llama's norm, statistics in
+    fp32) for rows of very different scale, and with the residual added in the same store."""
+    from harpq.kernels.fused import rms_norm_reference
+
+    buffers = random_buffers(fmt, m, n, batch + m)
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    scales = torch.tensor([0.02, 1.0, 40.0, 3.0][:batch], device="cuda")[:, None]  # rows of very different rms
+    x = torch.randn(batch, n, device="cuda", generator=gen) * scales
+    x[:, 7] = 200.0  # an outlier channel, as Llama's residual stream has
+    x = x.half()
+    weight = (torch.rand(n, device="cuda", generator=gen) * 2).half()
+    residual = torch.randn(batch, m, device="cuda", generator=gen).half()
+    backend = select(fmt, x, m, n)
+    assert backend.folds_norm(x)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    w = fmt.decode(buffers, m, n).double()
+    ref = rms_norm_reference(x, weight, 1e-5).double() @ w.T
+    got = backend.matmul(fmt, buffers, prepared, x, m, n, norm=(weight, 1e-5))
+    err = (got.double() - ref).norm(dim=1) / ref.norm(dim=1)
+    assert err.max() < 3e-3, err
+    both = backend.matmul(fmt, buffers, prepared, x, m, n, residual=residual, norm=(weight, 1e-5))
+    assert (both.double() - ref - residual.double()).norm() / ref.norm() < 3e-3
+
+
+def test_folded_norm_is_refused_beyond_its_batch_and_for_the_wrong_weight():
+    fmt = ScalarGroups(4, 128, "int")
+    buffers = random_buffers(fmt, 32, 512, 0)
+    backend = select(fmt, torch.zeros(5, 512, device="cuda").half(), 32, 512)
+    prepared = backend.prepare(fmt, buffers, 32, 512)
+    assert not backend.folds_norm(torch.zeros(5, 512, device="cuda").half())
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        backend.matmul(fmt, buffers, prepared, torch.zeros(5, 512, device="cuda").half(), 32, 512,
+                       norm=(torch.ones(512, device="cuda").half(), 1e-5))
+    with pytest.raises(ValueError, match="norm weight of shape"):
+        backend.matmul(fmt, buffers, prepared, torch.zeros(1, 512, device="cuda").half(), 32, 512,
+                       norm=(torch.ones(256, device="cuda").half(), 1e-5))
+
+
+@pytest.mark.parametrize("batch", [1, 4, 7])
+def test_quant_linear_folds_the_norm_where_its_kernel_can(batch):
+    """QuantLinear(x, norm=...) equals QuantLinear(RMSNorm(x)): folded into the kernel at batch ≤ 4, the norm's
+    own kernel first beyond."""
+    from harpq.engine.bench import random_quant_linear
+    from harpq.kernels.fused import rms_norm_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    module = random_quant_linear("rtn", {"bits": 4}, 96, 1024, "m", torch.device("cuda"), gen)
+    x = (torch.randn(batch, 1024, device="cuda", generator=gen) * 3).half()
+    weight = (torch.rand(1024, device="cuda", generator=gen) + 0.5).half()
+    got = module(x, norm=(weight, 1e-6)).double()
+    want = module(rms_norm_reference(x, weight, 1e-6)).double()
+    assert (got - want).norm() / want.norm() < 3e-3
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("family", ["e8p", "qtip"])

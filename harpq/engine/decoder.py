@@ -9,6 +9,7 @@ storage format can hold them as one matrix (no processor, per-group scales).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +129,11 @@ class Block(nn.Module):
         mask = masks[self.window]
         if fused and self.fused_sides is not None and x.dtype == torch.float16:
             return self.fused_sides.forward(self, x, pos, cos, sin, mask)
-        h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
         if self.qkv is not None:
-            q, k, v = _outputs(self.qkv(h), [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
+            q, k, v = _outputs(_normed(self.qkv, x, self.attn_norm, s.norm_eps, fused),
+                               [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
         else:
+            h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
             q, k, v = (self.linears[n](h) for n in ATTN[:3])
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
             q = rms_norm(q.reshape(b, t, s.heads, s.hd), self.q_norm, s.norm_eps, False).view(b, t, -1)
@@ -146,14 +148,27 @@ class Block(nn.Module):
         o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
                                            enable_gqa=s.heads != s.kv_heads)
         x = _add_linear(x, self.linears["o_proj"], o.transpose(1, 2).reshape(b, t, s.heads * s.hd))
-        h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
-        if self.moe is not None:
-            return x + self.moe(h)
         if self.gate_up is not None:
-            gate, up = _outputs(self.gate_up(h), [s.ffn, s.ffn])
+            gate, up = _outputs(_normed(self.gate_up, x, self.mlp_norm, s.norm_eps, fused), [s.ffn, s.ffn])
         else:
+            h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
+            if self.moe is not None:
+                return x + self.moe(h)
             gate, up = self.linears["gate_proj"](h), self.linears["up_proj"](h)
         return _add_linear(x, self.linears["down_proj"], silu_mul(gate, up, fused))
+
+
+#: fold each layer's input RMSNorms into the quantized GEMVs that read them where their kernels can
+#: (`QuantLinear.forward(norm=...)`): two launches less per layer at small batch. HARPQ_FOLD_NORMS=0 (or
+#: setting this) turns it off, for comparisons.
+FOLD_NORMS = os.environ.get("HARPQ_FOLD_NORMS", "1") != "0"
+
+
+def _normed(linear: nn.Module, x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool):
+    """linear(RMSNorm(x)): the norm folded into a quantized linear's kernel where it can take it."""
+    if FOLD_NORMS and isinstance(linear, QuantLinear):
+        return linear(x, norm=(weight, eps))
+    return linear(rms_norm(x, weight, eps, fused))
 
 
 def _add_linear(residual: torch.Tensor, linear: nn.Module, h: torch.Tensor) -> torch.Tensor:

@@ -34,10 +34,16 @@ class GemvBackend(ABC):
         """Run-time tensors derived once from the stored ones (the caller caches them per module)."""
         return ()
 
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether `matmul` can take `norm=(weight, eps)` for x: its input then is RMSNorm(x) (Llama's), a decoder
+        layer's norm folded into the GEMV instead of a launch of its own."""
+        return False
+
     @abstractmethod
     def matmul(self, fmt: StorageFormat, buffers: dict[str, torch.Tensor], prepared: tuple[torch.Tensor, ...],
                x: torch.Tensor, m: int, n: int, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, n) -> x · Ŵᵀ (+ residual (B, m)) as (B, m) in x's dtype."""
+        """x (B, n) -> x · Ŵᵀ (+ residual (B, m)) as (B, m) in x's dtype (a backend that `folds_norm` also
+        takes `norm`)."""
 
 
 class ReferenceBackend(GemvBackend):

@@ -75,6 +75,15 @@ def residual_arg(residual: torch.Tensor | None, batch: int, m: int) -> torch.Ten
     return residual.contiguous()
 
 
+def norm_arg(weight: torch.Tensor, batch: int, n: int, max_batch: int) -> torch.Tensor:
+    """The RMSNorm weight a GEMV folds into its input load: (n,) fp16, contiguous, for at most `max_batch` rows."""
+    if batch > max_batch:
+        raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows, got {batch}")
+    if weight.shape != (n,) or weight.dtype != torch.float16:
+        raise ValueError(f"norm weight of shape {tuple(weight.shape)} {weight.dtype}, expected ({n},) fp16")
+    return weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous().clone()
+
+
 def _sources_digest() -> str:
     h = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*")):

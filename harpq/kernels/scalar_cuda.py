@@ -16,6 +16,8 @@ from .backends import MAX_DECODE_BATCH, GemvBackend, register
 from .tuning import launch_shape
 
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
+#: batch rows the kernel normalizes itself (NORM_ROWS of `cuda/gemv_common.cuh`); beyond, the norm is its own launch
+NORM_MAX_BATCH = 4
 
 
 def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
@@ -42,9 +44,10 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
 
 
 def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
-            device_index: int = 0, tiled: bool = False) -> tuple[tuple[str, int], ...]:
+            device_index: int = 0, tiled: bool = False, norm: bool = False) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
+              "NORM": int(norm),
               **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
                              one_wave=True)}
     return tuple(sorted(config.items()))
@@ -53,24 +56,29 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
 @torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
 def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
                 group_shift: int, step_scale: int, residual: torch.Tensor | None = None,
-                tiled: bool = False) -> torch.Tensor:
+                tiled: bool = False, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
     """x (B, n) fp16, codes (m, words) int32 (rows or, `tiled`, row-tiled), meta (groups, m) int32 = half2
-    (scale, zero) [, residual (B, m) fp16, added] -> (B, m) fp16."""
+    (scale, zero) [, residual (B, m) fp16, added] [, norm_weight (n,) fp16: the input is RMSNorm(x) with
+    this weight and `norm_eps`, B ≤ NORM_MAX_BATCH] -> (B, m) fp16."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
     m = codes.shape[0]
+    if norm_weight is not None:
+        norm_weight = nvrtc.norm_arg(norm_weight, batch, n, NORM_MAX_BATCH)
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled))
+    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled, norm_weight is not None))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
-                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
+                 nvrtc.ptr(norm_weight), np.float32(norm_eps))
     return y
 
 
 @scalar_gemv.register_fake
-def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None, tiled=False):
+def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None, tiled=False, norm_weight=None,
+      norm_eps=0.0):
     return x.new_empty(x.shape[0], codes.shape[0])
 
 
@@ -88,11 +96,15 @@ class ScalarCuda(GemvBackend):
         pairs = torch.stack([scale.half(), zero.half()], dim=-1).contiguous()  # exact: both are fp16 values
         return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
 
-    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None):
+    def folds_norm(self, x):
+        return x.shape[0] <= NORM_MAX_BATCH
+
+    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None, norm=None):
         nw, shift, step_scale = layout(fmt, n)
         codes = buffers["codes"]
+        weight, eps = norm if norm is not None else (None, 0.0)
         return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
-                           fmt.zero == "int", nw, shift, step_scale, residual, fmt.tiled(m))
+                           fmt.zero == "int", nw, shift, step_scale, residual, fmt.tiled(m), weight, float(eps))
 
 
 register(ScalarGroups.name, ScalarCuda())

@@ -235,15 +235,23 @@ class QuantLinear(nn.Module):
         self._dense[key] = (version, dense)
         return dense
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """y = U Ŵ̃ Vᵀ x + b (+ residual: a decoder layer's skip connection, fused into the kernel's store
-        where there is no output transform or bias)."""
+        where there is no output transform or bias). `norm` = (weight, eps): the input is RMSNorm(x) (Llama's),
+        folded into the kernel where it can take it (no input transform, a backend that `folds_norm`), else
+        applied first."""
         dense = self._dense_weight(x) if self.use_kernels is not True else None
         if dense is not None:
+            x = x if norm is None else _rms_norm(x, norm)
             y = torch.nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
             return y if residual is None else residual + y
         rows = x.reshape(-1, self.in_features)
         context = self._run_context(rows)  # the rotated rows have the same shape, dtype and device
+        if norm is not None:
+            if self.processor.config()["name"] == "none" and context[0].folds_norm(rows):
+                return self.from_rotated(rows, x.shape[:-1], residual, context, norm)
+            rows = _rms_norm(rows, norm)
         return self.from_rotated(self.rotate_input(rows, context), x.shape[:-1], residual, context)
 
     def shares_input_side(self, other: QuantLinear) -> bool:
@@ -305,14 +313,17 @@ class QuantLinear(nn.Module):
         return self.processor.apply_output(self._buffers_of(self._processor_names), z)
 
     def from_rotated(self, rows: torch.Tensor, lead: torch.Size | tuple[int, ...],
-                     residual: torch.Tensor | None = None, context=None) -> torch.Tensor:
-        """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features)."""
+                     residual: torch.Tensor | None = None, context=None,
+                     norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features); `norm`:
+        for a backend that `folds_norm`, the stored matrix takes RMSNorm(rows)."""
         m, n = self.out_features, self.in_features
         backend, prepared, plans = context or self._run_context(rows)
         fuse = residual is not None and self.bias is None and self.processor.config()["name"] == "none" \
             and residual.dtype == rows.dtype
+        extra = {} if norm is None else {"norm": norm}
         z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows, m, n,
-                           residual.reshape(-1, m) if fuse else None)
+                           residual.reshape(-1, m) if fuse else None, **extra)
         y = self.rotate_output(z, (backend, prepared, plans)).view(*lead, m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -345,3 +356,10 @@ class QuantLinear(nn.Module):
         cb = self.codebook.config()
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"codebook={cb}, processor={self.processor.config()['name']}")
+
+
+def _rms_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """RMSNorm(x) with norm = (weight, eps), by the decode step's own kernel where it can run."""
+    from ..kernels.fused import rms_norm
+
+    return rms_norm(x, norm[0], norm[1], x.is_cuda and kernels.triton_available(x))

@@ -105,11 +105,10 @@ struct E8PPolicy {
         }
     }
 
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xon,
-                        float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const Acts& xs, float* acc) const {
         u32 xr[NT][RUN / 2];  // the step's activations, all requested before the first decode
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], RUN / 2, xon[nt]);
+        for (int nt = 0; nt < NT; ++nt) xs.load(nt, 0, xr[nt], RUN / 2);
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
 #pragma unroll

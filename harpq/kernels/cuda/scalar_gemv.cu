@@ -2,7 +2,8 @@
 // (RTN/GPTQ: integer zeros; HQQ: fp16 zeros; QuIP: one scale per matrix, zero (2^b − 1)/2), batch 1–16.
 //
 // Compile-time configuration (NVRTC -D): BITS (1, 2, 3, 4, 8), INT_ZERO (1: zero-points are integers), TILED,
-// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), STEP_SCALE (1: a step lies
+// NW (32-bit words of a row each thread reads per step: 1, 2, 4; 3 for BITS 3), NORM (the input is RMSNorm(x),
+// `gemv_common.cuh`), STEP_SCALE (1: a step lies
 // in one group, its scale multiplies the step's fp32 products; 0: groups smaller than a step, the scale
 // multiplies each weight pair in fp16), and the driver's MT, NT, WARPS, UNROLL, XEARLY (gemv_common.cuh).
 //
@@ -123,19 +124,18 @@ struct ScalarPolicy {
     }
 
     // this step's products (c − z)·x into `step_acc`, then the rows' scales into `acc`
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xon,
-                        float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const Acts& xs, float* acc) const {
         RowMeta meta[2 * MT];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) meta[r] = row_meta(d.m[r]);
         if (!STEP_SCALE) {  // scaled weight by weight
-            products(d, meta, xs, xon, acc);
+            products(d, meta, xs, acc);
             return;
         }
         float step_acc[ACC];
 #pragma unroll
         for (int i = 0; i < ACC; ++i) step_acc[i] = 0.f;
-        products(d, meta, xs, xon, step_acc);
+        products(d, meta, xs, step_acc);
 #pragma unroll
         for (int i = 0; i < ACC; ++i) {
             const int mt = (i / (NT * 4)) % MT, c = i & 3;
@@ -143,12 +143,11 @@ struct ScalarPolicy {
         }
     }
 
-    DEVICE void products(const Step& d, const RowMeta* meta, const u32* const* xs, const bool* xon,
-                         float* acc) const {
+    DEVICE void products(const Step& d, const RowMeta* meta, const Acts& xs, float* acc) const {
 #if BITS == 3
         u32 xr[NT][16];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], 16, xon[nt]);
+        for (int nt = 0; nt < NT; ++nt) xs.load(nt, 0, xr[nt], 16);
         u32 win[2 * MT][4], win8[2 * MT][4];
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
@@ -178,7 +177,7 @@ struct ScalarPolicy {
 #else
         u32 xr[NT][RUN / 2];  // the step's activations, all requested before the first decode
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) load_cached(xs[nt], xr[nt], RUN / 2, xon[nt]);
+        for (int nt = 0; nt < NT; ++nt) xs.load(nt, 0, xr[nt], RUN / 2);
 #pragma unroll
         for (int i = 0; i < NW; ++i) {
 #pragma unroll
@@ -209,7 +208,7 @@ struct ScalarPolicy {
 extern "C" __global__ void GEMV_BOUNDS
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
                   const u32* __restrict__ meta, int group_shift, u16* __restrict__ y,
-                  const u16* __restrict__ residual, int M, int K) {
+                  const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps) {
     const ScalarPolicy p{codes, row_words, meta, group_shift, M};
-    gemv_driver(p, x, batch, y, residual, M, K, 1.0f);
+    gemv_driver(p, x, batch, y, residual, M, K, 1.0f, nullptr, norm_w, norm_eps);
 }

@@ -93,8 +93,7 @@ struct TrellisPolicy {
         }
     }
 
-    DEVICE void compute(const Rows&, int, int, const Step& d, const u32* const* xs, const bool* xon,
-                        float* acc) const {
+    DEVICE void compute(const Rows&, int, int, const Step& d, const Acts& xs, float* acc) const {
         const int lane = threadIdx.x & 31;
         const int first = 8 * BITS * lane;  // the lane's first bit in its tile's stream
         const int a = first >> 5, a1 = a + 1 == TW ? 0 : a + 1;
@@ -103,7 +102,7 @@ struct TrellisPolicy {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int q = 0; q < G; ++q) load_cached(xs[nt] + 8 * q, xr[nt] + 2 * q, 2, xon[nt]);
+            for (int q = 0; q < G; ++q) xs.load(nt, 8 * q, xr[nt] + 2 * q, 2);
 #pragma unroll
         for (int q = 0; q < G; ++q) {
             u32 dup[NT][4];  // each column's activation in both halves
