@@ -49,8 +49,10 @@ def _scalar_configs():
         if lay:
             for tiled in (False, True):
                 seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=tiled))
-            if batch <= scalar_cuda.NORM_MAX_BATCH:  # the layer's RMSNorm folded in
-                seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=True, norm=True))
+            norm = batch <= scalar_cuda.NORM_MAX_BATCH  # the layer's RMSNorm folded in
+            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=True, norm=norm))
+            seen.add(scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=True, norm=norm,
+                                         glu=True))  # a gate/up GEMV that stores silu(gate) · up
     return sorted(seen)
 
 

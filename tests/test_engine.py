@@ -176,30 +176,28 @@ def test_a_folded_norm_refuses_a_weight_it_cannot_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the folded norm runs in the CUDA kernels")
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_with_norms_folded_into_the_gemvs_equals_without(tiny_path, batch, monkeypatch):
-    """rtn 4-bit layers: the step that folds each input RMSNorm into the q/k/v and gate/up GEMVs gives the logits
-    of the step that runs the norms as their own kernels (fp16 rounding apart)."""
+@pytest.mark.parametrize("fmt", ["rtn4", "hqq4", "rtn2"])
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_decode_with_norms_and_silu_folded_into_the_gemvs_equals_without(fmt, batch, monkeypatch):
+    """The step that folds each input RMSNorm into the q/k/v and gate/up GEMVs (batch ≤ 4) and SiLU·up into
+    gate/up's store gives the logits of the step that runs them as kernels of their own (fp16 rounding apart)."""
     from harpq.engine import decoder as decoder_module
-    from harpq.engine.bench import random_quant_linear
+    from harpq.engine.bench import build
 
-    model = harpq.load(tiny_path, device="cuda").eval()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for i, layer in enumerate(model.model.layers):
-        for parent in (layer.self_attn, layer.mlp):
-            for name, mod in list(parent.named_children()):
-                if isinstance(mod, torch.nn.Linear):
-                    setattr(parent, name, random_quant_linear("rtn", {"bits": 4}, mod.out_features, mod.in_features,
-                                                              f"{i}.{name}", torch.device("cuda"), gen))
-    ids = torch.randint(0, model.config.vocab_size, (batch, 6), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(4))
+    dec = build(DecoderShape(512, 2, 4, 2, 1024, 1000), fmt, "cuda", seed=batch)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for blk in dec.blocks:  # norms that are not all ones
+        blk.attn_norm.copy_(torch.rand(512, device="cuda", generator=gen) + 0.5)
+        blk.mlp_norm.copy_(torch.rand(512, device="cuda", generator=gen) + 0.5)
+    x0 = torch.zeros(batch, 512, device="cuda").half()
+    gate_up = dec.blocks[0].gate_up
+    backend = harpq.kernels.select(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
+    assert backend.folds_norm(x0) == (batch <= 4) and backend.folds_glu(x0, gate_up.out_features)
+    ids = torch.randint(0, 1000, (batch, 6), device="cuda", generator=gen)
     logits = {}
     for fold in (True, False):
-        monkeypatch.setattr(decoder_module, "FOLD_NORMS", fold)
-        dec = from_hf(model)
+        monkeypatch.setattr(decoder_module, "FOLD", fold)
         dec.setup_cache(batch, 16)
-        qkv, x0 = dec.blocks[0].qkv, torch.zeros(batch, dec.shape.dim, device="cuda").half()
-        assert harpq.kernels.select(qkv.format, x0, qkv.out_features, qkv.in_features).folds_norm(x0)
         with torch.no_grad():
             dec(ids[:, :5], torch.arange(5, device="cuda"))
             logits[fold] = dec(ids[:, 5:], torch.tensor([5], device="cuda")).double()

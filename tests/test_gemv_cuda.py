@@ -135,10 +135,40 @@ def test_folded_norm_is_refused_beyond_its_batch_and_for_the_wrong_weight():
                        norm=(torch.ones(256, device="cuda").half(), 1e-5))
 
 
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
+                                 ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
+@pytest.mark.parametrize("f,n", [(96, 1024), (11008, 4096), (1024, 4160)])
+@pytest.mark.parametrize("batch", [1, 4, 9, 16])
+def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
+    """With `glu` the GEMV of a stacked [gate; up] matrix (2F rows) returns silu(gate) · up (B × F), the norm
+    folded in too where the batch allows."""
+    from harpq.kernels.fused import rms_norm_reference
+
+    m = 2 * f
+    buffers = random_buffers(fmt, m, n, f + batch)
+    gen = torch.Generator(device="cuda").manual_seed(batch)
+    x = (torch.randn(batch, n, device="cuda", generator=gen) * 4).half()
+    backend = select(fmt, x, m, n)
+    assert backend.folds_glu(x, m)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    w = fmt.decode(buffers, m, n).double()
+    z = x.double() @ w.T
+    ref = torch.nn.functional.silu(z[:, :f]) * z[:, f:]
+    got = backend.matmul(fmt, buffers, prepared, x, m, n, glu=True)
+    assert got.shape == (batch, f)
+    assert (got.double() - ref).norm() / ref.norm() < 3e-3
+    if backend.folds_norm(x):
+        weight = (torch.rand(n, device="cuda", generator=gen) + 0.5).half()
+        z = rms_norm_reference(x, weight, 1e-5).double() @ w.T
+        ref = torch.nn.functional.silu(z[:, :f]) * z[:, f:]
+        got = backend.matmul(fmt, buffers, prepared, x, m, n, glu=True, norm=(weight, 1e-5))
+        assert (got.double() - ref).norm() / ref.norm() < 3e-3
+
+
 @pytest.mark.parametrize("batch", [1, 4, 7])
-def test_quant_linear_folds_the_norm_where_its_kernel_can(batch):
+def test_quant_linear_folds_the_norm_and_silu_where_its_kernel_can(batch):
     """QuantLinear(x, norm=...) equals QuantLinear(RMSNorm(x)): folded into the kernel at batch ≤ 4, the norm's
-    own kernel first beyond."""
+    own kernel first beyond; `glu` equals silu(gate) · up of the forward's two halves."""
     from harpq.engine.bench import random_quant_linear
     from harpq.kernels.fused import rms_norm_reference
 
@@ -149,6 +179,9 @@ def test_quant_linear_folds_the_norm_where_its_kernel_can(batch):
     got = module(x, norm=(weight, 1e-6)).double()
     want = module(rms_norm_reference(x, weight, 1e-6)).double()
     assert (got - want).norm() / want.norm() < 3e-3
+    glu = module.glu(x, norm=(weight, 1e-6)).double()
+    want = torch.nn.functional.silu(want[:, :48]) * want[:, 48:]
+    assert glu.shape == (batch, 48) and (glu - want).norm() / want.norm() < 3e-3
 
 
 @pytest.mark.parametrize("bits", [2, 4])

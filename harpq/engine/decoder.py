@@ -148,6 +148,8 @@ class Block(nn.Module):
         o = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
                                            enable_gqa=s.heads != s.kv_heads)
         x = _add_linear(x, self.linears["o_proj"], o.transpose(1, 2).reshape(b, t, s.heads * s.hd))
+        if FOLD and isinstance(self.gate_up, QuantLinear):  # the norm and SiLU·up in its kernel where it can
+            return _add_linear(x, self.linears["down_proj"], self.gate_up.glu(x, norm=(self.mlp_norm, s.norm_eps)))
         if self.gate_up is not None:
             gate, up = _outputs(_normed(self.gate_up, x, self.mlp_norm, s.norm_eps, fused), [s.ffn, s.ffn])
         else:
@@ -158,15 +160,15 @@ class Block(nn.Module):
         return _add_linear(x, self.linears["down_proj"], silu_mul(gate, up, fused))
 
 
-#: fold each layer's input RMSNorms into the quantized GEMVs that read them where their kernels can
-#: (`QuantLinear.forward(norm=...)`): two launches less per layer at small batch. HARPQ_FOLD_NORMS=0 (or
-#: setting this) turns it off, for comparisons.
-FOLD_NORMS = os.environ.get("HARPQ_FOLD_NORMS", "1") != "0"
+#: fold each layer's input RMSNorms into the quantized GEMVs that read them, and the MLP's SiLU·up into its
+#: gate/up GEMV, where their kernels can (`QuantLinear.forward(norm=...)`, `QuantLinear.glu`): up to three
+#: launches less per layer. HARPQ_FOLD=0 (or setting this) turns it off, for comparisons.
+FOLD = os.environ.get("HARPQ_FOLD", "1") != "0"
 
 
 def _normed(linear: nn.Module, x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool):
     """linear(RMSNorm(x)): the norm folded into a quantized linear's kernel where it can take it."""
-    if FOLD_NORMS and isinstance(linear, QuantLinear):
+    if FOLD and isinstance(linear, QuantLinear):
         return linear(x, norm=(weight, eps))
     return linear(rms_norm(x, weight, eps, fused))
 

@@ -39,11 +39,16 @@ class GemvBackend(ABC):
         layer's norm folded into the GEMV instead of a launch of its own."""
         return False
 
+    def folds_glu(self, x: torch.Tensor, m: int) -> bool:
+        """Whether `matmul` can take `glu=True` for x and an m-row matrix [gate; up]: it then returns
+        silu(gate) · up, (B, m / 2), the SiLU·up of a Llama MLP in the GEMV's store."""
+        return False
+
     @abstractmethod
     def matmul(self, fmt: StorageFormat, buffers: dict[str, torch.Tensor], prepared: tuple[torch.Tensor, ...],
                x: torch.Tensor, m: int, n: int, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, n) -> x · Ŵᵀ (+ residual (B, m)) as (B, m) in x's dtype (a backend that `folds_norm` also
-        takes `norm`)."""
+        takes `norm`, one that `folds_glu` takes `glu`)."""
 
 
 class ReferenceBackend(GemvBackend):

@@ -44,32 +44,39 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
 
 
 def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
-            device_index: int = 0, tiled: bool = False, norm: bool = False) -> tuple[tuple[str, int], ...]:
+            device_index: int = 0, tiled: bool = False, norm: bool = False,
+            glu: bool = False) -> tuple[tuple[str, int], ...]:
     run = 32 if bits == 3 else nw * 32 // bits
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
-              "NORM": int(norm),
+              "NORM": int(norm), "GLU": int(glu),
               **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
-                             one_wave=True)}
+                             one_wave=True, paired=glu)}
     return tuple(sorted(config.items()))
 
 
 @torch.library.custom_op("harpq::scalar_gemv", mutates_args=())
 def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: int, int_zero: bool, nw: int,
                 group_shift: int, step_scale: int, residual: torch.Tensor | None = None,
-                tiled: bool = False, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0) -> torch.Tensor:
+                tiled: bool = False, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
+                glu: bool = False) -> torch.Tensor:
     """x (B, n) fp16, codes (m, words) int32 (rows or, `tiled`, row-tiled), meta (groups, m) int32 = half2
     (scale, zero) [, residual (B, m) fp16, added] [, norm_weight (n,) fp16: the input is RMSNorm(x) with
-    this weight and `norm_eps`, B ≤ NORM_MAX_BATCH] -> (B, m) fp16."""
+    this weight and `norm_eps`, B ≤ NORM_MAX_BATCH] -> (B, m) fp16; with `glu` the matrix is [gate; up]
+    and the result silu(gate) · up, (B, m / 2)."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
     m = codes.shape[0]
     if norm_weight is not None:
         norm_weight = nvrtc.norm_arg(norm_weight, batch, n, NORM_MAX_BATCH)
-    y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
-    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled, norm_weight is not None))
+    if glu and (m % 32 or residual is not None):
+        raise ValueError(f"a gate/up GEMV needs a multiple of 32 rows and no residual, got {m} rows")
+    y = torch.empty(batch, m // 2 if glu else m, dtype=torch.float16, device=x.device)
+    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled, norm_weight is not None,
+                     glu))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
-    nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+    blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
+    nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
                  nvrtc.ptr(norm_weight), np.float32(norm_eps))
@@ -78,8 +85,8 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
 
 @scalar_gemv.register_fake
 def _(x, codes, meta, bits, int_zero, nw, group_shift, step_scale, residual=None, tiled=False, norm_weight=None,
-      norm_eps=0.0):
-    return x.new_empty(x.shape[0], codes.shape[0])
+      norm_eps=0.0, glu=False):
+    return x.new_empty(x.shape[0], codes.shape[0] // 2 if glu else codes.shape[0])
 
 
 class ScalarCuda(GemvBackend):
@@ -99,12 +106,15 @@ class ScalarCuda(GemvBackend):
     def folds_norm(self, x):
         return x.shape[0] <= NORM_MAX_BATCH
 
-    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None, norm=None):
+    def folds_glu(self, x, m):
+        return m % 32 == 0
+
+    def matmul(self, fmt, buffers, prepared, x, m, n, residual=None, norm=None, glu=False):
         nw, shift, step_scale = layout(fmt, n)
         codes = buffers["codes"]
         weight, eps = norm if norm is not None else (None, 0.0)
         return scalar_gemv(x, codes if codes.is_contiguous() else codes.contiguous(), prepared[0], fmt.bits,
-                           fmt.zero == "int", nw, shift, step_scale, residual, fmt.tiled(m), weight, float(eps))
+                           fmt.zero == "int", nw, shift, step_scale, residual, fmt.tiled(m), weight, float(eps), glu)
 
 
 register(ScalarGroups.name, ScalarCuda())

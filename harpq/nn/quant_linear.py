@@ -254,6 +254,29 @@ class QuantLinear(nn.Module):
             rows = _rms_norm(rows, norm)
         return self.from_rotated(self.rotate_input(rows, context), x.shape[:-1], residual, context)
 
+    def glu(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """silu(gate) · up, shaped (…, F), for a stacked [gate; up] matrix (out_features = 2F) and input x
+        (RMSNorm(x) with `norm`, as `forward`): in the kernel's store where its backend `folds_glu`, else the
+        MLP's SiLU·up after the GEMV."""
+        f = self.out_features // 2
+        if x.is_cuda and self.use_kernels is not False and self.bias is None \
+                and self.processor.config()["name"] == "none":
+            rows = x.reshape(-1, self.in_features)
+            backend, prepared, _ = self._run_context(rows)
+            if backend.folds_glu(rows, self.out_features):
+                extra: dict[str, Any] = {"glu": True}
+                if norm is not None and backend.folds_norm(rows):
+                    extra["norm"] = norm
+                elif norm is not None:
+                    rows = _rms_norm(rows, norm)
+                z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows,
+                                   self.out_features, self.in_features, **extra)
+                return z.view(*x.shape[:-1], f)
+        from ..kernels.fused import silu_mul
+
+        gate, up = self(x, norm=norm).split(f, dim=-1)
+        return silu_mul(gate, up, x.is_cuda and kernels.triton_available(x))
+
     def shares_input_side(self, other: QuantLinear) -> bool:
         """Whether `other` applies the same input transform Vᵀ (same kind, same parameters): then linears that
         read one input need it once (`SharedInput`)."""

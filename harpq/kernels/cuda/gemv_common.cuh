@@ -175,6 +175,12 @@ constexpr int ACC = ACC_SETS * MT * NT * 4;
 #ifndef NORM
 #define NORM 0
 #endif
+// GLU (0/1): the matrix is [gate; up] stacked (M = 2F rows, F a multiple of 16) and the GEMV stores
+// silu(gate) · up (B × F), the SiLU·up of a Llama MLP in its epilogue instead of a launch of its own: block b
+// holds gate rows 16b … 16b + 15 as its m-tile 0 and the same up rows (F below) as its m-tile 1 (MT = 2).
+#ifndef GLU
+#define GLU 0
+#endif
 
 struct Rows {
     int row[2 * MT];      // rows g, g+8 of each m-tile
@@ -260,12 +266,17 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     __shared__ float red[WARPS * MT * NT * 4 * 32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * 16 * MT;
+#if GLU
+    static_assert(MT == 2, "GLU pairs a gate tile with its up tile");
+    const int row0 = blockIdx.x * 16, tile_step = M / 2;  // m-tile 1 lies M/2 rows below m-tile 0
+#else
+    const int row0 = blockIdx.x * 16 * MT, tile_step = 16;
+#endif
     Rows rows;
 #pragma unroll
     for (int r = 0; r < 2 * MT; ++r) {
-        rows.row[r] = row0 + 16 * (r >> 1) + g + 8 * (r & 1);
-        rows.valid[r] = rows.row[r] < M;
+        rows.row[r] = row0 + tile_step * (r >> 1) + g + 8 * (r & 1);
+        rows.valid[r] = row0 + g + 8 * (r & 1) < (GLU ? M / 2 : M) && rows.row[r] < M;
     }
     float acc[ACC];
 #pragma unroll
@@ -342,6 +353,27 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     }
     __syncthreads();
     if (warp != 0) return;
+#if GLU
+    // y (B × M/2) = silu(gate) · up, gate from m-tile 0, up from m-tile 1 (the same output rows)
+    const int F = M / 2;
+#pragma unroll
+    for (int v = 0; v < V / 2; ++v) {
+        float gate = 0.f, up = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            gate += red[(w * V + v) * 32 + lane];
+            up += red[(w * V + V / 2 + v) * 32 + lane];
+        }
+        const int nt = (v / 4) % NT, c = v & 3;
+        const int row = row0 + g + (c >= 2 ? 8 : 0);
+        const int n = 8 * nt + 2 * t + (c & 1);
+        if (row < F && n < batch) {
+            gate *= scale * (row_scale ? half_to_float(row_scale[row]) : 1.f);
+            up *= scale * (row_scale ? half_to_float(row_scale[F + row]) : 1.f);
+            y[(long long)n * F + row] = float_to_half(gate / (1.f + __expf(-gate)) * up);
+        }
+    }
+#else
 #pragma unroll
     for (int v = 0; v < V; ++v) {
         float sum = 0.f;
@@ -356,4 +388,5 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
             y[at] = float_to_half(residual ? sum * scale + half_to_float(residual[at]) : sum * scale);
         }
     }
+#endif
 }
