@@ -166,12 +166,14 @@ def test_quant_linear_takes_its_input_norm(method, bits):
 def test_a_folded_norm_refuses_a_weight_it_cannot_take():
     from harpq.kernels.nvrtc import norm_arg
 
-    with pytest.raises(ValueError, match="at most 4 rows, got 5"):
+    with pytest.raises(ValueError, match="at most 4 rows and 24576 values in all, got 5 rows of 256"):
         norm_arg(torch.ones(256).half(), 5, 256, 4)
     with pytest.raises(ValueError, match=r"norm weight of shape \(256,\) torch.float32, expected \(256,\) fp16"):
         norm_arg(torch.ones(256), 1, 256, 4)
     with pytest.raises(ValueError, match=r"shape \(128,\)"):
         norm_arg(torch.ones(128).half(), 1, 256, 4)
+    with pytest.raises(ValueError, match="got 4 rows of 8192"):  # 64 KB: more shared memory than a block has
+        norm_arg(torch.ones(8192).half(), 4, 8192, 4)
     assert norm_arg(torch.ones(256).half(), 4, 256, 4).shape == (256,)
 
 

@@ -75,10 +75,16 @@ def residual_arg(residual: torch.Tensor | None, batch: int, m: int) -> torch.Ten
     return residual.contiguous()
 
 
+def norm_fits(batch: int, n: int, max_batch: int) -> bool:
+    """Whether a GEMV can hold RMSNorm(x) of `batch` rows of n fp16 values in its shared memory."""
+    return batch <= max_batch and batch * n * 2 <= SHARED_DEFAULT_LIMIT
+
+
 def norm_arg(weight: torch.Tensor, batch: int, n: int, max_batch: int) -> torch.Tensor:
-    """The RMSNorm weight a GEMV folds into its input load: (n,) fp16, contiguous, for at most `max_batch` rows."""
-    if batch > max_batch:
-        raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows, got {batch}")
+    """The RMSNorm weight a GEMV folds into its input: (n,) fp16, contiguous, for rows that `norm_fits`."""
+    if not norm_fits(batch, n, max_batch):
+        raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows and {SHARED_DEFAULT_LIMIT // 2} values "
+                         f"in all, got {batch} rows of {n}")
     if weight.shape != (n,) or weight.dtype != torch.float16:
         raise ValueError(f"norm weight of shape {tuple(weight.shape)} {weight.dtype}, expected ({n},) fp16")
     return weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous().clone()
@@ -184,13 +190,18 @@ def _pdl_supported(device_index: int) -> bool:
     return True
 
 
-def launch(kern: Any, grid: int, block: int, *args: Any) -> None:
+#: dynamic shared memory a kernel may take without opting in to more
+SHARED_DEFAULT_LIMIT = 48 * 1024
+
+
+def launch(kern: Any, grid: int, block: int, *args: Any, shared: int = 0) -> None:
     """Launch on torch's current stream (captured by an active CUDA graph), overlapping the kernel before
-    it where programmatic dependent launch is on."""
+    it where programmatic dependent launch is on; `shared`: bytes of dynamic shared memory."""
     from cuda.core import LaunchConfig
     from cuda.core import launch as cu_launch
 
     pdl = _pdl_supported(torch.cuda.current_device()) if PDL is None else PDL
-    config = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=True) if pdl else \
-        LaunchConfig(grid=grid, block=block)
+    extra = {"shmem_size": shared} if shared else {}
+    config = LaunchConfig(grid=grid, block=block, programmatic_stream_serialization=True, **extra) if pdl else \
+        LaunchConfig(grid=grid, block=block, **extra)
     cu_launch(_stream(torch.cuda.current_stream().cuda_stream), config, kern, *args)

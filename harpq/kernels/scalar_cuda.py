@@ -79,7 +79,7 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
-                 nvrtc.ptr(norm_weight), np.float32(norm_eps))
+                 nvrtc.ptr(norm_weight), np.float32(norm_eps), shared=0 if norm_weight is None else batch * n * 2)
     return y
 
 
@@ -104,7 +104,7 @@ class ScalarCuda(GemvBackend):
         return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
 
     def folds_norm(self, x):
-        return x.shape[0] <= NORM_MAX_BATCH
+        return nvrtc.norm_fits(x.shape[0], x.shape[1], NORM_MAX_BATCH)
 
     def folds_glu(self, x, m):
         return m % 32 == 0

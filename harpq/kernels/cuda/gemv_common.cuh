@@ -156,9 +156,8 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs (Acts): the thread's activations of step s
 //
 // NORM (0/1): the GEMV's input is RMSNorm(x) with weight g (the layer's input norm folded into the GEMV, one
-// launch less; batch ≤ NORM_ROWS): each block takes every batch row's sum of squares while its first weight
-// loads are in flight, and the activations are scaled at load, fp16(x · r) · g with r = 1/rms, rounded as
-// Llama's norm rounds.
+// launch less; batch ≤ NORM_ROWS): each block normalizes x into shared memory while its first weight loads
+// are in flight (`normalize_into`), and its steps read the activations from there.
 
 // MIN_BLOCKS: blocks per SM the register allocation must leave room for, so that a grid just over what
 // fits fills the GPU in one wave (a second launch-bounds argument of 1 is not the same as none: it
@@ -187,68 +186,96 @@ struct Rows {
     bool valid[2 * MT];
 };
 
-// The activations of one step as a thread reads them: words `off` … `off + n` of its run in n-tile nt
-// (batch row g + 8·nt), absent rows skipped (see load_cached); with NORM, normalized on the way in.
-struct Acts {
-    const u32* row[NT];
-    bool on[NT];
-#if NORM
-    const u32* g;  // the norm's weight at the same columns
-    u32 r[NT];     // (1/rms, 1/rms) of the batch row, fp16
-#endif
-    DEVICE void load(int nt, int off, u32* v, int n) const {
-        load_cached(row[nt] + off, v, n, on[nt]);
-#if NORM
-        u32 w[32];
-        load_cached(g + off, w, n, true);
-#pragma unroll
-        for (int i = 0; i < n; ++i) v[i] = hmul2(hmul2(v[i], r[nt]), w[i]);
-#endif
-    }
-};
-
-// With NORM (batch ≤ NORM_ROWS): each batch row's sum of squares of x (K values) over this block's threads,
-// summed per warp into part[warp][row] (read after the block's next barrier). Two 16-byte loads per row and
-// thread go out before any is summed, all rows at once: the block waits one L2 round trip, under its weights'.
-constexpr int NORM_ROWS = 4;
-
-DEVICE void norm_sums(const u32* x, int batch, int K, float (*part)[NORM_ROWS]) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, threads = WARPS * 32;
-    const int chunks = K / 8;  // 16-byte chunks of a row
-    float s[NORM_ROWS];
-#pragma unroll
-    for (int b = 0; b < NORM_ROWS; ++b) s[b] = 0.f;
-    for (int c0 = threadIdx.x; c0 < chunks; c0 += 2 * threads) {
-        u32 v[NORM_ROWS][2][4];
-#pragma unroll
-        for (int b = 0; b < NORM_ROWS; ++b)
-#pragma unroll
-            for (int u = 0; u < 2; ++u)
-                load_cached(x + (long long)b * (K / 2) + 4 * (c0 + u * threads), v[b][u], 4,
-                            b < batch && c0 + u * threads < chunks);
-#pragma unroll
-        for (int b = 0; b < NORM_ROWS; ++b)
-#pragma unroll
-            for (int u = 0; u < 2; ++u)
-                if (b < batch && c0 + u * threads < chunks)
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const float lo = half_to_float(u16(v[b][u][j] & 0xFFFFu)), hi = half_to_float(u16(v[b][u][j] >> 16));
-                        s[b] = fmaf(lo, lo, fmaf(hi, hi, s[b]));
-                    }
-    }
-#pragma unroll
-    for (int b = 0; b < NORM_ROWS; ++b) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s[b] += __shfl_xor_sync(0xffffffffu, s[b], o);
-        if (lane == 0) part[warp][b] = s[b];
-    }
-}
-
 DEVICE u32 half2_of(float f) {
     const u32 h = float_to_half(f);
     return h | h << 16;
 }
+
+struct alignas(16) Words4 {
+    u32 w[4];
+};
+
+// The activations of one step as a thread reads them: words `off` … `off + n` of its run in n-tile nt
+// (batch row g + 8·nt), absent rows skipped (see load_cached); with NORM, from the block's normalized copy in
+// shared memory.
+struct Acts {
+    const u32* row[NT];
+    bool on[NT];
+    DEVICE void load(int nt, int off, u32* v, int n) const {
+#if NORM
+        if (on[nt] && n % 4 == 0)
+#pragma unroll
+            for (int i = 0; i < n; i += 4) {
+                const Words4 q = *reinterpret_cast<const Words4*>(row[nt] + off + i);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[i + j] = q.w[j];
+            }
+        else if (on[nt])
+#pragma unroll
+            for (int i = 0; i < n; ++i) v[i] = row[nt][off + i];
+#else
+        load_cached(row[nt] + off, v, n, on[nt]);
+#endif
+    }
+};
+
+// With NORM (batch ≤ 4, batch · K halves of shared memory): the block's copy of RMSNorm(x) for every batch row,
+// fp16(x · r) · g with r = 1/rms as Llama's norm rounds it, made once before the main loop while the first
+// weight loads are in flight: x and g in 16-byte chunks (four per thread in flight), each row's sum of squares
+// over the block, then the chunks scaled in place. Each thread rescales the chunks it stored itself.
+constexpr int NORM_ROWS = 4;
+
+DEVICE void normalize_into(const u32* x, const u32* gw, int batch, int K, float eps, u32* xn) {
+    __shared__ float part[WARPS][NORM_ROWS];
+    __shared__ float rinv[NORM_ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, threads = WARPS * 32;
+    const int chunks = K / 8;  // 16-byte chunks of a row
+    for (int b = 0; b < batch; ++b) {
+        float ss = 0.f;
+        for (int c0 = threadIdx.x; c0 < chunks; c0 += 4 * threads) {
+            u32 v[4][4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                load_cached(x + (long long)b * (K / 2) + 4 * (c0 + u * threads), v[u], 4, c0 + u * threads < chunks);
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+                if (c0 + u * threads < chunks) {
+                    Words4 q;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float lo = half_to_float(u16(v[u][j] & 0xFFFFu)), hi = half_to_float(u16(v[u][j] >> 16));
+                        ss = fmaf(lo, lo, fmaf(hi, hi, ss));
+                        q.w[j] = v[u][j];
+                    }
+                    *reinterpret_cast<Words4*>(xn + b * (K / 2) + 4 * (c0 + u * threads)) = q;
+                }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) part[warp][b] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x < batch) {
+        float ss = 0.f;
+        for (int w = 0; w < WARPS; ++w) ss += part[w][threadIdx.x];
+        rinv[threadIdx.x] = rsqrtf(ss / K + eps);
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < chunks; c += threads) {
+        u32 gv[4];
+        load_cached(gw + 4 * c, gv, 4, true);
+        for (int b = 0; b < batch; ++b) {
+            const u32 r = half2_of(rinv[b]);
+            Words4* at = reinterpret_cast<Words4*>(xn + b * (K / 2) + 4 * c);
+            Words4 q = *at;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) q.w[j] = hmul2(hmul2(q.w[j], r), gv[j]);
+            *at = q;
+        }
+    }
+    __syncthreads();
+}
+
 
 // acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt
 DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -298,20 +325,10 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
     }
 #if NORM
-    u32 rinv[NT];
-    {
-        __shared__ float part[WARPS][NORM_ROWS];
-        norm_sums(x, batch, K, part);
-        __syncthreads();
+    extern __shared__ __align__(16) u32 xn[];  // batch × K halves, dynamic
+    normalize_into(x, norm_w, batch, K, norm_eps, xn);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            float ss = 0.f;
-            if (g + 8 * nt < NORM_ROWS && xon[nt])
-                for (int w = 0; w < WARPS; ++w) ss += part[w][g + 8 * nt];
-            rinv[nt] = half2_of(rsqrtf(ss / K + norm_eps));
-        }
-    }
-    const u32* gcol = norm_w + t * (P::RUN / 2);
+    for (int nt = 0; nt < NT; ++nt) xrow[nt] = xn + (xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
 #endif
     for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
         const int s1 = s0 + WARPS * UNROLL;
@@ -327,13 +344,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
                 for (int nt = 0; nt < NT; ++nt) {
                     xs.row[nt] = xrow[nt] + s * (P::STEP / 2);
                     xs.on[nt] = xon[nt];
-#if NORM
-                    xs.r[nt] = rinv[nt];
-#endif
                 }
-#if NORM
-                xs.g = gcol + s * (P::STEP / 2);
-#endif
                 p.compute(rows, s, t, cur[u], xs, acc);
             }
         }
