@@ -42,12 +42,16 @@ def time_variants(fmt, sets: list, m: int, n: int, glu: bool, batch: int, gen: t
             return backend.matmul(fmt, sets[i], prep[i], rms_norm(x, w, 1e-5, True), m, n, **extra)
         return backend.matmul(fmt, sets[i], prep[i], x, m, n, **norm, **extra)
 
-    return {k: graph_time(f, len(sets)) * 1e6 for k, f in (("gemv", plain), ("unfolded", unfolded), ("folded", folded))}
+    def glu_alone(i):
+        return backend.matmul(fmt, sets[i], prep[i], x, m, n, glu=True)
+
+    variants = [("gemv", plain), ("unfolded", unfolded), ("folded", folded)] + ([("glu", glu_alone)] if glu else [])
+    return {k: graph_time(f, len(sets)) * 1e6 for k, f in variants}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--batch", default="1,2,4")
     ap.add_argument("--formats", default="scalar 4-bit g128,hqq 4-bit g64,scalar 2-bit g128")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -63,10 +67,11 @@ def main() -> None:
                 rows.append((fname, label, batch, t))
                 print(fname, label, batch, {k: round(v, 2) for k, v in t.items()}, flush=True)
     print(f"\n{torch.cuda.get_device_name()}: µs per call (one GEMV's work with its norm / SiLU·up)")
-    print("| format | GEMV | batch | GEMV alone | norm + GEMV (+ SiLU·up) | folded | saved |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | GEMV | batch | GEMV alone | GEMV with SiLU·up | norm + GEMV (+ SiLU·up) | folded | saved |")
+    print("|---|---|---|---|---|---|---|---|")
     for fname, label, batch, t in rows:
-        print(f"| {fname} | {label} | {batch} | {t['gemv']:.1f} | {t['unfolded']:.1f} | {t['folded']:.1f} | "
+        glu = f"{t['glu']:.1f}" if "glu" in t else "–"
+        print(f"| {fname} | {label} | {batch} | {t['gemv']:.1f} | {glu} | {t['unfolded']:.1f} | {t['folded']:.1f} | "
               f"{t['unfolded'] - t['folded']:.1f} |")
 
 

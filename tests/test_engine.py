@@ -166,22 +166,22 @@ def test_quant_linear_takes_its_input_norm(method, bits):
 def test_a_folded_norm_refuses_a_weight_it_cannot_take():
     from harpq.kernels.nvrtc import norm_arg
 
-    with pytest.raises(ValueError, match="at most 4 rows and 24576 values in all, got 5 rows of 256"):
+    with pytest.raises(ValueError, match="at most 4 rows and 24576 values with its weight, got 5 rows of 256"):
         norm_arg(torch.ones(256).half(), 5, 256, 4)
     with pytest.raises(ValueError, match=r"norm weight of shape \(256,\) torch.float32, expected \(256,\) fp16"):
         norm_arg(torch.ones(256), 1, 256, 4)
     with pytest.raises(ValueError, match=r"shape \(128,\)"):
         norm_arg(torch.ones(128).half(), 1, 256, 4)
-    with pytest.raises(ValueError, match="got 4 rows of 8192"):  # 64 KB: more shared memory than a block has
-        norm_arg(torch.ones(8192).half(), 4, 8192, 4)
+    with pytest.raises(ValueError, match="got 2 rows of 12288"):  # 72 KB: more shared memory than a block has
+        norm_arg(torch.ones(12288).half(), 2, 12288, 4)
     assert norm_arg(torch.ones(256).half(), 4, 256, 4).shape == (256,)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the folded norm runs in the CUDA kernels")
 @pytest.mark.parametrize("fmt", ["rtn4", "hqq4", "rtn2"])
-@pytest.mark.parametrize("batch", [1, 3, 6])
+@pytest.mark.parametrize("batch", [1, 2, 6])
 def test_decode_with_norms_and_silu_folded_into_the_gemvs_equals_without(fmt, batch, monkeypatch):
-    """The step that folds each input RMSNorm into the q/k/v and gate/up GEMVs (batch ≤ 4) and SiLU·up into
+    """The step that folds each input RMSNorm into the q/k/v and gate/up GEMVs (batch ≤ 2) and SiLU·up into
     gate/up's store gives the logits of the step that runs them as kernels of their own (fp16 rounding apart)."""
     from harpq.engine import decoder as decoder_module
     from harpq.engine.bench import build
@@ -194,7 +194,7 @@ def test_decode_with_norms_and_silu_folded_into_the_gemvs_equals_without(fmt, ba
     x0 = torch.zeros(batch, 512, device="cuda").half()
     gate_up = dec.blocks[0].gate_up
     backend = harpq.kernels.select(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
-    assert backend.folds_norm(x0) == (batch <= 4) and backend.folds_glu(x0, gate_up.out_features)
+    assert backend.folds_norm(x0) == (batch <= 2) and backend.folds_glu(x0, gate_up.out_features)
     ids = torch.randint(0, 1000, (batch, 6), device="cuda", generator=gen)
     logits = {}
     for fold in (True, False):

@@ -94,8 +94,8 @@ def test_residual_is_added_in_the_kernel(fmt):
 
 @pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
                                  ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
-@pytest.mark.parametrize("m,n", [(48, 1024), (12288, 4096), (272, 4224)])  # 8-warp blocks / many rows / 33 chunks
-@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("m,n", [(48, 1024), (12288, 4096), (272, 4224), (64, 8192)])  # 8 / 4 warps, 33 chunks, 70B
+@pytest.mark.parametrize("batch", [1, 2])
 def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
     """The kernel that takes the layer's RMSNorm weight computes W · RMSNorm(x) (Llama's norm, statistics in
     fp32) for rows of very different scale, and with the residual added in the same store."""
@@ -103,7 +103,7 @@ def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
 
     buffers = random_buffers(fmt, m, n, batch + m)
     gen = torch.Generator(device="cuda").manual_seed(batch)
-    scales = torch.tensor([0.02, 1.0, 40.0, 3.0][:batch], device="cuda")[:, None]  # rows of very different rms
+    scales = torch.tensor([0.02, 40.0][:batch], device="cuda")[:, None]  # rows of very different rms
     x = torch.randn(batch, n, device="cuda", generator=gen) * scales
     x[:, 7] = 200.0  # an outlier channel, as Llama's residual stream has
     x = x.half()
@@ -124,11 +124,11 @@ def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
 def test_folded_norm_is_refused_beyond_its_batch_and_for_the_wrong_weight():
     fmt = ScalarGroups(4, 128, "int")
     buffers = random_buffers(fmt, 32, 512, 0)
-    backend = select(fmt, torch.zeros(5, 512, device="cuda").half(), 32, 512)
+    backend = select(fmt, torch.zeros(3, 512, device="cuda").half(), 32, 512)
     prepared = backend.prepare(fmt, buffers, 32, 512)
-    assert not backend.folds_norm(torch.zeros(5, 512, device="cuda").half())
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        backend.matmul(fmt, buffers, prepared, torch.zeros(5, 512, device="cuda").half(), 32, 512,
+    assert not backend.folds_norm(torch.zeros(3, 512, device="cuda").half())
+    with pytest.raises(ValueError, match="at most 2 rows"):
+        backend.matmul(fmt, buffers, prepared, torch.zeros(3, 512, device="cuda").half(), 32, 512,
                        norm=(torch.ones(512, device="cuda").half(), 1e-5))
     with pytest.raises(ValueError, match="norm weight of shape"):
         backend.matmul(fmt, buffers, prepared, torch.zeros(1, 512, device="cuda").half(), 32, 512,
@@ -138,7 +138,7 @@ def test_folded_norm_is_refused_beyond_its_batch_and_for_the_wrong_weight():
 @pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
                                  ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
 @pytest.mark.parametrize("f,n", [(96, 1024), (11008, 4096), (1024, 4160)])
-@pytest.mark.parametrize("batch", [1, 4, 9, 16])
+@pytest.mark.parametrize("batch", [1, 2, 9, 16])
 def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
     """With `glu` the GEMV of a stacked [gate; up] matrix (2F rows) returns silu(gate) · up (B × F), the norm
     folded in too where the batch allows."""
@@ -165,9 +165,9 @@ def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
         assert (got.double() - ref).norm() / ref.norm() < 3e-3
 
 
-@pytest.mark.parametrize("batch", [1, 4, 7])
+@pytest.mark.parametrize("batch", [1, 2, 7])
 def test_quant_linear_folds_the_norm_and_silu_where_its_kernel_can(batch):
-    """QuantLinear(x, norm=...) equals QuantLinear(RMSNorm(x)): folded into the kernel at batch ≤ 4, the norm's
+    """QuantLinear(x, norm=...) equals QuantLinear(RMSNorm(x)): folded into the kernel at batch ≤ 2, the norm's
     own kernel first beyond; `glu` equals silu(gate) · up of the forward's two halves."""
     from harpq.engine.bench import random_quant_linear
     from harpq.kernels.fused import rms_norm_reference

@@ -75,16 +75,21 @@ def residual_arg(residual: torch.Tensor | None, batch: int, m: int) -> torch.Ten
     return residual.contiguous()
 
 
+def norm_shared(batch: int, n: int) -> int:
+    """Bytes of shared memory a GEMV takes to hold RMSNorm(x) of `batch` rows of n fp16 values and the weight."""
+    return (batch + 1) * n * 2
+
+
 def norm_fits(batch: int, n: int, max_batch: int) -> bool:
-    """Whether a GEMV can hold RMSNorm(x) of `batch` rows of n fp16 values in its shared memory."""
-    return batch <= max_batch and batch * n * 2 <= SHARED_DEFAULT_LIMIT
+    """Whether a GEMV can fold the RMSNorm of `batch` rows of n values into its shared memory."""
+    return batch <= max_batch and norm_shared(batch, n) <= SHARED_DEFAULT_LIMIT
 
 
 def norm_arg(weight: torch.Tensor, batch: int, n: int, max_batch: int) -> torch.Tensor:
     """The RMSNorm weight a GEMV folds into its input: (n,) fp16, contiguous, for rows that `norm_fits`."""
     if not norm_fits(batch, n, max_batch):
         raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows and {SHARED_DEFAULT_LIMIT // 2} values "
-                         f"in all, got {batch} rows of {n}")
+                         f"with its weight, got {batch} rows of {n}")
     if weight.shape != (n,) or weight.dtype != torch.float16:
         raise ValueError(f"norm weight of shape {tuple(weight.shape)} {weight.dtype}, expected ({n},) fp16")
     return weight if weight.is_contiguous() and weight.data_ptr() % 16 == 0 else weight.contiguous().clone()

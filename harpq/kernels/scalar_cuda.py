@@ -17,7 +17,7 @@ from .tuning import launch_shape
 
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
 #: batch rows the kernel normalizes itself (NORM_ROWS of `cuda/gemv_common.cuh`); beyond, the norm is its own launch
-NORM_MAX_BATCH = 4
+NORM_MAX_BATCH = 2
 
 
 def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
@@ -79,7 +79,8 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
-                 nvrtc.ptr(norm_weight), np.float32(norm_eps), shared=0 if norm_weight is None else batch * n * 2)
+                 nvrtc.ptr(norm_weight), np.float32(norm_eps),
+                 shared=0 if norm_weight is None else nvrtc.norm_shared(batch, n))
     return y
 
 

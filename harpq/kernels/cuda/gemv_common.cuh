@@ -219,63 +219,76 @@ struct Acts {
     }
 };
 
-// With NORM (batch ≤ 4, batch · K halves of shared memory): the block's copy of RMSNorm(x) for every batch row,
-// fp16(x · r) · g with r = 1/rms as Llama's norm rounds it, made once before the main loop while the first
-// weight loads are in flight: x and g in 16-byte chunks (four per thread in flight), each row's sum of squares
-// over the block, then the chunks scaled in place. Each thread rescales the chunks it stored itself.
-constexpr int NORM_ROWS = 4;
+// With NORM (batch ≤ NORM_ROWS, (batch + 1) · K halves of shared memory): the block's copy of RMSNorm(x) for
+// every batch row, fp16(x · r) · g with r = 1/rms as Llama's norm rounds it, made once before the main loop
+// while the first weight loads are in flight. x and g go out together in 16-byte chunks (one L2 round trip
+// where K ≤ 32 · threads), each row's sum of squares is summed over the block, then every thread scales the
+// chunks it stored itself.
+constexpr int NORM_ROWS = 2;
 
 DEVICE void normalize_into(const u32* x, const u32* gw, int batch, int K, float eps, u32* xn) {
     __shared__ float part[WARPS][NORM_ROWS];
     __shared__ float rinv[NORM_ROWS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, threads = WARPS * 32;
     const int chunks = K / 8;  // 16-byte chunks of a row
-    for (int b = 0; b < batch; ++b) {
-        float ss = 0.f;
-        for (int c0 = threadIdx.x; c0 < chunks; c0 += 4 * threads) {
-            u32 v[4][4];
+    u32* gs = xn + batch * (K / 2);  // g's copy, after the rows
+    float ss[NORM_ROWS];
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
-                load_cached(x + (long long)b * (K / 2) + 4 * (c0 + u * threads), v[u], 4, c0 + u * threads < chunks);
+    for (int b = 0; b < NORM_ROWS; ++b) ss[b] = 0.f;
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += 4 * threads) {
+        u32 v[NORM_ROWS + 1][4][4];  // rows, then g
 #pragma unroll
-            for (int u = 0; u < 4; ++u)
-                if (c0 + u * threads < chunks) {
-                    Words4 q;
+        for (int u = 0; u < 4; ++u) {
+            const bool in = c0 + u * threads < chunks;
+            load_cached(gw + 4 * (c0 + u * threads), v[NORM_ROWS][u], 4, in);
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        const float lo = half_to_float(u16(v[u][j] & 0xFFFFu)), hi = half_to_float(u16(v[u][j] >> 16));
-                        ss = fmaf(lo, lo, fmaf(hi, hi, ss));
-                        q.w[j] = v[u][j];
-                    }
-                    *reinterpret_cast<Words4*>(xn + b * (K / 2) + 4 * (c0 + u * threads)) = q;
-                }
+            for (int b = 0; b < NORM_ROWS; ++b)
+                load_cached(x + (long long)b * (K / 2) + 4 * (c0 + u * threads), v[b][u], 4, in && b < batch);
         }
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) part[warp][b] = ss;
+        for (int u = 0; u < 4; ++u) {
+            if (c0 + u * threads >= chunks) continue;
+            const int at = 4 * (c0 + u * threads);
+            *reinterpret_cast<Words4*>(gs + at) = Words4{{v[NORM_ROWS][u][0], v[NORM_ROWS][u][1], v[NORM_ROWS][u][2],
+                                                          v[NORM_ROWS][u][3]}};
+#pragma unroll
+            for (int b = 0; b < NORM_ROWS; ++b) {
+                if (b >= batch) continue;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float lo = half_to_float(u16(v[b][u][j] & 0xFFFFu)), hi = half_to_float(u16(v[b][u][j] >> 16));
+                    ss[b] = fmaf(lo, lo, fmaf(hi, hi, ss[b]));
+                }
+                *reinterpret_cast<Words4*>(xn + b * (K / 2) + at) = Words4{{v[b][u][0], v[b][u][1], v[b][u][2], v[b][u][3]}};
+            }
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < NORM_ROWS; ++b) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[b] += __shfl_xor_sync(0xffffffffu, ss[b], o);
+        if (lane == 0) part[warp][b] = ss[b];
     }
     __syncthreads();
     if (threadIdx.x < batch) {
-        float ss = 0.f;
-        for (int w = 0; w < WARPS; ++w) ss += part[w][threadIdx.x];
-        rinv[threadIdx.x] = rsqrtf(ss / K + eps);
+        float sum = 0.f;
+        for (int w = 0; w < WARPS; ++w) sum += part[w][threadIdx.x];
+        rinv[threadIdx.x] = rsqrtf(sum / K + eps);
     }
     __syncthreads();
     for (int c = threadIdx.x; c < chunks; c += threads) {
-        u32 gv[4];
-        load_cached(gw + 4 * c, gv, 4, true);
+        const Words4 gq = *reinterpret_cast<const Words4*>(gs + 4 * c);
         for (int b = 0; b < batch; ++b) {
             const u32 r = half2_of(rinv[b]);
             Words4* at = reinterpret_cast<Words4*>(xn + b * (K / 2) + 4 * c);
             Words4 q = *at;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) q.w[j] = hmul2(hmul2(q.w[j], r), gv[j]);
+            for (int j = 0; j < 4; ++j) q.w[j] = hmul2(hmul2(q.w[j], r), gq.w[j]);
             *at = q;
         }
     }
     __syncthreads();
 }
-
 
 // acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt
 DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -325,7 +338,11 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
     }
 #if NORM
-    extern __shared__ __align__(16) u32 xn[];  // batch × K halves, dynamic
+    // the loads of the steps after the first go out too, so the weights stream while the block normalizes x
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+        if (warp + (UNROLL + u) * WARPS < nsteps) p.load(rows, warp + (UNROLL + u) * WARPS, t, nxt[u]);
+    extern __shared__ __align__(16) u32 xn[];  // (batch + 1) × K halves, dynamic
     normalize_into(x, norm_w, batch, K, norm_eps, xn);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xrow[nt] = xn + (xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
@@ -334,7 +351,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
-            if (s1 + u * WARPS < nsteps) p.load(rows, s1 + u * WARPS, t, nxt[u]);
+            if (s1 + u * WARPS < nsteps && !(NORM && s0 == warp)) p.load(rows, s1 + u * WARPS, t, nxt[u]);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int s = s0 + u * WARPS;
