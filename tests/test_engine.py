@@ -148,45 +148,47 @@ def test_cuda_graph_decode_equals_eager(tiny_path, method):
 
 
 @pytest.mark.parametrize("method,bits", [("rtn", 4), ("quipsharp", 2)])
-def test_quant_linear_takes_its_input_norm(method, bits):
-    """Where no kernel folds it (here: the CPU), QuantLinear(x, norm=(w, eps)) is QuantLinear(RMSNorm(x)), with or
-    without an input transform."""
+def test_gate_up_glu_takes_its_input_norm(method, bits):
+    """Where no kernel folds them (here: the CPU), QuantLinear.glu(x, norm=(w, eps)) of a stacked [gate; up] is
+    silu(gate) · up of QuantLinear(RMSNorm(x)), with or without an input transform."""
     from harpq.engine.bench import random_quant_linear
     from harpq.kernels.fused import rms_norm_reference
 
     gen = torch.Generator().manual_seed(bits)
-    module = random_quant_linear(method, {"bits": bits}, 32, 256, "model.layers.0.self_attn.q_proj",
+    module = random_quant_linear(method, {"bits": bits}, 64, 256, "model.layers.0.mlp.gate_proj",
                                  torch.device("cpu"), gen)
     x, weight = torch.randn(3, 2, 256, generator=gen), torch.rand(256, generator=gen) + 0.5
-    got = module(x, norm=(weight, 1e-5))
+    got = module.glu(x, norm=(weight, 1e-5))
+    z = module(rms_norm_reference(x, weight, 1e-5))
     assert got.shape == (3, 2, 32)
-    assert torch.equal(got, module(rms_norm_reference(x, weight, 1e-5)))
+    assert torch.equal(got, torch.nn.functional.silu(z[..., :32]) * z[..., 32:])
+    assert torch.equal(module.glu(x), torch.nn.functional.silu(module(x)[..., :32]) * module(x)[..., 32:])
 
 
 def test_a_folded_norm_refuses_a_weight_it_cannot_take():
     from harpq.kernels.nvrtc import norm_arg
 
-    with pytest.raises(ValueError, match="at most 4 rows and 24576 values with its weight, got 5 rows of 256"):
+    with pytest.raises(ValueError, match="at most 4 rows and 20480 values with its weight, got 5 rows of 256"):
         norm_arg(torch.ones(256).half(), 5, 256, 4)
     with pytest.raises(ValueError, match=r"norm weight of shape \(256,\) torch.float32, expected \(256,\) fp16"):
         norm_arg(torch.ones(256), 1, 256, 4)
     with pytest.raises(ValueError, match=r"shape \(128,\)"):
         norm_arg(torch.ones(128).half(), 1, 256, 4)
-    with pytest.raises(ValueError, match="got 2 rows of 12288"):  # 72 KB: more shared memory than a block has
-        norm_arg(torch.ones(12288).half(), 2, 12288, 4)
+    with pytest.raises(ValueError, match="got 2 rows of 8192"):  # 48 KB: more shared memory than a block has
+        norm_arg(torch.ones(8192).half(), 2, 8192, 4)
     assert norm_arg(torch.ones(256).half(), 4, 256, 4).shape == (256,)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the folded norm runs in the CUDA kernels")
 @pytest.mark.parametrize("fmt", ["rtn4", "hqq4", "rtn2"])
 @pytest.mark.parametrize("batch", [1, 2, 6])
-def test_decode_with_norms_and_silu_folded_into_the_gemvs_equals_without(fmt, batch, monkeypatch):
-    """The step that folds each input RMSNorm into the q/k/v and gate/up GEMVs (batch ≤ 2) and SiLU·up into
-    gate/up's store gives the logits of the step that runs them as kernels of their own (fp16 rounding apart)."""
+def test_decode_with_the_mlp_norm_and_silu_folded_equals_without(fmt, batch, monkeypatch):
+    """The step that folds the MLP's RMSNorm (batch ≤ 2) and SiLU·up into the gate/up GEMV gives the logits of
+    the step that runs them as kernels of their own (fp16 rounding apart)."""
     from harpq.engine import decoder as decoder_module
     from harpq.engine.bench import build
 
-    dec = build(DecoderShape(512, 2, 4, 2, 1024, 1000), fmt, "cuda", seed=batch)
+    dec = build(DecoderShape(512, 2, 4, 2, 2304, 1000), fmt, "cuda", seed=batch)
     gen = torch.Generator(device="cuda").manual_seed(1)
     for blk in dec.blocks:  # norms that are not all ones
         blk.attn_norm.copy_(torch.rand(512, device="cuda", generator=gen) + 0.5)
@@ -194,7 +196,8 @@ def test_decode_with_norms_and_silu_folded_into_the_gemvs_equals_without(fmt, ba
     x0 = torch.zeros(batch, 512, device="cuda").half()
     gate_up = dec.blocks[0].gate_up
     backend = harpq.kernels.select(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
-    assert backend.folds_norm(x0) == (batch <= 2) and backend.folds_glu(x0, gate_up.out_features)
+    assert backend.folds_norm(x0) == (batch <= 2)
+    assert backend.folds_glu(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
     ids = torch.randint(0, 1000, (batch, 6), device="cuda", generator=gen)
     logits = {}
     for fold in (True, False):

@@ -110,7 +110,9 @@ def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
     weight = (torch.rand(n, device="cuda", generator=gen) * 2).half()
     residual = torch.randn(batch, m, device="cuda", generator=gen).half()
     backend = select(fmt, x, m, n)
-    assert backend.folds_norm(x)
+    if not backend.folds_norm(x):  # two rows of 8192 and the weight: 48 KB, more than the fold may take
+        assert (batch + 1) * n * 2 > nvrtc.NORM_SHARED_LIMIT
+        return
     prepared = backend.prepare(fmt, buffers, m, n)
     w = fmt.decode(buffers, m, n).double()
     ref = rms_norm_reference(x, weight, 1e-5).double() @ w.T
@@ -149,7 +151,7 @@ def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
     gen = torch.Generator(device="cuda").manual_seed(batch)
     x = (torch.randn(batch, n, device="cuda", generator=gen) * 4).half()
     backend = select(fmt, x, m, n)
-    assert backend.folds_glu(x, m)
+    assert backend.folds_glu(fmt, x, m, n)
     prepared = backend.prepare(fmt, buffers, m, n)
     w = fmt.decode(buffers, m, n).double()
     z = x.double() @ w.T
@@ -166,9 +168,9 @@ def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
 
 
 @pytest.mark.parametrize("batch", [1, 2, 7])
-def test_quant_linear_folds_the_norm_and_silu_where_its_kernel_can(batch):
-    """QuantLinear(x, norm=...) equals QuantLinear(RMSNorm(x)): folded into the kernel at batch ≤ 2, the norm's
-    own kernel first beyond; `glu` equals silu(gate) · up of the forward's two halves."""
+def test_quant_linear_glu_folds_the_norm_and_silu_where_its_kernel_can(batch):
+    """QuantLinear.glu(x, norm=...) equals silu(gate) · up of QuantLinear(RMSNorm(x)): one kernel, the norm in it
+    at batch ≤ 2 and its own kernel first beyond."""
     from harpq.engine.bench import random_quant_linear
     from harpq.kernels.fused import rms_norm_reference
 
@@ -176,11 +178,9 @@ def test_quant_linear_folds_the_norm_and_silu_where_its_kernel_can(batch):
     module = random_quant_linear("rtn", {"bits": 4}, 96, 1024, "m", torch.device("cuda"), gen)
     x = (torch.randn(batch, 1024, device="cuda", generator=gen) * 3).half()
     weight = (torch.rand(1024, device="cuda", generator=gen) + 0.5).half()
-    got = module(x, norm=(weight, 1e-6)).double()
-    want = module(rms_norm_reference(x, weight, 1e-6)).double()
-    assert (got - want).norm() / want.norm() < 3e-3
+    z = module(rms_norm_reference(x, weight, 1e-6)).double()
+    want = torch.nn.functional.silu(z[:, :48]) * z[:, 48:]
     glu = module.glu(x, norm=(weight, 1e-6)).double()
-    want = torch.nn.functional.silu(want[:, :48]) * want[:, 48:]
     assert glu.shape == (batch, 48) and (glu - want).norm() / want.norm() < 3e-3
 
 

@@ -129,11 +129,10 @@ class Block(nn.Module):
         mask = masks[self.window]
         if fused and self.fused_sides is not None and x.dtype == torch.float16:
             return self.fused_sides.forward(self, x, pos, cos, sin, mask)
+        h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
         if self.qkv is not None:
-            q, k, v = _outputs(_normed(self.qkv, x, self.attn_norm, s.norm_eps, fused),
-                               [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
+            q, k, v = _outputs(self.qkv(h), [s.heads * s.hd, s.kv_heads * s.hd, s.kv_heads * s.hd])
         else:
-            h = rms_norm(x, self.attn_norm, s.norm_eps, fused)
             q, k, v = (self.linears[n](h) for n in ATTN[:3])
         if self.q_norm is not None:  # Qwen3: RMSNorm over each head's q and k, before the rotary embedding
             q = rms_norm(q.reshape(b, t, s.heads, s.hd), self.q_norm, s.norm_eps, False).view(b, t, -1)
@@ -150,27 +149,20 @@ class Block(nn.Module):
         x = _add_linear(x, self.linears["o_proj"], o.transpose(1, 2).reshape(b, t, s.heads * s.hd))
         if FOLD and isinstance(self.gate_up, QuantLinear):  # the norm and SiLU·up in its kernel where it can
             return _add_linear(x, self.linears["down_proj"], self.gate_up.glu(x, norm=(self.mlp_norm, s.norm_eps)))
+        h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
+        if self.moe is not None:
+            return x + self.moe(h)
         if self.gate_up is not None:
-            gate, up = _outputs(_normed(self.gate_up, x, self.mlp_norm, s.norm_eps, fused), [s.ffn, s.ffn])
+            gate, up = _outputs(self.gate_up(h), [s.ffn, s.ffn])
         else:
-            h = rms_norm(x, self.mlp_norm, s.norm_eps, fused)
-            if self.moe is not None:
-                return x + self.moe(h)
             gate, up = self.linears["gate_proj"](h), self.linears["up_proj"](h)
         return _add_linear(x, self.linears["down_proj"], silu_mul(gate, up, fused))
 
 
-#: fold each layer's input RMSNorms into the quantized GEMVs that read them, and the MLP's SiLU·up into its
-#: gate/up GEMV, where their kernels can (`QuantLinear.forward(norm=...)`, `QuantLinear.glu`): up to three
-#: launches less per layer. HARPQ_FOLD=0 (or setting this) turns it off, for comparisons.
+#: fold the MLP's input RMSNorm and its SiLU·up into the quantized gate/up GEMV where its kernel can
+#: (`QuantLinear.glu`): up to two launches less per layer. HARPQ_FOLD=0 (or setting this) turns it off, for
+#: comparisons. (Folding the attention's norm into q/k/v measured slower on the H200: not done.)
 FOLD = os.environ.get("HARPQ_FOLD", "1") != "0"
-
-
-def _normed(linear: nn.Module, x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool):
-    """linear(RMSNorm(x)): the norm folded into a quantized linear's kernel where it can take it."""
-    if FOLD and isinstance(linear, QuantLinear):
-        return linear(x, norm=(weight, eps))
-    return linear(rms_norm(x, weight, eps, fused))
 
 
 def _add_linear(residual: torch.Tensor, linear: nn.Module, h: torch.Tensor) -> torch.Tensor:

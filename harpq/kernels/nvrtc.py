@@ -82,13 +82,13 @@ def norm_shared(batch: int, n: int) -> int:
 
 def norm_fits(batch: int, n: int, max_batch: int) -> bool:
     """Whether a GEMV can fold the RMSNorm of `batch` rows of n values into its shared memory."""
-    return batch <= max_batch and norm_shared(batch, n) <= SHARED_DEFAULT_LIMIT
+    return batch <= max_batch and norm_shared(batch, n) <= NORM_SHARED_LIMIT
 
 
 def norm_arg(weight: torch.Tensor, batch: int, n: int, max_batch: int) -> torch.Tensor:
     """The RMSNorm weight a GEMV folds into its input: (n,) fp16, contiguous, for rows that `norm_fits`."""
     if not norm_fits(batch, n, max_batch):
-        raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows and {SHARED_DEFAULT_LIMIT // 2} values "
+        raise ValueError(f"a folded RMSNorm takes at most {max_batch} rows and {NORM_SHARED_LIMIT // 2} values "
                          f"with its weight, got {batch} rows of {n}")
     if weight.shape != (n,) or weight.dtype != torch.float16:
         raise ValueError(f"norm weight of shape {tuple(weight.shape)} {weight.dtype}, expected ({n},) fp16")
@@ -195,8 +195,10 @@ def _pdl_supported(device_index: int) -> bool:
     return True
 
 
-#: dynamic shared memory a kernel may take without opting in to more
+#: shared memory a kernel may take without opting in to more (static and dynamic together)
 SHARED_DEFAULT_LIMIT = 48 * 1024
+#: of which a folded RMSNorm may take (the GEMV's own reduction buffer takes up to 8 KB at batch ≤ 8)
+NORM_SHARED_LIMIT = 40 * 1024
 
 
 def launch(kern: Any, grid: int, block: int, *args: Any, shared: int = 0) -> None:

@@ -107,8 +107,8 @@ class ScalarCuda(GemvBackend):
     def folds_norm(self, x):
         return nvrtc.norm_fits(x.shape[0], x.shape[1], NORM_MAX_BATCH)
 
-    def folds_glu(self, x, m):
-        return m % 32 == 0
+    def folds_glu(self, fmt, x, m, n):
+        return m % 32 == 0 and layout(fmt, n) is not None
 
     def matmul(self, fmt, buffers, prepared, x, m, n, residual=None, norm=None, glu=False):
         nw, shift, step_scale = layout(fmt, n)

@@ -235,35 +235,27 @@ class QuantLinear(nn.Module):
         self._dense[key] = (version, dense)
         return dense
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """y = U Ŵ̃ Vᵀ x + b (+ residual: a decoder layer's skip connection, fused into the kernel's store
-        where there is no output transform or bias). `norm` = (weight, eps): the input is RMSNorm(x) (Llama's),
-        folded into the kernel where it can take it (no input transform, a backend that `folds_norm`), else
-        applied first."""
+        where there is no output transform or bias)."""
         dense = self._dense_weight(x) if self.use_kernels is not True else None
         if dense is not None:
-            x = x if norm is None else _rms_norm(x, norm)
             y = torch.nn.functional.linear(x, dense, None if self.bias is None else self.bias.to(x.dtype))
             return y if residual is None else residual + y
         rows = x.reshape(-1, self.in_features)
         context = self._run_context(rows)  # the rotated rows have the same shape, dtype and device
-        if norm is not None:
-            if self.processor.config()["name"] == "none" and context[0].folds_norm(rows):
-                return self.from_rotated(rows, x.shape[:-1], residual, context, norm)
-            rows = _rms_norm(rows, norm)
         return self.from_rotated(self.rotate_input(rows, context), x.shape[:-1], residual, context)
 
     def glu(self, x: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        """silu(gate) · up, shaped (…, F), for a stacked [gate; up] matrix (out_features = 2F) and input x
-        (RMSNorm(x) with `norm`, as `forward`): in the kernel's store where its backend `folds_glu`, else the
-        MLP's SiLU·up after the GEMV."""
+        """silu(gate) · up, shaped (…, F), for a stacked [gate; up] matrix (out_features = 2F) and input x, or
+        RMSNorm(x) with norm = (weight, eps) (Llama's): one kernel where the backend `folds_glu` (the norm in it
+        too where it `folds_norm`), else the norm, the GEMV and the MLP's SiLU·up in turn."""
         f = self.out_features // 2
         if x.is_cuda and self.use_kernels is not False and self.bias is None \
                 and self.processor.config()["name"] == "none":
             rows = x.reshape(-1, self.in_features)
             backend, prepared, _ = self._run_context(rows)
-            if backend.folds_glu(rows, self.out_features):
+            if backend.folds_glu(self.format, rows, self.out_features, self.in_features):
                 extra: dict[str, Any] = {"glu": True}
                 if norm is not None and backend.folds_norm(rows):
                     extra["norm"] = norm
@@ -274,7 +266,7 @@ class QuantLinear(nn.Module):
                 return z.view(*x.shape[:-1], f)
         from ..kernels.fused import silu_mul
 
-        gate, up = self(x, norm=norm).split(f, dim=-1)
+        gate, up = self(x if norm is None else _rms_norm(x, norm)).split(f, dim=-1)
         return silu_mul(gate, up, x.is_cuda and kernels.triton_available(x))
 
     def shares_input_side(self, other: QuantLinear) -> bool:
@@ -336,17 +328,14 @@ class QuantLinear(nn.Module):
         return self.processor.apply_output(self._buffers_of(self._processor_names), z)
 
     def from_rotated(self, rows: torch.Tensor, lead: torch.Size | tuple[int, ...],
-                     residual: torch.Tensor | None = None, context=None,
-                     norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-        """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features); `norm`:
-        for a backend that `folds_norm`, the stored matrix takes RMSNorm(rows)."""
+                     residual: torch.Tensor | None = None, context=None) -> torch.Tensor:
+        """U Ŵ̃ rows + b (+ residual) for rows = Vᵀ x (N, in_features), shaped (*lead, out_features)."""
         m, n = self.out_features, self.in_features
         backend, prepared, plans = context or self._run_context(rows)
         fuse = residual is not None and self.bias is None and self.processor.config()["name"] == "none" \
             and residual.dtype == rows.dtype
-        extra = {} if norm is None else {"norm": norm}
         z = backend.matmul(self.format, self._buffers_of(self._codebook_names), prepared, rows, m, n,
-                           residual.reshape(-1, m) if fuse else None, **extra)
+                           residual.reshape(-1, m) if fuse else None)
         y = self.rotate_output(z, (backend, prepared, plans)).view(*lead, m)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
