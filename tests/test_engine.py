@@ -180,7 +180,7 @@ def test_a_folded_norm_refuses_a_weight_it_cannot_take():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the folded norm runs in the CUDA kernels")
-@pytest.mark.parametrize("fmt", ["rtn4", "rtn2"])  # (hqq4's random bench weights are all positive: they overflow)
+@pytest.mark.parametrize("fmt", ["rtn4", "hqq4", "rtn2"])
 @pytest.mark.parametrize("batch", [1, 2, 6])
 def test_decode_with_the_mlp_norm_and_silu_folded_equals_without(fmt, batch, monkeypatch):
     """The step that folds the MLP's RMSNorm (batch ≤ 2) and SiLU·up into the gate/up GEMV gives the logits of

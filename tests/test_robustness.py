@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -199,6 +200,56 @@ def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
         harpq.quantize(model, out, Recipe.preset("gptq", bits=4, group_size=0), calib=__import__("conftest").CALIB,
                        nsamples=4, seqlen=64, progress=False)
     assert "starting fresh" in caplog.text and "resuming" not in caplog.text
+
+
+def test_a_copy_of_the_model_resumes_the_run(model, tmp_path, monkeypatch, caplog):
+    """The model is known by its files' contents: the same files copied elsewhere (new times) resume the run."""
+    pipeline = importlib.import_module("harpq.pipeline.quantize")
+    real = pipeline.quantize_linear
+
+    def interrupted(name, *args, **kw):
+        if ".layers.1." in name:
+            raise KeyboardInterrupt
+        return real(name, *args, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "quantize_linear", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _gptq(model, out)
+    copy = shutil.copytree(model, tmp_path / "copy", copy_function=shutil.copyfile)
+    monkeypatch.setattr(pipeline, "quantize_linear", real)
+    with caplog.at_level("WARNING"):
+        _gptq(copy, out)
+    assert "resuming: 1 decoder layers" in caplog.text
+
+
+def test_model_digest_follows_content_not_file_times(model, tmp_path):
+    from harpq.pipeline.resume import model_digest
+
+    copy = Path(shutil.copytree(model, tmp_path / "copy", copy_function=shutil.copyfile))
+    os.utime(copy / "config.json", (1, 1))
+    assert model_digest(copy) == model_digest(model)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    assert model_digest(copy) != model_digest(model)
+
+
+def test_large_files_are_known_by_their_head_tail_and_samples(tmp_path):
+    from harpq.pipeline.resume import _content_digest
+
+    path = tmp_path / "big.bin"
+    data = bytearray(os.urandom(9 << 20))
+    path.write_bytes(bytes(data))
+    first = _content_digest(path)
+    for at in (10, (9 << 20) - 10, (1 << 20) + ((9 << 20) - (3 << 20)) * 8 // 17 + 5):  # head, tail, a sample
+        changed = bytearray(data)
+        changed[at] ^= 1
+        path.write_bytes(bytes(changed))
+        assert _content_digest(path) != first, at
+    path.write_bytes(bytes(data) + b"x")
+    assert _content_digest(path) != first
 
 
 def test_two_identical_runs_write_identical_files(model, tmp_path):

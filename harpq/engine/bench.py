@@ -76,6 +76,9 @@ def random_quant_linear(method: str, settings: dict[str, Any], out_f: int, in_f:
             if "theta" in key and start.dtype == torch.float16:  # not the S = 0 start: real fitted sizes
                 start = (torch.randn(start.shape, device=device, generator=gen) * 0.05).half()
             value.copy_(start)
+        elif key == "zeros" and value.is_floating_point():  # fp16 zero-points (HQQ): around the grid's middle,
+            mid = (2 ** codebook.bits - 1) / 2  # so that weights have both signs, as real ones do
+            value.copy_((torch.rand(value.shape, device=device, generator=gen) + mid - 0.5).to(value.dtype))
         else:
             value.copy_(_random_like(value, gen))
     return module

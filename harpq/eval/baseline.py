@@ -32,10 +32,11 @@ def recorded_source(model: str | Path) -> tuple[Path | None, str | None]:
         return None, f"the checkpoint records no source model ({qc.get('quant_method', '?')}): pass --baseline PATH"
     if not Path(source).is_dir():
         return None, f"the source model {source} is not on this machine: pass --baseline PATH"
-    from ..pipeline.resume import model_digest
+    from ..pipeline.resume import DIGEST_SCHEME, model_digest
 
-    if qc["source"].get("digest") not in (None, model_digest(source)):
-        log.warning("the source model %s changed since it was quantized (its files' sizes or times differ)", source)
+    recorded = qc["source"].get("digest")
+    if str(recorded).startswith(DIGEST_SCHEME + ":") and recorded != model_digest(source):
+        log.warning("the source model %s changed since it was quantized (its files' contents differ)", source)
     return Path(source), None
 
 
