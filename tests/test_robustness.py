@@ -181,9 +181,9 @@ def test_an_interrupted_run_resumes_where_it_stopped_bit_identically(model, tmp_
     assert not (out / "resume").exists()
 
 
-def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
+def _interrupted_in_the_second_layer(model, out, monkeypatch) -> None:
+    """A gptq run into `out` stopped by Ctrl-C in decoder layer 1 (layer 0 committed)."""
     pipeline = importlib.import_module("harpq.pipeline.quantize")
-
     real = pipeline.quantize_linear
 
     def interrupted(name, *args, **kw):
@@ -191,11 +191,15 @@ def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
             raise KeyboardInterrupt
         return real(name, *args, **kw)
 
-    out = tmp_path / "out"
     monkeypatch.setattr(pipeline, "quantize_linear", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _gptq(model, out)
     monkeypatch.setattr(pipeline, "quantize_linear", real)
+
+
+def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "out"
+    _interrupted_in_the_second_layer(model, out, monkeypatch)
     with caplog.at_level("WARNING"):
         harpq.quantize(model, out, Recipe.preset("gptq", bits=4, group_size=0), calib=__import__("conftest").CALIB,
                        nsamples=4, seqlen=64, progress=False)
@@ -204,20 +208,9 @@ def test_a_changed_command_starts_fresh(model, tmp_path, monkeypatch, caplog):
 
 def test_a_copy_of_the_model_resumes_the_run(model, tmp_path, monkeypatch, caplog):
     """The model is known by its files' contents: the same files copied elsewhere (new times) resume the run."""
-    pipeline = importlib.import_module("harpq.pipeline.quantize")
-    real = pipeline.quantize_linear
-
-    def interrupted(name, *args, **kw):
-        if ".layers.1." in name:
-            raise KeyboardInterrupt
-        return real(name, *args, **kw)
-
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "quantize_linear", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _gptq(model, out)
+    _interrupted_in_the_second_layer(model, out, monkeypatch)
     copy = shutil.copytree(model, tmp_path / "copy", copy_function=shutil.copyfile)
-    monkeypatch.setattr(pipeline, "quantize_linear", real)
     with caplog.at_level("WARNING"):
         _gptq(copy, out)
     assert "resuming: 1 decoder layers" in caplog.text
