@@ -197,7 +197,7 @@ def test_decode_with_the_mlp_norm_and_silu_folded_equals_without(fmt, batch, mon
     gate_up = dec.blocks[0].gate_up
     backend = harpq.kernels.select(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
     assert backend.folds_norm(x0) == (batch <= 2)
-    assert backend.folds_glu(gate_up.format, x0, gate_up.out_features, gate_up.in_features)
+    assert backend.folds_glu(x0, gate_up.out_features)
     ids = torch.randint(0, 1000, (batch, 6), device="cuda", generator=gen)
     logits = {}
     for fold in (True, False):

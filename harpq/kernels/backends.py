@@ -39,9 +39,9 @@ class GemvBackend(ABC):
         layer's norm folded into the GEMV instead of a launch of its own."""
         return False
 
-    def folds_glu(self, fmt: StorageFormat, x: torch.Tensor, m: int, n: int) -> bool:
-        """Whether `matmul` takes `glu=True` for x and an m × n matrix [gate; up] (and does so at no cost): it
-        then returns silu(gate) · up, (B, m / 2), the SiLU·up of a Llama MLP in the GEMV's store."""
+    def folds_glu(self, x: torch.Tensor, m: int) -> bool:
+        """Whether `matmul` takes `glu=True` for x and an m-row matrix [gate; up]: it then returns
+        silu(gate) · up, (B, m / 2), the SiLU·up of a Llama MLP in the GEMV's store."""
         return False
 
     @abstractmethod

@@ -195,9 +195,8 @@ def _pdl_supported(device_index: int) -> bool:
     return True
 
 
-#: shared memory a kernel may take without opting in to more (static and dynamic together)
-SHARED_DEFAULT_LIMIT = 48 * 1024
-#: of which a folded RMSNorm may take (the GEMV's own reduction buffer takes up to 8 KB at batch ≤ 8)
+#: dynamic shared memory a folded RMSNorm may take: of the 48 KB a kernel gets without opting in to more (static
+#: and dynamic together), the GEMV's own reduction buffer takes up to 8 KB at batch ≤ 8
 NORM_SHARED_LIMIT = 40 * 1024
 
 

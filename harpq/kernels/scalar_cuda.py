@@ -69,8 +69,10 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     m = codes.shape[0]
     if norm_weight is not None:
         norm_weight = nvrtc.norm_arg(norm_weight, batch, n, NORM_MAX_BATCH)
-    if glu and (m % 32 or residual is not None):
-        raise ValueError(f"a gate/up GEMV needs a multiple of 32 rows and no residual, got {m} rows")
+    if glu and m % 32:
+        raise ValueError(f"a gate/up GEMV needs a multiple of 32 rows, got {m}")
+    if glu and residual is not None:
+        raise ValueError("a gate/up GEMV adds no residual")
     y = torch.empty(batch, m // 2 if glu else m, dtype=torch.float16, device=x.device)
     d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled, norm_weight is not None,
                      glu))
@@ -107,8 +109,8 @@ class ScalarCuda(GemvBackend):
     def folds_norm(self, x):
         return nvrtc.norm_fits(x.shape[0], x.shape[1], NORM_MAX_BATCH)
 
-    def folds_glu(self, fmt, x, m, n):
-        return m % 32 == 0 and layout(fmt, n) is not None
+    def folds_glu(self, x, m):
+        return m % 32 == 0
 
     def matmul(self, fmt, buffers, prepared, x, m, n, residual=None, norm=None, glu=False):
         nw, shift, step_scale = layout(fmt, n)

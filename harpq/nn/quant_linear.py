@@ -255,7 +255,7 @@ class QuantLinear(nn.Module):
                 and self.processor.config()["name"] == "none":
             rows = x.reshape(-1, self.in_features)
             backend, prepared, _ = self._run_context(rows)
-            if backend.folds_glu(self.format, rows, self.out_features, self.in_features):
+            if backend.folds_glu(rows, self.out_features):
                 extra: dict[str, Any] = {"glu": True}
                 if norm is not None and backend.folds_norm(rows):
                     extra["norm"] = norm
