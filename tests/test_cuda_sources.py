@@ -56,6 +56,26 @@ def _scalar_configs():
     return sorted(seen)
 
 
+def _bulk_configs():
+    """The scalar kernel with its weights through the TMA ring: one configuration per code path (bits, zeros,
+    words per thread, step scale, tiles, slot steps, norm, gate/up)."""
+    firsts = {}
+    for bits, group, n, batch, zero, m in itertools.product((1, 2, 3, 4, 8), (16, 32, 64, 128, 0), (512, 4096, 11008),
+                                                           BATCHES, ("int", "fp16"), ROWS):
+        lay = scalar_cuda.layout(ScalarGroups(bits, group, zero), n)
+        if not lay:
+            continue
+        for norm, glu in ((False, False), (batch <= scalar_cuda.NORM_MAX_BATCH, True)):
+            d = scalar_cuda.defines(bits, zero == "int", lay[0], lay[2], m, n, batch, tiled=True, norm=norm, glu=glu,
+                                    group_shift=lay[1], bulk=True)
+            c = dict(d)
+            if c.get("BULK"):
+                key = tuple(c.get(k) for k in ("BITS", "INT_ZERO", "NW", "STEP_SCALE", "MT", "NT", "SLOT_STEPS",
+                                               "NORM", "GLU"))
+                firsts.setdefault(key, d)
+    return sorted(firsts.values())
+
+
 def _e8p_configs():
     return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch, tiled=tiled)
                    for s, n, batch, m, tiled in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS,
@@ -126,6 +146,14 @@ def test_every_kernel_configuration_compiles_for_sm_90():
     configs = _all_configs()
     assert len(configs) > 40
     _compiles(configs, "sm_90")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_the_tma_ring_configurations_compile(arch):
+    """sm_90 builds the ring; sm_80 has no TMA and compiles the same configurations to the register loads."""
+    configs = _bulk_configs()
+    assert len(configs) > 20 and all(dict(d)["SLOTS"] >= 1 for d in configs)
+    _compiles([("scalar_gemv.cu", d) for d in configs], arch)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

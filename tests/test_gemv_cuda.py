@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harpq.formats import E8PStages, ScalarGroups, TrellisTiles
-from harpq.kernels import nvrtc, select
+from harpq.kernels import nvrtc, scalar_cuda, select
 
 if nvrtc.available():
     pytest.skip(f"CUDA kernels cannot run here: {nvrtc.available()}", allow_module_level=True)
@@ -92,15 +92,37 @@ def test_residual_is_added_in_the_kernel(fmt):
     assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
 
 
+BULK_CAPABLE = torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not BULK_CAPABLE, reason="the TMA ring needs sm_90")
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(4, 64, "fp16"), ScalarGroups(2, 128, "int"),
+                                 ScalarGroups(3, 128, "int"), ScalarGroups(4, 32, "int"), ScalarGroups(2, 0, "mid"),
+                                 ScalarGroups(8, 128, "int"), ScalarGroups(2, 64, "int")])
+@pytest.mark.parametrize("m,n", [(272, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (48, 1024), (16, 768)])
+@pytest.mark.parametrize("batch", [1, 2, 16])
+def test_scalar_kernel_through_the_tma_ring_matches_reference(fmt, m, n, batch, monkeypatch):
+    """Weights through the TMA ring: warps' runs of steps that do not divide evenly, slots of one and two
+    steps, groups smaller and larger than a step, one to four steps per chunk (NW 4, 2, 1), two m-tiles."""
+    monkeypatch.setattr(scalar_cuda, "BULK", True)
+    nw, shift, step_scale = scalar_cuda.layout(fmt, n)
+    d = dict(scalar_cuda.defines(fmt.bits, fmt.zero == "int", nw, step_scale, m, n, batch, tiled=True,
+                                 group_shift=shift, bulk=True))
+    assert d.get("BULK") == 1 and d["SLOTS"] >= 1, d
+    check(fmt, m, n, batch, seed=m + n + batch)
+
+
+@pytest.mark.parametrize("bulk", [False, True])
 @pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
                                  ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
 @pytest.mark.parametrize("m,n", [(48, 1024), (12288, 4096), (272, 4224), (64, 8192)])  # 8 / 4 warps, 33 chunks, 70B
 @pytest.mark.parametrize("batch", [1, 2])
-def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch):
+def test_folded_rms_norm_equals_the_norm_then_the_gemv(fmt, m, n, batch, bulk, monkeypatch):
     """The kernel that takes the layer's RMSNorm weight computes W · RMSNorm(x) (Llama's norm, statistics in
     fp32) for rows of very different scale, and with the residual added in the same store."""
     from harpq.kernels.fused import rms_norm_reference
 
+    monkeypatch.setattr(scalar_cuda, "BULK", bulk and BULK_CAPABLE)
     buffers = random_buffers(fmt, m, n, batch + m)
     gen = torch.Generator(device="cuda").manual_seed(batch)
     scales = torch.tensor([0.02, 40.0][:batch], device="cuda")[:, None]  # rows of very different rms
@@ -141,11 +163,13 @@ def test_folded_norm_is_refused_beyond_its_batch_and_for_the_wrong_weight():
                                  ScalarGroups(4, 64, "fp16"), ScalarGroups(4, 128, "int", 0)])
 @pytest.mark.parametrize("f,n", [(96, 1024), (11008, 4096), (1024, 4160)])
 @pytest.mark.parametrize("batch", [1, 2, 9, 16])
-def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch):
+@pytest.mark.parametrize("bulk", [False, True])
+def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch, bulk, monkeypatch):
     """With `glu` the GEMV of a stacked [gate; up] matrix (2F rows) returns silu(gate) · up (B × F), the norm
     folded in too where the batch allows."""
     from harpq.kernels.fused import rms_norm_reference
 
+    monkeypatch.setattr(scalar_cuda, "BULK", bulk and BULK_CAPABLE)
     m = 2 * f
     buffers = random_buffers(fmt, m, n, f + batch)
     gen = torch.Generator(device="cuda").manual_seed(batch)

@@ -7,15 +7,19 @@ group-major. What it covers: bits 1, 2, 3, 4, 8; groups whose runs of columns pe
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from ..formats import ScalarGroups
-from . import nvrtc
+from . import nvrtc, tuning
 from .backends import MAX_DECODE_BATCH, GemvBackend, register
 from .tuning import launch_shape
 
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
+#: weights through the TMA ring on sm_90 and newer (`cuda/gemv_common.cuh`, BULK); HARPQ_BULK=0/1 overrides
+BULK = os.environ.get("HARPQ_BULK", "0") == "1"
 #: batch rows the kernel normalizes itself (NORM_ROWS of `cuda/gemv_common.cuh`); beyond, the norm is its own launch
 NORM_MAX_BATCH = 2
 
@@ -43,14 +47,48 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     return None
 
 
+def meta_groups(slot_steps: int, group_shift: int) -> int:
+    """Most groups that one slot of `slot_steps` consecutive steps (4 runs each, starting at a multiple of
+    slot_steps) touches."""
+    if group_shift >= 31:
+        return 1
+    return max(((4 * (a + slot_steps) - 1) >> group_shift) - ((4 * a) >> group_shift) + 1
+               for a in range(0, 64 * slot_steps, slot_steps))
+
+
+def bulk_defines(bits: int, nw: int, n: int, group_shift: int, shape: dict[str, int],
+                 norm_bytes: int) -> dict[str, int]:
+    """The TMA ring (`BULK`) of a tiled layout: slots of SLOT_STEPS steps (whole chunks) per warp, as many as the
+    shared memory left to each block holds (48 KB less the folded norm's copy, shared by the blocks an SM holds;
+    the reduction reuses the ring), or {} where rows are not whole chunks or no slot fits."""
+    chunk = 12 if bits == 3 else 16
+    step_words = 4 * nw
+    if (n * bits // 32) % chunk:
+        return {}
+    per_chunk = chunk // step_words
+    per_block = min(48 * 1024 - norm_bytes, 200 * 1024 // shape.get("MIN_BLOCKS", 2)) - 1024
+    for slot_steps in sorted({max(2, per_chunk), per_chunk}, reverse=True):
+        slot_steps = shape.get("SLOT_STEPS", slot_steps)
+        groups = meta_groups(slot_steps, group_shift)
+        slot_bytes = 4 * shape["MT"] * (slot_steps * 16 * step_words + 16 * groups)
+        slots = min(8, per_block // (shape["WARPS"] * slot_bytes))
+        if slots >= 1:
+            return {"BULK": 1, "SLOTS": slots, "SLOT_STEPS": slot_steps, "META_GROUPS": groups}
+    return {}
+
+
 def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
-            device_index: int = 0, tiled: bool = False, norm: bool = False,
-            glu: bool = False) -> tuple[tuple[str, int], ...]:
+            device_index: int = 0, tiled: bool = False, norm: bool = False, glu: bool = False,
+            group_shift: int = 31, bulk: bool = False) -> tuple[tuple[str, int], ...]:
+    """The kernel's compile-time configuration; `bulk`: the TMA ring where the layout allows it (sm_90 on)."""
     run = 32 if bits == 3 else nw * 32 // bits
+    shape = launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
+                         one_wave=True, paired=glu)
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
-              "NORM": int(norm), "GLU": int(glu),
-              **launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
-                             one_wave=True, paired=glu)}
+              "NORM": int(norm), "GLU": int(glu), **shape}
+    if tiled and shape.get("BULK", int(bulk)):
+        norm_bytes = nvrtc.norm_shared(batch, n) if norm else 0
+        config.update({**bulk_defines(bits, nw, n, group_shift, shape, norm_bytes), **tuning.OVERRIDE})
     return tuple(sorted(config.items()))
 
 
@@ -59,10 +97,10 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
                 group_shift: int, step_scale: int, residual: torch.Tensor | None = None,
                 tiled: bool = False, norm_weight: torch.Tensor | None = None, norm_eps: float = 0.0,
                 glu: bool = False) -> torch.Tensor:
-    """x (B, n) fp16, codes (m, words) int32 (rows or, `tiled`, row-tiled), meta (groups, m) int32 = half2
-    (scale, zero) [, residual (B, m) fp16, added] [, norm_weight (n,) fp16: the input is RMSNorm(x) with
-    this weight and `norm_eps`, B ≤ NORM_MAX_BATCH] -> (B, m) fp16; with `glu` the matrix is [gate; up]
-    and the result silu(gate) · up, (B, m / 2)."""
+    """x (B, n) fp16, codes (m, words) int32 (rows or, `tiled`, row-tiled), meta (m / 16 rounded up, groups,
+    16) int32 = half2 (scale, zero), tile-major [, residual (B, m) fp16, added] [, norm_weight (n,) fp16: the
+    input is RMSNorm(x) with this weight and `norm_eps`, B ≤ NORM_MAX_BATCH] -> (B, m) fp16; with `glu` the
+    matrix is [gate; up] and the result silu(gate) · up, (B, m / 2)."""
     if x.data_ptr() % 16 or not x.is_contiguous():
         x = x.contiguous().clone()
     batch, n = x.shape
@@ -74,12 +112,16 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     if glu and residual is not None:
         raise ValueError("a gate/up GEMV adds no residual")
     y = torch.empty(batch, m // 2 if glu else m, dtype=torch.float16, device=x.device)
-    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, x.device.index or 0, tiled, norm_weight is not None,
-                     glu))
+    if codes.data_ptr() % 16:  # the TMA copies 16-byte aligned stretches
+        codes = codes.clone()
+    device = x.device.index or 0
+    d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, device, tiled, norm_weight is not None, glu,
+                     group_shift, BULK and torch.cuda.get_device_capability(device)[0] >= 9))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
     nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
-                 np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), nvrtc.ptr(y),
+                 np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), np.int32(meta.shape[1]),
+                 nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
                  nvrtc.ptr(norm_weight), np.float32(norm_eps),
                  shared=0 if norm_weight is None else nvrtc.norm_shared(batch, n))
@@ -104,7 +146,11 @@ class ScalarCuda(GemvBackend):
     def prepare(self, fmt, buffers, m, n):
         scale, zero = fmt.scale_zero(buffers, m, n)
         pairs = torch.stack([scale.half(), zero.half()], dim=-1).contiguous()  # exact: both are fp16 values
-        return (pairs.view(torch.int32).view(m, -1).T.contiguous(),)
+        words = pairs.view(torch.int32).view(m, -1)
+        tiles = -(-m // 16)
+        if m % 16:
+            words = torch.cat([words, words.new_zeros(16 * tiles - m, words.shape[1])])
+        return (words.view(tiles, 16, -1).transpose(1, 2).contiguous(),)  # (tiles, groups, 16)
 
     def folds_norm(self, x):
         return nvrtc.norm_fits(x.shape[0], x.shape[1], NORM_MAX_BATCH)

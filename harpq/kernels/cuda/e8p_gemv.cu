@@ -43,12 +43,6 @@ DEVICE void field_pairs(u32 q, u32 offset, u32* p) {
     p[3] = hsub2(lop_and_or(q >> 8, FIELDS, EXP32), offset);
 }
 
-DEVICE u32 shared_address(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
 // table word at byte `sel` of w (prmt selector 0x444k picks byte k, zero-extended) of the table at `base`
 DEVICE u32 lookup(u32 base, u32 w, u32 sel) {
     u32 r;

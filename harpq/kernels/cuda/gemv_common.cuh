@@ -68,6 +68,12 @@ DEVICE u16 float_to_half(float f) {
     return h;
 }
 
+DEVICE u32 shared_address(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
 // Weights are read once: keep them out of L1. Activations and tables are re-read by every warp: cached.
 DEVICE void load_stream(const u32* p, u32* r, int n) {
     if (n == 4) {
@@ -133,6 +139,60 @@ DEVICE void let_dependents_start() {
 #endif
 }
 
+// BULK (0/1; sm_90 on, else ignored): a warp's weights come through the Tensor Memory Accelerator instead of
+// register loads. Each warp takes one contiguous run of K-steps; its lane 0 copies SLOT_STEPS steps at a time
+// (the stored bytes of a row-tiled layout: one stretch of codes and one of metadata per m-tile) into a ring of
+// SLOTS slots in shared memory, each slot with an mbarrier that completes when its bytes have landed. So up to
+// SLOTS · SLOT_STEPS steps are in flight per warp at the cost of shared memory, not registers, and one
+// instruction moves a kilobyte or more. The warp reads a landed slot into the format's Step and re-fills it
+// once the step's products are done.
+#ifndef BULK
+#define BULK 0
+#endif
+// A format that can (its policy has SLOT_WORDS, fill and load_slot) defines FORMAT_BULK before including this.
+#ifndef FORMAT_BULK
+#define FORMAT_BULK 0
+#endif
+#if BULK && FORMAT_BULK && __CUDA_ARCH__ >= 900
+#define BULK_ON 1
+#else
+#define BULK_ON 0
+#endif
+#ifndef SLOTS
+#define SLOTS 4
+#endif
+#ifndef SLOT_STEPS
+#define SLOT_STEPS 2
+#endif
+
+#if BULK_ON
+DEVICE void barrier_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" : : "r"(bar), "r"(count) : "memory");
+}
+
+// the barrier's one arrival, with the bytes its phase waits for
+DEVICE void barrier_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" : : "r"(bar), "r"(bytes) : "memory");
+}
+
+DEVICE void barrier_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred done; WAIT: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; @!done bra WAIT; }"
+        : : "r"(bar), "r"(parity) : "memory");
+}
+
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global src to shared dst, counted on bar
+DEVICE void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 : : "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.cluster;" : : : "memory"); }
+
+// the warp's reads of a slot (generic proxy) before the copy that re-fills it (async proxy)
+DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" : : : "memory"); }
+#endif
+
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
 DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm(
@@ -154,6 +214,12 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   P::Step                  what one step's loads bring for the thread's 2·MT rows
 //   p.load(rows, s, t, step) issue those loads
 //   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs (Acts): the thread's activations of step s
+// and, for BULK:
+//   P::SLOT_WORDS            shared-memory words of one slot (SLOT_STEPS steps) for one m-tile
+//   P::SLOT_ALIGN            steps whose bytes are one stretch (a slot starts at a multiple of it)
+//   p.fill(tile_row, a, b, slot, bar)       lane 0: copy steps [a, b) of the 16-row tile at tile_row into the
+//                                           slot (a shared address), counted on bar; returns the bytes
+//   p.load_slot(rows, slot, a, s, t, step)  the thread's Step of step s from a landed slot whose first step is a
 //
 // NORM (0/1): the GEMV's input is RMSNorm(x) with weight g (the layer's input norm folded into the GEMV, one
 // launch less; batch ≤ NORM_ROWS): each block normalizes x into shared memory while its first weight loads
@@ -193,6 +259,10 @@ DEVICE u32 half2_of(float f) {
 
 struct alignas(16) Words4 {
     u32 w[4];
+};
+
+struct alignas(8) Words2 {
+    u32 w[2];
 };
 
 // The activations of one step as a thread reads them: words `off` … `off + n` of its run in n-tile nt
@@ -303,7 +373,16 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
                         const u16* __restrict__ residual, int M, int K, float scale,
                         const u16* __restrict__ row_scale = nullptr, const u32* __restrict__ norm_w = nullptr,
                         float norm_eps = 0.f) {
-    __shared__ float red[WARPS * MT * NT * 4 * 32];
+    constexpr int RED = WARPS * MT * NT * 4 * 32;  // the block's reduction: one float per accumulator and thread
+#if BULK_ON
+    // the ring, and after the main loop the reduction in the same bytes
+    constexpr int RING = WARPS * SLOTS * MT * P::SLOT_WORDS;
+    __shared__ __align__(128) u32 ring_words[RING > RED ? RING : RED];
+    float* red = reinterpret_cast<float*>(ring_words);
+    auto ring = reinterpret_cast<u32(*)[SLOTS][MT * P::SLOT_WORDS]>(ring_words);
+#else
+    __shared__ float red[RED];
+#endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
 #if GLU
@@ -323,10 +402,35 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
 
     const int nsteps = K / P::STEP;
+#if BULK_ON
+    // a contiguous run of steps per warp, SLOT_STEPS per slot of the warp's ring
+    __shared__ __align__(8) unsigned long long bars[WARPS][SLOTS];
+    static_assert(SLOT_STEPS % P::SLOT_ALIGN == 0, "a slot holds whole runs of SLOT_ALIGN steps");
+    const int runs = nsteps / P::SLOT_ALIGN;
+    const int a0 = warp * runs / WARPS * P::SLOT_ALIGN, a1 = (warp + 1) * runs / WARPS * P::SLOT_ALIGN;
+    const int nslots = (a1 - a0 + SLOT_STEPS - 1) / SLOT_STEPS;
+    auto fill = [&](int j) {  // lane 0: copy slot j's steps
+        const int a = a0 + j * SLOT_STEPS, b = min(a + SLOT_STEPS, a1);
+        u32* slot = ring[warp][j % SLOTS];
+        const u32 bar = shared_address(&bars[warp][j % SLOTS]);
+        u32 bytes = 0;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            if (rows.valid[2 * mt]) bytes += p.fill(rows.row[2 * mt] - g, a, b, shared_address(slot + mt * P::SLOT_WORDS), bar);
+        barrier_expect(bar, bytes);
+    };
+    if (lane == 0) {
+        for (int i = 0; i < SLOTS; ++i) barrier_init(shared_address(&bars[warp][i]), 1);
+        fence_barrier_init();
+        for (int j = 0; j < min(SLOTS, nslots); ++j) fill(j);
+    }
+    __syncwarp();
+#else
     typename P::Step cur[UNROLL], nxt[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
         if (warp + u * WARPS < nsteps) p.load(rows, warp + u * WARPS, t, cur[u]);
+#endif
 
     x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
     asm("" : "+l"(residual) : "l"(x));  // so does the residual: its pointer now comes after the wait
@@ -338,15 +442,46 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         xrow[nt] = x + (long long)(xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
     }
 #if NORM
+#if !BULK_ON
     // the loads of the steps after the first go out too, so the weights stream while the block normalizes x
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
         if (warp + (UNROLL + u) * WARPS < nsteps) p.load(rows, warp + (UNROLL + u) * WARPS, t, nxt[u]);
+#endif
     extern __shared__ __align__(16) u32 xn[];  // (batch + 1) × K halves, dynamic
     normalize_into(x, norm_w, batch, K, norm_eps, xn);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xrow[nt] = xn + (xon[nt] ? g + 8 * nt : 0) * (K / 2) + t * (P::RUN / 2);
 #endif
+    auto step_acts = [&](int s) {
+        Acts xs;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            xs.row[nt] = xrow[nt] + s * (P::STEP / 2);
+            xs.on[nt] = xon[nt];
+        }
+        return xs;
+    };
+#if BULK_ON
+    for (int j = 0; j < nslots; ++j) {
+        const u32* slot = ring[warp][j % SLOTS];
+        barrier_wait(shared_address(&bars[warp][j % SLOTS]), (j / SLOTS) & 1);
+        const int a = a0 + j * SLOT_STEPS;
+#pragma unroll
+        for (int u = 0; u < SLOT_STEPS; ++u) {
+            if (a + u < a1) {
+                typename P::Step d;
+                p.load_slot(rows, slot, a, a + u, t, d);
+                p.compute(rows, a + u, t, d, step_acts(a + u), acc);
+            }
+        }
+        __syncwarp();
+        if (lane == 0 && j + SLOTS < nslots) {
+            fence_async_shared();
+            fill(j + SLOTS);
+        }
+    }
+#else
     for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
         const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
@@ -355,23 +490,19 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int s = s0 + u * WARPS;
-            if (s < nsteps) {
-                Acts xs;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    xs.row[nt] = xrow[nt] + s * (P::STEP / 2);
-                    xs.on[nt] = xon[nt];
-                }
-                p.compute(rows, s, t, cur[u], xs, acc);
-            }
+            if (s < nsteps) p.compute(rows, s, t, cur[u], step_acts(s), acc);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
     }
+#endif
 
     let_dependents_start();
 
     // sum the accumulator sets, then the warps of the block
+#if BULK_ON
+    __syncthreads();  // every warp is done with its ring before the reduction overwrites it
+#endif
     constexpr int V = MT * NT * 4;
 #pragma unroll
     for (int v = 0; v < V; ++v) {

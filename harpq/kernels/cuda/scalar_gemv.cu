@@ -10,8 +10,10 @@
 // Layout read as stored (harpq's bit stream: 32 codes fill exactly BITS words, lowest bits first), rows one
 // after another or, with TILED, row-tiled (`formats.packing.to_row_tiles`: 16 rows at a time, chunks of
 // CHUNK words of each row, chunk-major), so that the 16 rows of a warp's step are one contiguous stretch;
-// the per-group scales and zeros come as one half2 (scale, zero) per (group, row), group-major, so that a
-// warp's 16 rows of one group are 64 contiguous bytes.
+// the per-group scales and zeros come as one half2 (scale, zero) per (group, row), tile-major (16 rows at a
+// time, group by group), so that a warp's 16 rows of one group are 64 contiguous bytes and a run of steps'
+// metadata one stretch. With BULK (TILED layouts whose step is one chunk), a warp's steps arrive through the
+// TMA (`gemv_common.cuh`); META_GROUPS bounds the groups one slot of SLOT_STEPS steps touches.
 //
 // Decode, two codes at a time: one lop3 moves codes j and j + P/2 of a word (P codes per word; 16 bits
 // apart) into the mantissas of the half2 (1024 + c·2^o, 1024 + c'·2^o) (bit offset o ≤ 9, else from the
@@ -21,11 +23,15 @@
 // result once per step (a step never straddles two groups), not every weight. The activations of a
 // pair's two columns are brought together by one prmt per pair and batch tile.
 
-#include "gemv_common.cuh"
-
 #ifndef TILED
 #define TILED 0
 #endif
+#define FORMAT_BULK TILED  // rows whose words are whole chunks (the caller checks)
+#ifndef META_GROUPS
+#define META_GROUPS (4 * SLOT_STEPS)
+#endif
+#include "gemv_common.cuh"
+
 constexpr int CHUNK = BITS == 3 ? 12 : 16;  // words of a row per chunk of the tiled layout
 
 #if BITS == 3
@@ -97,6 +103,7 @@ struct ScalarPolicy {
     int row_words;
     const u32* meta;
     int group_shift;
+    int groups;  // groups of a row
     int M;
 
     struct Step {
@@ -119,9 +126,50 @@ struct ScalarPolicy {
         for (int r = 0; r < 2 * MT; ++r) {
             const int row = rows.valid[r] ? rows.row[r] : 0;
             load_stream(codes + word_of(row, (4 * s + t) * NW), d.w[r], NW);
-            d.m[r] = rows.valid[r] ? meta[(long long)gi * M + row] : 0u;
+            d.m[r] = rows.valid[r] ? meta[((long long)(row >> 4) * groups + gi) * 16 + (row & 15)] : 0u;
         }
     }
+
+#if BULK_ON
+    static constexpr int STEP_WORDS = 4 * NW;  // words of a row per step
+    static constexpr int SLOT_ALIGN = CHUNK / STEP_WORDS;  // steps per chunk of the tiled layout
+    static_assert(SLOT_ALIGN * STEP_WORDS == CHUNK, "a chunk holds whole steps");
+    static constexpr int CODE_WORDS = SLOT_STEPS * 16 * STEP_WORDS;
+    static constexpr int SLOT_WORDS = CODE_WORDS + META_GROUPS * 16;
+
+    DEVICE u32 fill(int tile_row, int a, int b, u32 slot, u32 bar) const {
+        const u32 code_bytes = (b - a) * 16 * STEP_WORDS * 4;  // whole chunks: (b − a) / SLOT_ALIGN of them
+        bulk_load(slot, codes + (long long)tile_row * row_words + a * 16 * STEP_WORDS, code_bytes, bar);
+        const int g0 = (4 * a) >> group_shift, g1 = (4 * b - 1) >> group_shift;
+        const u32 meta_bytes = (g1 - g0 + 1) * 64;
+        bulk_load(slot + CODE_WORDS * 4, meta + ((long long)(tile_row >> 4) * groups + g0) * 16, meta_bytes, bar);
+        return code_bytes + meta_bytes;
+    }
+
+    DEVICE void load_slot(const Rows& rows, const u32* slot, int a, int s, int t, Step& d) const {
+        const int gi = ((4 * s + t) >> group_shift) - ((4 * a) >> group_shift);
+#pragma unroll
+        for (int r = 0; r < 2 * MT; ++r) {
+            const u32* at = slot + (r >> 1) * SLOT_WORDS;
+            const int local = rows.row[r] & 15;
+            const int chunk = (s - a) / SLOT_ALIGN, part = (s - a) % SLOT_ALIGN;
+            const u32* w = at + (chunk * 16 + local) * CHUNK + part * STEP_WORDS + t * NW;
+            if (NW == 4) {
+                const Words4 q = *reinterpret_cast<const Words4*>(w);
+#pragma unroll
+                for (int i = 0; i < NW; ++i) d.w[r][i] = q.w[i];
+            } else if (NW == 2) {
+                const Words2 q = *reinterpret_cast<const Words2*>(w);
+                d.w[r][0] = q.w[0];
+                d.w[r][NW - 1] = q.w[1];
+            } else {
+#pragma unroll
+                for (int i = 0; i < NW; ++i) d.w[r][i] = w[i];
+            }
+            d.m[r] = at[CODE_WORDS + gi * 16 + local];
+        }
+    }
+#endif
 
     // this step's products (c − z)·x into `step_acc`, then the rows' scales into `acc`
     DEVICE void compute(const Rows&, int, int, const Step& d, const Acts& xs, float* acc) const {
@@ -207,8 +255,8 @@ struct ScalarPolicy {
 
 extern "C" __global__ void GEMV_BOUNDS
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
-                  const u32* __restrict__ meta, int group_shift, u16* __restrict__ y,
+                  const u32* __restrict__ meta, int group_shift, int groups, u16* __restrict__ y,
                   const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps) {
-    const ScalarPolicy p{codes, row_words, meta, group_shift, M};
+    const ScalarPolicy p{codes, row_words, meta, group_shift, groups, M};
     gemv_driver(p, x, batch, y, residual, M, K, 1.0f, nullptr, norm_w, norm_eps);
 }
