@@ -47,13 +47,13 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     return None
 
 
-def meta_groups(slot_steps: int, group_shift: int) -> int:
-    """Most groups that one slot of `slot_steps` consecutive steps (4 runs each, starting at a multiple of
-    slot_steps) touches."""
+def meta_groups(slot_steps: int, group_shift: int, align: int) -> int:
+    """Most groups that one slot of `slot_steps` consecutive steps (4 runs each) touches; a slot starts at a
+    multiple of `align` steps (the steps of one chunk)."""
     if group_shift >= 31:
         return 1
     return max(((4 * (a + slot_steps) - 1) >> group_shift) - ((4 * a) >> group_shift) + 1
-               for a in range(0, 64 * slot_steps, slot_steps))
+               for a in range(0, 256 * align, align))
 
 
 def bulk_defines(bits: int, nw: int, n: int, group_shift: int, shape: dict[str, int],
@@ -69,7 +69,7 @@ def bulk_defines(bits: int, nw: int, n: int, group_shift: int, shape: dict[str, 
     per_block = min(48 * 1024 - norm_bytes, 200 * 1024 // shape.get("MIN_BLOCKS", 2)) - 1024
     for slot_steps in sorted({max(2, per_chunk), per_chunk}, reverse=True):
         slot_steps = shape.get("SLOT_STEPS", slot_steps)
-        groups = meta_groups(slot_steps, group_shift)
+        groups = meta_groups(slot_steps, group_shift, per_chunk)
         slot_bytes = 4 * shape["MT"] * (slot_steps * 16 * step_words + 16 * groups)
         slots = min(8, per_block // (shape["WARPS"] * slot_bytes))
         if slots >= 1:

@@ -462,7 +462,20 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         }
         return xs;
     };
+#ifndef XPREFETCH
+#define XPREFETCH 1
+#endif
 #if BULK_ON
+#if !NORM && XPREFETCH
+    // the warp's activations (its run of columns, every batch row) into L1 while its weights are in flight
+    {
+        const int lines = ((a1 - a0) * P::STEP * 2 + 127) / 128;
+        for (int i = lane; i < batch * lines; i += 32)
+            asm volatile("prefetch.global.L1 [%0];"
+                         : : "l"(reinterpret_cast<const char*>(x) + ((long long)(i / lines) * K + a0 * P::STEP) * 2 +
+                                 (i % lines) * 128));
+    }
+#endif
     for (int j = 0; j < nslots; ++j) {
         const u32* slot = ring[warp][j % SLOTS];
         barrier_wait(shared_address(&bars[warp][j % SLOTS]), (j / SLOTS) & 1);
