@@ -18,8 +18,9 @@ from .backends import MAX_DECODE_BATCH, GemvBackend, register
 from .tuning import launch_shape
 
 SOURCE, ENTRY = "scalar_gemv.cu", "harpq_scalar_gemv"
-#: weights through the TMA ring on sm_90 and newer (`cuda/gemv_common.cuh`, BULK); HARPQ_BULK=0/1 overrides
-BULK = os.environ.get("HARPQ_BULK", "0") == "1"
+#: weights through the TMA ring (`cuda/gemv_common.cuh`, BULK; sm_90 and newer): None where it measured faster
+#: (`tuning.ring_pays`), True wherever the layout allows, False never; HARPQ_BULK=1 / 0 sets True / False
+BULK: bool | None = {"1": True, "0": False}.get(os.environ.get("HARPQ_BULK", ""))
 #: batch rows the kernel normalizes itself (NORM_ROWS of `cuda/gemv_common.cuh`); beyond, the norm is its own launch
 NORM_MAX_BATCH = 2
 
@@ -115,8 +116,11 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     if codes.data_ptr() % 16:  # the TMA copies 16-byte aligned stretches
         codes = codes.clone()
     device = x.device.index or 0
+    run = 32 if bits == 3 else nw * 32 // bits
+    bulk = torch.cuda.get_device_capability(device)[0] >= 9 and (
+        BULK if BULK is not None else tuning.ring_pays(m, n // (4 * run), batch, device))
     d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, device, tiled, norm_weight is not None, glu,
-                     group_shift, BULK and torch.cuda.get_device_capability(device)[0] >= 9))
+                     group_shift, bulk))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
     nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
