@@ -175,6 +175,9 @@ def test_gate_up_gemv_stores_silu_gate_times_up(fmt, f, n, batch, bulk, monkeypa
     gen = torch.Generator(device="cuda").manual_seed(batch)
     x = (torch.randn(batch, n, device="cuda", generator=gen) * 4).half()
     backend = select(fmt, x, m, n)
+    if scalar_cuda.layout(fmt, n) is None:  # 3-bit runs of 32 columns do not tile 4160: the reference, no fold
+        assert backend.name != "cuda" and not backend.folds_glu(x, m)
+        return
     assert backend.folds_glu(x, m)
     prepared = backend.prepare(fmt, buffers, m, n)
     w = fmt.decode(buffers, m, n).double()

@@ -30,9 +30,9 @@ def many_row_tiles(m: int, device_index: int = 0) -> bool:
 
 def ring_pays(m: int, steps: int, batch: int, device_index: int = 0) -> bool:
     """Whether the scalar GEMV takes its weights through the TMA ring (BULK): measured faster on the H200 at
-    batch ≤ 4 for matrices of few row tiles and long rows (4096×11008: 11.3 µs against 12.5 for 4-bit), slower
-    for many row tiles (12288×4096: 13.5 against 12.2), at batch 16, and about equal on 4096×4096."""
-    return batch <= 4 and not many_row_tiles(m, device_index) and steps >= 64
+    batch 1 for matrices of few row tiles and long rows (4096×11008, 4-bit: 11.2–11.3 µs against 12.5), slower
+    for many row tiles (12288×4096: 13.5 against 12.2), at batch 4 and 16, and about equal on 4096×4096."""
+    return batch == 1 and not many_row_tiles(m, device_index) and steps >= 64
 
 
 def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_index: int = 0,
