@@ -85,8 +85,9 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
     run = 32 if bits == 3 else nw * 32 // bits
     shape = launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
                          one_wave=True, paired=glu)
+    full_chunks = tiled and (n * bits // 32) % (12 if bits == 3 else 16) == 0  # no short last chunk
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
-              "NORM": int(norm), "GLU": int(glu), **shape}
+              "FULL_CHUNKS": int(full_chunks), "NORM": int(norm), "GLU": int(glu), **shape}
     if tiled and shape.get("BULK", int(bulk)):
         norm_bytes = nvrtc.norm_shared(batch, n) if norm else 0
         config.update({**bulk_defines(bits, nw, n, group_shift, shape, norm_bytes), **tuning.OVERRIDE})

@@ -84,6 +84,9 @@ struct E8PPolicy {
 #endif
     }
 
+    using Cursor = Rows;  // the rows are all a step's loads need
+    DEVICE Rows cursor(const Rows& rows, int) const { return rows; }
+
     DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {

@@ -212,7 +212,8 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 // dependency. The format policy P supplies:
 //   P::RUN, P::STEP          columns a thread / a warp covers per step (STEP = 4·RUN)
 //   P::Step                  what one step's loads bring for the thread's 2·MT rows
-//   p.load(rows, s, t, step) issue those loads
+//   P::Cursor, p.cursor(rows, t)   what the thread's loads need that no step changes (its rows' addresses)
+//   p.load(cursor, s, t, step) issue those loads
 //   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs (Acts): the thread's activations of step s
 // and, for BULK:
 //   P::SLOT_WORDS            shared-memory words of one slot (SLOT_STEPS steps) for one m-tile
@@ -426,10 +427,11 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     }
     __syncwarp();
 #else
+    const typename P::Cursor at = p.cursor(rows, t);
     typename P::Step cur[UNROLL], nxt[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-        if (warp + u * WARPS < nsteps) p.load(rows, warp + u * WARPS, t, cur[u]);
+        if (warp + u * WARPS < nsteps) p.load(at, warp + u * WARPS, t, cur[u]);
 #endif
 
     x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
@@ -446,7 +448,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     // the loads of the steps after the first go out too, so the weights stream while the block normalizes x
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-        if (warp + (UNROLL + u) * WARPS < nsteps) p.load(rows, warp + (UNROLL + u) * WARPS, t, nxt[u]);
+        if (warp + (UNROLL + u) * WARPS < nsteps) p.load(at, warp + (UNROLL + u) * WARPS, t, nxt[u]);
 #endif
     extern __shared__ __align__(16) u32 xn[];  // (batch + 1) × K halves, dynamic
     normalize_into(x, norm_w, batch, K, norm_eps, xn);
@@ -499,7 +501,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
-            if (s1 + u * WARPS < nsteps && !(NORM && s0 == warp)) p.load(rows, s1 + u * WARPS, t, nxt[u]);
+            if (s1 + u * WARPS < nsteps && !(NORM && s0 == warp)) p.load(at, s1 + u * WARPS, t, nxt[u]);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int s = s0 + u * WARPS;

@@ -26,6 +26,9 @@
 #ifndef TILED
 #define TILED 0
 #endif
+#ifndef FULL_CHUNKS
+#define FULL_CHUNKS 0  // 1: a row's words are whole chunks of the tiled layout (the caller checks)
+#endif
 #define FORMAT_BULK TILED  // rows whose words are whole chunks (the caller checks)
 #ifndef META_GROUPS
 #define META_GROUPS (4 * SLOT_STEPS)
@@ -120,13 +123,37 @@ struct ScalarPolicy {
 #endif
     }
 
-    DEVICE void load(const Rows& rows, int s, int t, Step& d) const {
-        const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all of a row)
+    // the thread's rows, computed once: where each row's words and metadata start, as 32-bit word offsets (one
+    // register each; rows past M read row 0, whose results are never stored)
+    struct Cursor {
+        int code[2 * MT];  // with FULL_CHUNKS, word w of the row lies at codes[code + (w / CHUNK) · 15 · CHUNK + w]
+        int meta[2 * MT];  // group gi of the row at meta[meta + 16 · gi]
+        int row[2 * MT];
+    };
+
+    DEVICE Cursor cursor(const Rows& rows, int) const {
+        Cursor c;
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
             const int row = rows.valid[r] ? rows.row[r] : 0;
-            load_stream(codes + word_of(row, (4 * s + t) * NW), d.w[r], NW);
-            d.m[r] = rows.valid[r] ? meta[((long long)(row >> 4) * groups + gi) * 16 + (row & 15)] : 0u;
+            c.row[r] = row;
+            c.code[r] = TILED ? (row >> 4) * 16 * row_words + (row & 15) * CHUNK : 0;
+            c.meta[r] = (row >> 4) * groups * 16 + (row & 15);
+        }
+        return c;
+    }
+
+    DEVICE void load(const Cursor& c, int s, int t, Step& d) const {
+        const int gi = (4 * s + t) >> group_shift;  // runs per group: a power of two (or all of a row)
+        const int w = (4 * s + t) * NW;
+#pragma unroll
+        for (int r = 0; r < 2 * MT; ++r) {
+#if TILED && FULL_CHUNKS  // every chunk CHUNK words wide: only the chunk moves with the step
+            load_stream(codes + (unsigned)(c.code[r] + (w / CHUNK) * 15 * CHUNK + w), d.w[r], NW);
+#else
+            load_stream(codes + word_of(c.row[r], w), d.w[r], NW);
+#endif
+            d.m[r] = meta[(unsigned)(c.meta[r] + gi * 16)];  // rows past M: row 0's, never stored
         }
     }
 

@@ -81,6 +81,9 @@ struct TrellisPolicy {
         u32 w[MT][LOADS];
     };
 
+    using Cursor = Rows;  // the rows are all a step's loads need
+    DEVICE Rows cursor(const Rows& rows, int) const { return rows; }
+
     DEVICE void load(const Rows& rows, int s, int, Step& d) const {
         const int lane = threadIdx.x & 31;
         const int tile = lane / TW < TPL ? lane / TW : TPL - 1, word = lane % TW;  // spare lanes repeat words
