@@ -124,11 +124,13 @@ struct ScalarPolicy {
     }
 
     // the thread's rows, computed once: where each row's words and metadata start, as 32-bit word offsets (one
-    // register each; rows past M read row 0, whose results are never stored)
+    // register each; rows past M read row 0, whose results are never stored). Taken at batch ≤ 8 (NT 1); with two
+    // n-tiles the addresses are computed at every step from the rows, which measured faster there (H200).
     struct Cursor {
         int code[2 * MT];  // with FULL_CHUNKS, word w of the row lies at codes[code + (w / CHUNK) · 15 · CHUNK + w]
         int meta[2 * MT];  // group gi of the row at meta[meta + 16 · gi]
         int row[2 * MT];
+        bool valid[2 * MT];
     };
 
     DEVICE Cursor cursor(const Rows& rows, int) const {
@@ -137,6 +139,7 @@ struct ScalarPolicy {
         for (int r = 0; r < 2 * MT; ++r) {
             const int row = rows.valid[r] ? rows.row[r] : 0;
             c.row[r] = row;
+            c.valid[r] = rows.valid[r];
             c.code[r] = TILED ? (row >> 4) * 16 * row_words + (row & 15) * CHUNK : 0;
             c.meta[r] = (row >> 4) * groups * 16 + (row & 15);
         }
@@ -148,12 +151,16 @@ struct ScalarPolicy {
         const int w = (4 * s + t) * NW;
 #pragma unroll
         for (int r = 0; r < 2 * MT; ++r) {
-#if TILED && FULL_CHUNKS  // every chunk CHUNK words wide: only the chunk moves with the step
+#if NT == 1 && TILED && FULL_CHUNKS  // every chunk CHUNK words wide: only the chunk moves with the step
             load_stream(codes + (unsigned)(c.code[r] + (w / CHUNK) * 15 * CHUNK + w), d.w[r], NW);
 #else
             load_stream(codes + word_of(c.row[r], w), d.w[r], NW);
 #endif
+#if NT == 1
             d.m[r] = meta[(unsigned)(c.meta[r] + gi * 16)];  // rows past M: row 0's, never stored
+#else
+            d.m[r] = c.valid[r] ? meta[((long long)(c.row[r] >> 4) * groups + gi) * 16 + (c.row[r] & 15)] : 0u;
+#endif
         }
     }
 
