@@ -177,3 +177,51 @@ def test_fp16_zeros_prefer_longer_runs_scaled_per_weight():
     """HQQ's fp16 zeros cost an fp16 operation per pair either way: four words per step, scale per pair."""
     assert scalar_cuda.layout(ScalarGroups(4, 64, "fp16"), 4096) == (4, 1, 0)
     assert scalar_cuda.layout(ScalarGroups(4, 64, "int"), 4096) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 3, 5, 31])
+@pytest.mark.parametrize("slot_steps,align", [(1, 1), (2, 1), (2, 2), (4, 4), (4, 2)])
+def test_a_ring_slot_holds_every_metadata_group_its_steps_touch(shift, slot_steps, align):
+    """The slot's metadata room (META_GROUPS) against a direct count over the runs of every slot a warp can
+    start: at a multiple of `align` steps, 4 runs per step, group = run >> shift."""
+    room = scalar_cuda.meta_groups(slot_steps, shift, align)
+    touched = [len({run >> shift for run in range(4 * a, 4 * (a + slot_steps))}) for a in range(0, 512, align)]
+    assert room == max(touched)
+
+
+def test_the_ring_is_refused_where_rows_are_not_whole_chunks_and_sized_to_the_shared_memory():
+    shape = {"MT": 1, "NT": 1, "WARPS": 8}
+    assert scalar_cuda.bulk_defines(4, 4, 1376, 2, shape, 0) == {}  # 172 words: not whole 16-word chunks
+    ring = scalar_cuda.bulk_defines(4, 4, 4096, 2, shape, 0)
+    slot_bytes = 4 * (ring["SLOT_STEPS"] * 16 * 16 + 16 * ring["META_GROUPS"])
+    assert ring["BULK"] == 1 and 1 <= ring["SLOTS"] and 8 * ring["SLOTS"] * slot_bytes <= 48 * 1024
+    with_norm = scalar_cuda.bulk_defines(4, 4, 4096, 2, shape, 16 * 1024)  # the folded norm's copy takes its share
+    assert with_norm["SLOTS"] <= ring["SLOTS"]
+
+
+def test_the_ring_is_taken_only_where_it_measured_faster(monkeypatch):
+    monkeypatch.setattr("harpq.kernels.tuning._sm_count", lambda device_index: 132)
+    from harpq.kernels import tuning
+
+    assert tuning.ring_pays(4096, 11008 // 128, 1)  # the down projection at batch 1
+    assert not tuning.ring_pays(4096, 11008 // 128, 4)
+    assert not tuning.ring_pays(12288, 4096 // 128, 1)  # many row tiles
+    assert not tuning.ring_pays(4096, 4096 // 128, 1)  # short rows
+
+
+@pytest.mark.parametrize("m", [48, 40])
+def test_prepared_metadata_is_tile_major_and_padded_to_whole_tiles(m):
+    """The kernel reads (scale, zero) of row r, group g at word ((r // 16) · groups + g) · 16 + r % 16."""
+    fmt = ScalarGroups(4, 128, "int")
+    buffers = fmt.random_buffers(m, 512, torch.Generator().manual_seed(m))
+    (meta,) = scalar_cuda.ScalarCuda().prepare(fmt, buffers, m, 512)
+    scale, zero = fmt.scale_zero(buffers, m, 512)
+    words = meta.reshape(-1)
+    assert meta.shape == (-(-m // 16), 4, 16)
+    for r in range(m):
+        for g in range(4):
+            at = ((r // 16) * 4 + g) * 16 + r % 16
+            pair = words[at:at + 1].view(torch.float16)
+            assert pair.tolist() == [scale[r, g].item(), zero[r, g].item()]
+    if m % 16:  # the last tile's rows past m are zeros
+        assert not meta[-1, :, m % 16:].any()
