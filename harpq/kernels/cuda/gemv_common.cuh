@@ -164,6 +164,9 @@ DEVICE void let_dependents_start() {
 #ifndef SLOT_STEPS
 #define SLOT_STEPS 2
 #endif
+#ifndef XPREFETCH
+#define XPREFETCH 1  // with BULK: the warp's activations prefetched into L1 while its weights are in flight
+#endif
 
 #if BULK_ON
 DEVICE void barrier_init(u32 bar, u32 count) {
@@ -464,9 +467,6 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         }
         return xs;
     };
-#ifndef XPREFETCH
-#define XPREFETCH 1
-#endif
 #if BULK_ON
 #if !NORM && XPREFETCH
     // the warp's activations (its run of columns, every batch row) into L1 while its weights are in flight
