@@ -48,6 +48,11 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     return None
 
 
+def whole_chunks(bits: int, n: int) -> bool:
+    """Whether a row of n codes is whole chunks of the row-tiled layout (12 words at 3 bits, else 16)."""
+    return (n * bits // 32) % (12 if bits == 3 else 16) == 0
+
+
 def meta_groups(slot_steps: int, group_shift: int, align: int) -> int:
     """Most groups that one slot of `slot_steps` consecutive steps (4 runs each) touches; a slot starts at a
     multiple of `align` steps (the steps of one chunk)."""
@@ -62,14 +67,13 @@ def bulk_defines(bits: int, nw: int, n: int, group_shift: int, shape: dict[str, 
     """The TMA ring (`BULK`) of a tiled layout: slots of SLOT_STEPS steps (whole chunks) per warp, as many as the
     shared memory left to each block holds (48 KB less the folded norm's copy, shared by the blocks an SM holds;
     the reduction reuses the ring), or {} where rows are not whole chunks or no slot fits."""
-    chunk = 12 if bits == 3 else 16
-    step_words = 4 * nw
-    if (n * bits // 32) % chunk:
+    if not whole_chunks(bits, n):
         return {}
-    per_chunk = chunk // step_words
+    step_words = 4 * nw
+    per_chunk = (12 if bits == 3 else 16) // step_words
     per_block = min(48 * 1024 - norm_bytes, 200 * 1024 // shape.get("MIN_BLOCKS", 2)) - 1024
-    for slot_steps in sorted({max(2, per_chunk), per_chunk}, reverse=True):
-        slot_steps = shape.get("SLOT_STEPS", slot_steps)
+    asked = [shape["SLOT_STEPS"]] if "SLOT_STEPS" in shape else None
+    for slot_steps in asked or sorted({max(2, per_chunk), per_chunk}, reverse=True):
         groups = meta_groups(slot_steps, group_shift, per_chunk)
         slot_bytes = 4 * shape["MT"] * (slot_steps * 16 * step_words + 16 * groups)
         slots = min(8, per_block // (shape["WARPS"] * slot_bytes))
@@ -80,14 +84,16 @@ def bulk_defines(bits: int, nw: int, n: int, group_shift: int, shape: dict[str, 
 
 def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int, batch: int,
             device_index: int = 0, tiled: bool = False, norm: bool = False, glu: bool = False,
-            group_shift: int = 31, bulk: bool = False) -> tuple[tuple[str, int], ...]:
-    """The kernel's compile-time configuration; `bulk`: the TMA ring where the layout allows it (sm_90 on)."""
+            group_shift: int = 31, bulk: bool | None = False) -> tuple[tuple[str, int], ...]:
+    """The kernel's compile-time configuration; `bulk`: the TMA ring (sm_90 on) where the layout allows it
+    (True), where it also measured faster (None: `tuning.ring_pays`), or not (False)."""
     run = 32 if bits == 3 else nw * 32 // bits
-    shape = launch_shape(m, n // (4 * run), nw, batch, device_index, in_flight=4, xearly_many=0,
-                         one_wave=True, paired=glu)
-    full_chunks = tiled and (n * bits // 32) % (12 if bits == 3 else 16) == 0  # no short last chunk
+    steps = n // (4 * run)
+    shape = launch_shape(m, steps, nw, batch, device_index, in_flight=4, xearly_many=0, one_wave=True, paired=glu)
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
-              "FULL_CHUNKS": int(full_chunks), "NORM": int(norm), "GLU": int(glu), **shape}
+              "FULL_CHUNKS": int(tiled and whole_chunks(bits, n)), "NORM": int(norm), "GLU": int(glu), **shape}
+    if bulk is None:
+        bulk = tuning.ring_pays(m, steps, batch, device_index)
     if tiled and shape.get("BULK", int(bulk)):
         norm_bytes = nvrtc.norm_shared(batch, n) if norm else 0
         config.update({**bulk_defines(bits, nw, n, group_shift, shape, norm_bytes), **tuning.OVERRIDE})
@@ -114,14 +120,11 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     if glu and residual is not None:
         raise ValueError("a gate/up GEMV adds no residual")
     y = torch.empty(batch, m // 2 if glu else m, dtype=torch.float16, device=x.device)
-    if codes.data_ptr() % 16:  # the TMA copies 16-byte aligned stretches
+    if codes.data_ptr() % 16:  # 16-byte loads and TMA copies need 16-byte aligned codes
         codes = codes.clone()
     device = x.device.index or 0
-    run = 32 if bits == 3 else nw * 32 // bits
-    bulk = torch.cuda.get_device_capability(device)[0] >= 9 and (
-        BULK if BULK is not None else tuning.ring_pays(m, n // (4 * run), batch, device))
     d = dict(defines(bits, int_zero, nw, step_scale, m, n, batch, device, tiled, norm_weight is not None, glu,
-                     group_shift, bulk))
+                     group_shift, BULK if tuning.tma_capable(device) else False))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
     nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),

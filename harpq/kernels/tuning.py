@@ -28,6 +28,12 @@ def many_row_tiles(m: int, device_index: int = 0) -> bool:
     return m > 2 * _sm_count(device_index) * 16
 
 
+@functools.cache
+def tma_capable(device_index: int) -> bool:
+    """Hopper on: the bulk copies (`cp.async.bulk`) of the TMA ring exist."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def ring_pays(m: int, steps: int, batch: int, device_index: int = 0) -> bool:
     """Whether the scalar GEMV takes its weights through the TMA ring (BULK): measured faster on the H200 at
     batch 1 for matrices of few row tiles and long rows (4096×11008, 4-bit: 11.2–11.3 µs against 12.5), slower

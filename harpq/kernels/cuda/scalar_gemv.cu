@@ -12,8 +12,8 @@
 // CHUNK words of each row, chunk-major), so that the 16 rows of a warp's step are one contiguous stretch;
 // the per-group scales and zeros come as one half2 (scale, zero) per (group, row), tile-major (16 rows at a
 // time, group by group), so that a warp's 16 rows of one group are 64 contiguous bytes and a run of steps'
-// metadata one stretch. With BULK (TILED layouts whose step is one chunk), a warp's steps arrive through the
-// TMA (`gemv_common.cuh`); META_GROUPS bounds the groups one slot of SLOT_STEPS steps touches.
+// metadata one stretch. With BULK (TILED layouts whose rows are whole chunks), a warp's steps arrive through
+// the TMA (`gemv_common.cuh`); META_GROUPS bounds the groups one slot of SLOT_STEPS steps touches.
 //
 // Decode, two codes at a time: one lop3 moves codes j and j + P/2 of a word (P codes per word; 16 bits
 // apart) into the mantissas of the half2 (1024 + c·2^o, 1024 + c'·2^o) (bit offset o ≤ 9, else from the
@@ -29,7 +29,7 @@
 #ifndef FULL_CHUNKS
 #define FULL_CHUNKS 0  // 1: a row's words are whole chunks of the tiled layout (the caller checks)
 #endif
-#define FORMAT_BULK TILED  // rows whose words are whole chunks (the caller checks)
+#define FORMAT_BULK TILED
 #ifndef META_GROUPS
 #define META_GROUPS (4 * SLOT_STEPS)
 #endif
@@ -107,7 +107,6 @@ struct ScalarPolicy {
     const u32* meta;
     int group_shift;
     int groups;  // groups of a row
-    int M;
 
     struct Step {
         u32 w[2 * MT][NW];
@@ -291,6 +290,6 @@ extern "C" __global__ void GEMV_BOUNDS
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
                   const u32* __restrict__ meta, int group_shift, int groups, u16* __restrict__ y,
                   const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps) {
-    const ScalarPolicy p{codes, row_words, meta, group_shift, groups, M};
+    const ScalarPolicy p{codes, row_words, meta, group_shift, groups};
     gemv_driver(p, x, batch, y, residual, M, K, 1.0f, nullptr, norm_w, norm_eps);
 }
