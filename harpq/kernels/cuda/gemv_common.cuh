@@ -238,13 +238,7 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #define GEMV_BOUNDS __launch_bounds__(WARPS * 32)
 #endif
 
-// PAIRED_MMA (a format's choice, 0/1): every k-tile takes a second mma (the biased scalar decode's offset); it goes
-// to accumulator sets of its own, so that no chain of dependent mmas grows
-#ifndef PAIRED_MMA
-#define PAIRED_MMA 0
-#endif
-constexpr int KT_SETS = MT == 1 ? 2 : 1;  // with one m-tile the k-tiles alternate between two sets
-constexpr int ACC_SETS = KT_SETS * (PAIRED_MMA ? 2 : 1);
+constexpr int ACC_SETS = MT == 1 ? 2 : 1;
 constexpr int ACC = ACC_SETS * MT * NT * 4;
 
 #ifndef NORM
@@ -370,10 +364,9 @@ DEVICE void normalize_into(const u32* x, const u32* gw, int batch, int K, float 
     __syncthreads();
 }
 
-// acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt (`second`: a PAIRED_MMA's second product)
-DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1,
-                     bool second = false) {
-    const int set = (KT_SETS == 2 ? (kt & 1) : 0) + (second ? KT_SETS : 0);
+// acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt
+DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    const int set = ACC_SETS == 2 ? (kt & 1) : 0;
     mma16816(acc + ((set * MT + mt) * NT + nt) * 4, a0, a1, a2, a3, b0, b1);
 }
 
@@ -529,8 +522,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #pragma unroll
     for (int v = 0; v < V; ++v) {
         float a = acc[v];
-#pragma unroll
-        for (int set = 1; set < ACC_SETS; ++set) a += acc[set * V + v];
+        if (ACC_SETS == 2) a += acc[V + v];
         red[(warp * V + v) * 32 + lane] = a;
     }
     __syncthreads();

@@ -34,7 +34,6 @@
 #ifndef BIASED
 #define BIASED 0
 #endif
-#define PAIRED_MMA BIASED
 #ifndef FULL_CHUNKS
 #define FULL_CHUNKS 0  // 1: a row's words are whole chunks of the tiled layout (the caller checks)
 #endif
@@ -285,7 +284,7 @@ struct ScalarPolicy {
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                         mma_into(acc, kt, mt, nt, bias_zero(o0, meta[ra]), bias_zero(o0, meta[rb]),
-                                 bias_zero(o1, meta[ra]), bias_zero(o1, meta[rb]), b[nt][0], b[nt][1], true);
+                                 bias_zero(o1, meta[ra]), bias_zero(o1, meta[rb]), b[nt][0], b[nt][1]);
                 }
             }
         }
@@ -319,7 +318,7 @@ struct ScalarPolicy {
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt)
                             mma_into(acc, i * (PER / 4) + kt, mt, nt, bias_zero(o0, ma), bias_zero(o0, mb),
-                                     bias_zero(o1, ma), bias_zero(o1, mb), b[nt][0], b[nt][1], true);
+                                     bias_zero(o1, ma), bias_zero(o1, mb), b[nt][0], b[nt][1]);
                     }
                 }
             }
