@@ -91,7 +91,6 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
     steps = n // (4 * run)
     shape = launch_shape(m, steps, nw, batch, device_index, in_flight=4, xearly_many=0, one_wave=True, paired=glu)
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
-              "BIASED": int(int_zero and step_scale == 1),
               "FULL_CHUNKS": int(tiled and whole_chunks(bits, n)), "NORM": int(norm), "GLU": int(glu), **shape}
     if bulk is None:
         bulk = tuning.ring_pays(m, steps, batch, device_index)

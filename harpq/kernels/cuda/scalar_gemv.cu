@@ -22,17 +22,9 @@
 // tensor cores multiply these small numbers by the activations; the group's scale multiplies the fp32
 // result once per step (a step never straddles two groups), not every weight. The activations of a
 // pair's two columns are brought together by one prmt per pair and batch tile.
-//
-// BIASED (integer zeros with a step scale): the lop3 alone decodes, under the exponent that puts the code's
-// lowest bit at 1, the pair (2^(10−o) + c, 2^(10−o) + c'), exact; a second mma of the same activations by the
-// constant fragment −(2^(10−o) + z) (exact: both integers below 2048) takes the bias and the zero off in the
-// fp32 accumulator. One tensor-core instruction per 16 × 16 tile replaces four fp16 operations.
 
 #ifndef TILED
 #define TILED 0
-#endif
-#ifndef BIASED
-#define BIASED 0
 #endif
 #ifndef FULL_CHUNKS
 #define FULL_CHUNKS 0  // 1: a row's words are whole chunks of the tiled layout (the caller checks)
@@ -52,11 +44,9 @@ constexpr int PER = 32 / BITS;  // codes per word
 constexpr int RUN_ = NW * PER;
 #endif
 
-// 2^(10 - o), -2^(10 - o) and 2^-o as half2
-__host__ __device__ constexpr u32 bias_magic(int o) { return (u32(25 - o) << 10) * 0x10001u; }
-__host__ __device__ constexpr u32 neg_magic(int o) { return 0x80008000u | bias_magic(o); }
+// -2^(10 - o) and 2^-o as half2
+__host__ __device__ constexpr u32 neg_magic(int o) { return (0x8000u | u32(25 - o) << 10) * 0x10001u; }
 __host__ __device__ constexpr u32 pow2_neg(int o) { return (u32(15 - o) << 10) * 0x10001u; }
-static_assert(!BIASED || (INT_ZERO && STEP_SCALE), "the biased decode takes integer zeros and a step scale");
 
 struct RowMeta {
     u32 zero;     // (z, z)
@@ -70,12 +60,8 @@ DEVICE RowMeta row_meta(u32 m) {
     return {z, s, hmul2(z, s) ^ 0x80008000u, half_to_float(u16(m & 0xFFFFu))};
 }
 
-// code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2), times the scale unless STEP_SCALE; with
-// BIASED (2^(10−o) + c) pair, whose offset `bias_zero` takes off
+// code pair at mantissa offset o of `src` -> (c − z) pair (fp16x2), times the scale unless STEP_SCALE
 DEVICE u32 dequant(u32 src, int o, const RowMeta& m) {
-#if BIASED
-    return lop_and_or(src, ((1u << BITS) - 1) * 0x10001u << o, bias_magic(o));
-#endif
     const u32 v = lop_and_or(src, ((1u << BITS) - 1) * 0x10001u << o, 0x64006400u);
 #if INT_ZERO
     const u32 cz = hfma2(v, pow2_neg(o), hsub2(neg_magic(o), m.zero));  // c − z, exact
@@ -85,9 +71,6 @@ DEVICE u32 dequant(u32 src, int o, const RowMeta& m) {
     return STEP_SCALE ? hsub2(c, m.zero) : hfma2(c, m.scale2, m.nzs);  // c − z, or c·s − z·s
 #endif
 }
-
-// −(2^(10−o) + z) as half2: the A fragment that takes a biased pair at offset o back to c − z
-DEVICE u32 bias_zero(int o, const RowMeta& m) { return hsub2(neg_magic(o), m.zero); }
 
 #if BITS == 3
 // pair j = (code j, code j + 16) of the 96-bit run w0..w2: four 32-bit windows hold codes
@@ -99,21 +82,12 @@ DEVICE void windows3(const u32* w, u32* m) {
     m[3] = prmt(w[1] >> 13, w[2] >> 29, 0x5410);
 }
 
-// mantissa offset of pair j in its window (the window shifted by 8 where the pair lies above bit 10)
-__host__ __device__ constexpr int offset3(int j) {
-    return 3 * (j - 5 * (j < 15 ? j / 5 : 3)) + 3 <= 10 ? 3 * (j - 5 * (j < 15 ? j / 5 : 3))
-                                                        : 3 * (j - 5 * (j < 15 ? j / 5 : 3)) - 8;
-}
-
 DEVICE u32 pair3(const u32* m, const u32* m8, int j, const RowMeta& meta) {
     const int q = j < 15 ? j / 5 : 3;
     const int pos = 3 * (j - 5 * q);
     return pos + 3 <= 10 ? dequant(m[q], pos, meta) : dequant(m8[q], pos - 8, meta);
 }
 #else
-// mantissa offset of pair j in its word (the word shifted by 8 where the pair lies above bit 10)
-__host__ __device__ constexpr int offset(int j) { return BITS * j + BITS <= 10 ? BITS * j : BITS * j - 8; }
-
 DEVICE u32 pair(u32 w, u32 w8, int j, const RowMeta& meta) {
     const int o = BITS * j;
     return o + BITS <= 10 ? dequant(w, o, meta) : dequant(w8, o - 8, meta);
@@ -279,13 +253,6 @@ struct ScalarPolicy {
                 const u32 a3 = pair3(win[rb], win8[rb], 2 * kt + 1, meta[rb]);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) mma_into(acc, kt, mt, nt, a0, a1, a2, a3, b[nt][0], b[nt][1]);
-                if (BIASED) {
-                    const int o0 = offset3(2 * kt), o1 = offset3(2 * kt + 1);
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-                        mma_into(acc, kt, mt, nt, bias_zero(o0, meta[ra]), bias_zero(o0, meta[rb]),
-                                 bias_zero(o1, meta[ra]), bias_zero(o1, meta[rb]), b[nt][0], b[nt][1]);
-                }
             }
         }
 #else
@@ -312,14 +279,6 @@ struct ScalarPolicy {
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt)
                         mma_into(acc, i * (PER / 4) + kt, mt, nt, a0, a1, a2, a3, b[nt][0], b[nt][1]);
-                    if (BIASED) {
-                        const int o0 = offset(2 * kt), o1 = offset(2 * kt + 1);
-                        const RowMeta &ma = meta[2 * mt], &mb = meta[2 * mt + 1];
-#pragma unroll
-                        for (int nt = 0; nt < NT; ++nt)
-                            mma_into(acc, i * (PER / 4) + kt, mt, nt, bias_zero(o0, ma), bias_zero(o0, mb),
-                                     bias_zero(o1, ma), bias_zero(o1, mb), b[nt][0], b[nt][1]);
-                    }
                 }
             }
         }
