@@ -209,6 +209,27 @@ def test_the_ring_is_taken_only_where_it_measured_faster(monkeypatch):
     assert not tuning.ring_pays(4096, 4096 // 128, 1)  # short rows
 
 
+def test_the_tail_split_evens_the_last_round_and_keeps_one_wave():
+    from harpq.kernels import tuning
+
+    # 11008 rows at one m-tile: 688 blocks on 132 SMs, 28 left after 5 rounds -> quarters on 112 SMs
+    assert tuning.tail_split(688, 132, 6, 32, 4) == (28, 4)
+    assert tuning.tail_split(344, 132, 4, 32, 4) == (80, 3)  # two m-tiles: 80 left, thirds (two on some SMs)
+    assert tuning.tail_split(768, 132, 6, 32, 4) == (0, 1)  # 108 left: halves would load an SM with a whole block
+    assert tuning.tail_split(264, 132, 2, 32, 4) == (0, 1)  # nothing left over
+    assert tuning.tail_split(688, 132, 5, 32, 4) == (0, 1)  # more than one wave
+    assert tuning.tail_split(688, 132, 6, 8, 4) == (28, 2)  # every part keeps a step per warp
+    for blocks in range(1, 1200, 7):
+        for resident in (1, 2, 4, 6, 8):
+            split, q = tuning.tail_split(blocks, 132, resident, 32, 4)
+            rounds, left = divmod(blocks, 132)
+            if q == 1:
+                assert split == 0
+                continue
+            per_sm = -(-left * q // 132)
+            assert split == left and per_sm < q and rounds + per_sm <= resident and 32 >= q * 4
+
+
 @pytest.mark.parametrize("m", [48, 40])
 def test_prepared_metadata_is_tile_major_and_padded_to_whole_tiles(m):
     """The kernel reads (scale, zero) of row r, group g at word ((r // 16) · groups + g) · 16 + r % 16."""

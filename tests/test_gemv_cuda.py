@@ -342,3 +342,62 @@ def test_one_launch_hadamard_matches_the_definition_and_the_stage_kernels(n, row
     assert (got.double() - want).norm() / want.norm() < 2e-3
     staged = stage_product(x, plan.signs, plan.blocks, plan.table, transpose)
     assert (got.double() - staged.double()).abs().max() <= 2e-3 * want.abs().max()
+
+
+def force_tail_split(monkeypatch, parts: int) -> list:
+    """Pretend 5 SMs and split every grid's left-over blocks into `parts` (whatever the occupancy: a part never
+    waits for another, so any split is correct); returns the list the launches' split arguments go to."""
+    from harpq.kernels import tuning
+
+    monkeypatch.setattr(tuning, "_sm_count", lambda device_index: 5)
+    monkeypatch.setitem(tuning.OVERRIDE, "TAIL_SPLIT", 1)  # every format, whatever its default
+    monkeypatch.setattr(tuning, "tail_split", lambda blocks, sms, *rest: (blocks % sms, parts if blocks % sms else 1))
+    taken = []
+    split = nvrtc.gemv_split
+    monkeypatch.setattr(nvrtc, "gemv_split", lambda *a, **k: taken.append(split(*a, **k)) or taken[-1])
+    return taken
+
+
+@pytest.mark.parametrize("fmt", [ScalarGroups(4, 128, "int"), ScalarGroups(2, 128, "int"), ScalarGroups(3, 128, "int"),
+                                 ScalarGroups(4, 64, "fp16"), ScalarGroups(2, 0, "mid"), E8PStages(2, None, 0),
+                                 E8PStages(4, 3.45), TrellisTiles(2), TrellisTiles(3, 16, "1mad")])
+@pytest.mark.parametrize("m,n,parts", [(272, 4096, 3), (112, 1024, 2), (208, 2048, 7)])
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_tail_split_blocks_sum_their_parts(fmt, m, n, parts, batch, monkeypatch):
+    """The last row blocks split along K (parts of unequal steps; at 7 parts fewer steps than warps) sum their
+    parts in the shared workspace: the results equal the reference, and bit for bit the next call's (the last
+    part leaves the workspace and its counter at zero); the residual is added by the part that stores."""
+    taken = force_tail_split(monkeypatch, parts)
+    first = check(fmt, m, n, batch, seed=m + batch)
+    assert any(int(args[0]) > 0 and int(args[1]) == parts for _, args in taken), taken
+    assert torch.equal(check(fmt, m, n, batch, seed=m + batch), first)
+    buffers = random_buffers(fmt, m, n, 3)
+    x = torch.randn(batch, n, device="cuda").half()
+    r = torch.randn(batch, m, device="cuda").half()
+    backend = select(fmt, x, m, n)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    got = backend.matmul(fmt, buffers, prepared, x, m, n, residual=r)
+    want = backend.matmul(fmt, buffers, prepared, x, m, n).float() + r.float()
+    assert (got.float() - want).abs().max() <= 2e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9])
+def test_tail_split_of_the_gate_up_gemv_with_its_norm(batch, monkeypatch):
+    """The gate/up GEMV (SiLU·up in the store, the norm folded at batch ≤ 2) with its last blocks split."""
+    from harpq.kernels.fused import rms_norm_reference
+
+    taken = force_tail_split(monkeypatch, 3)
+    fmt, f, n = ScalarGroups(4, 128, "int"), 352, 2048  # 22 blocks of gate and up rows: 4 rounds and 2 left
+    m = 2 * f
+    buffers = random_buffers(fmt, m, n, batch)
+    x = (torch.randn(batch, n, device="cuda") * 4).half()
+    weight = (torch.rand(n, device="cuda") + 0.5).half()
+    backend = select(fmt, x, m, n)
+    prepared = backend.prepare(fmt, buffers, m, n)
+    norm = (weight, 1e-5) if backend.folds_norm(x) else None
+    z = (rms_norm_reference(x, weight, 1e-5) if norm else x).double() @ fmt.decode(buffers, m, n).double().T
+    ref = torch.nn.functional.silu(z[:, :f]) * z[:, f:]
+    for _ in range(2):
+        got = backend.matmul(fmt, buffers, prepared, x, m, n, glu=True, norm=norm)
+        assert (got.double() - ref).norm() / ref.norm() < 3e-3
+    assert any(int(args[0]) > 0 for _, args in taken), taken

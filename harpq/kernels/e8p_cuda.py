@@ -112,10 +112,12 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     d = dict(defines(stage2, layout(n, batch), m, n, batch, x.device.index or 0, tiled))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
-    nvrtc.launch(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+    # the tail split measured slower for E8P (its parts each fill the code tables): off unless asked
+    grid, split = nvrtc.gemv_split(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, n // (64 * d["NW"]), default=False)
+    nvrtc.launch(kern, grid, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale),
                  np.int32(scale.numel() > 1), np.uint32(r * 0x10001), nvrtc.ptr(y),
-                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n))
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n), *split)
     return y
 
 

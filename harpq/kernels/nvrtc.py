@@ -200,6 +200,54 @@ def _pdl_supported(device_index: int) -> bool:
 NORM_SHARED_LIMIT = 40 * 1024
 
 
+#: most row blocks and parts per block a tail split takes (`tuning.tail_split` splits fewer blocks than the GPU
+#: has SMs), and the floats of one part's sums (32 lanes · MT · NT · 4 accumulators at most)
+SPLIT_MAX_BLOCKS, SPLIT_MAX_PARTS, SPLIT_PART_FLOATS = 256, 8, 32 * 16
+_split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The tail split's slots and zeroed counters on the device (`cuda/gemv_common.cuh`, TailSplit), which the
+    kernels leave zeroed; None while a CUDA graph is being captured and they do not exist yet (an allocation
+    there would belong to the graph's pool)."""
+    if device_index not in _split_buffers:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        dev = torch.device("cuda", device_index)
+        _split_buffers[device_index] = (
+            torch.empty(SPLIT_MAX_BLOCKS * SPLIT_MAX_PARTS * SPLIT_PART_FLOATS, dtype=torch.float32, device=dev),
+            torch.zeros(SPLIT_MAX_BLOCKS, dtype=torch.int32, device=dev))
+    return _split_buffers[device_index]
+
+
+@functools.cache
+def _resident(kern: Any, block: int, shared: int) -> int:
+    """Blocks of `kern` an SM holds at once (0 where cuda-core cannot say)."""
+    occupancy = getattr(kern, "occupancy", None)
+    return occupancy.max_active_blocks_per_multiprocessor(block, shared) if occupancy is not None else 0
+
+
+def gemv_split(kern: Any, blocks: int, block: int, steps: int, shared: int = 0, allowed: bool = True,
+               default: bool = True) -> tuple[int, tuple[Any, ...]]:
+    """The grid of a decode GEMV of `blocks` row blocks and its tail-split arguments (split blocks, parts, slots,
+    counters): the split `tuning.tail_split` picks where `allowed` (not with the TMA ring) and switched on: by
+    `default` (the format measured faster with it) unless HARPQ_TAIL_SPLIT=0 or tuning.OVERRIDE["TAIL_SPLIT"]
+    says otherwise."""
+    from . import tuning
+
+    device = torch.cuda.current_device()
+    split, q = 0, 1
+    on = tuning.OVERRIDE.get("TAIL_SPLIT", int(tuning.TAIL_SPLIT and default))
+    buffers = _split_workspace(device) if allowed and on else None
+    if buffers is not None:
+        split, q = tuning.tail_split(blocks, tuning._sm_count(device), _resident(kern, block, shared), steps,
+                                     block // 32, most=SPLIT_MAX_PARTS)
+        if split > SPLIT_MAX_BLOCKS or q > SPLIT_MAX_PARTS:
+            split, q = 0, 1
+    work, counters = buffers if buffers is not None else (None, None)
+    return blocks + split * (q - 1), (np.int32(split), np.int32(q), ptr(work), ptr(counters))
+
+
 def launch(kern: Any, grid: int, block: int, *args: Any, shared: int = 0) -> None:
     """Launch on torch's current stream (captured by an active CUDA graph), overlapping the kernel before
     it where programmatic dependent launch is on; `shared`: bytes of dynamic shared memory."""

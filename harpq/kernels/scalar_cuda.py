@@ -127,12 +127,14 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
                      group_shift, BULK if tuning.tma_capable(device) else False))
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
-    nvrtc.launch(kern, blocks, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
+    shared = 0 if norm_weight is None else nvrtc.norm_shared(batch, n)
+    steps = n // (4 * (32 if bits == 3 else nw * 32 // bits))
+    grid, split = nvrtc.gemv_split(kern, blocks, d["WARPS"] * 32, steps, shared, allowed=not d.get("BULK", 0))
+    nvrtc.launch(kern, grid, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), np.int32(meta.shape[1]),
                  nvrtc.ptr(y),
                  nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n),
-                 nvrtc.ptr(norm_weight), np.float32(norm_eps),
-                 shared=0 if norm_weight is None else nvrtc.norm_shared(batch, n))
+                 nvrtc.ptr(norm_weight), np.float32(norm_eps), *split, shared=shared)
     return y
 
 

@@ -12,10 +12,14 @@ of 4 warps loading one step ahead, two m-tiles except for 4-word scalar steps at
 from __future__ import annotations
 
 import functools
+import math
+import os
 
 import torch
 
 OVERRIDE: dict[str, int] = {}
+#: the tail split (`cuda/gemv_common.cuh`, TailSplit); HARPQ_TAIL_SPLIT=0 or OVERRIDE["TAIL_SPLIT"] = 0 turns it off
+TAIL_SPLIT = os.environ.get("HARPQ_TAIL_SPLIT", "1") != "0"
 
 
 @functools.cache
@@ -70,3 +74,24 @@ def launch_shape(m: int, steps: int, words_per_row: int, batch: int, device_inde
         if "MIN_BLOCKS" in extra:
             extra["MIN_BLOCKS"] = max(2, -(-extra["MIN_BLOCKS"] // 2))
     return {"MT": mt, "NT": nt, "WARPS": warps, "UNROLL": unroll, "XEARLY": xearly, **extra, **OVERRIDE}
+
+
+def tail_split(blocks: int, sms: int, resident: int, steps: int, warps: int, most: int = 8) -> tuple[int, int]:
+    """(row blocks split along K, parts per split block) for a grid of `blocks` row blocks, or (0, 1).
+
+    After whole rounds of one block per SM, the `blocks mod sms` left over load some SMs with a whole block
+    more. Split into q parts each and launched last, they load the SM that takes the most parts with
+    ⌈left·q / sms⌉ / q of a block instead: the q that minimises that (the smallest among equals), where every
+    part keeps at least one step per warp and the most loaded SM can still hold all its blocks at once
+    (`resident` per SM); none where one wave does not hold the grid or nothing is gained."""
+    rounds, left = divmod(blocks, sms)
+    if left == 0 or blocks > sms * resident:
+        return 0, 1
+    best, best_q = 1.0, 1
+    for q in range(2, most + 1):
+        per_sm = math.ceil(left * q / sms)
+        if steps < q * warps or rounds + per_sm > resident:
+            continue
+        if per_sm / q < best - 1e-9:
+            best, best_q = per_sm / q, q
+    return (left, best_q) if best_q > 1 else (0, 1)

@@ -144,7 +144,8 @@ struct E8PPolicy {
 extern "C" __global__ void GEMV_BOUNDS
 harpq_e8p_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes,
                const u32* __restrict__ codes2, const u32* __restrict__ tables, const u16* __restrict__ scale,
-               int scale_rows, u32 resid_inv, u16* __restrict__ y, const u16* __restrict__ residual, int M, int K) {
+               int scale_rows, u32 resid_inv, u16* __restrict__ y, const u16* __restrict__ residual, int M, int K,
+               int split_blocks, int split_q, float* __restrict__ work, u32* __restrict__ counters) {
     for (int i = threadIdx.x; i < 256; i += WARPS * 32) {
         mag[i] = tables[i];
         sgn[i] = tables[256 + i];
@@ -155,5 +156,6 @@ harpq_e8p_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ cod
     __syncthreads();
     const E8PPolicy p{codes, codes2, K, resid_inv};
     // one scale for the matrix, or one per row (matrices of one scale each, stacked)
-    gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? 1.0f : half_to_float(scale[0]), scale_rows ? scale : nullptr);
+    gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? 1.0f : half_to_float(scale[0]),
+                TailSplit{split_blocks, split_q, work, counters}, scale_rows ? scale : nullptr);
 }

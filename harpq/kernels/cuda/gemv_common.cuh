@@ -364,6 +364,21 @@ DEVICE void normalize_into(const u32* x, const u32* gw, int batch, int K, float 
     __syncthreads();
 }
 
+// The tail split. A grid of B row blocks on S SMs leaves B mod S blocks over after whole rounds, and the SMs that
+// take one of them carry a whole block more than the rest: at 11008 rows (688 16-row blocks on 132 SMs) 6 blocks
+// where the mean is 5.2. Split along K, those last blocks become q blocks each (launched last, so that they land on
+// the SMs with the fewest), each summing the products of its 1/q of the steps. Each part leaves its sums (fp32, after
+// the block's own reduction) in its own slot of `work`; the part that counts itself last in `counters` adds the
+// slots in part order (so the result does not depend on which part finished when), stores the outputs as an unsplit
+// block would, and sets its counter back to zero. The counters are zero between launches; GEMVs that share the
+// buffers must not run concurrently (one stream: they do not).
+struct TailSplit {
+    int blocks;      // the last row blocks, split (0: none)
+    int q;           // parts per split block
+    float* work;     // q · 32 · MT · NT · 4 floats per split block
+    u32* counters;   // one per split block
+};
+
 // acc += A·B into the accumulator of k-tile kt, m-tile mt, n-tile nt
 DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     const int set = ACC_SETS == 2 ? (kt & 1) : 0;
@@ -374,7 +389,7 @@ DEVICE void mma_into(float* acc, int kt, int mt, int nt, u32 a0, u32 a1, u32 a2,
 // where given (the residual add of a decoder layer, fused)
 template <class P>
 DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* __restrict__ y,
-                        const u16* __restrict__ residual, int M, int K, float scale,
+                        const u16* __restrict__ residual, int M, int K, float scale, const TailSplit& split,
                         const u16* __restrict__ row_scale = nullptr, const u32* __restrict__ norm_w = nullptr,
                         float norm_eps = 0.f) {
     constexpr int RED = WARPS * MT * NT * 4 * 32;  // the block's reduction: one float per accumulator and thread
@@ -389,11 +404,19 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #endif
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
+    // this block's row block, and its steps: all of them, or one part's share (the tail split; not with BULK)
+    const int nsteps = K / P::STEP;
+    const int whole = gridDim.x - split.blocks * split.q;
+    const bool is_part = (int)blockIdx.x >= whole;
+    const int blk = is_part ? whole + (blockIdx.x - whole) / split.q : blockIdx.x;
+    const int part = is_part ? (blockIdx.x - whole) % split.q : 0;
+    const int s_begin = is_part ? part * nsteps / split.q : 0;
+    const int s_end = is_part ? (part + 1) * nsteps / split.q : nsteps;
 #if GLU
     static_assert(MT == 2, "GLU pairs a gate tile with its up tile");
-    const int row0 = blockIdx.x * 16, tile_step = M / 2;  // m-tile 1 lies M/2 rows below m-tile 0
+    const int row0 = blk * 16, tile_step = M / 2;  // m-tile 1 lies M/2 rows below m-tile 0
 #else
-    const int row0 = blockIdx.x * 16 * MT, tile_step = 16;
+    const int row0 = blk * 16 * MT, tile_step = 16;
 #endif
     Rows rows;
 #pragma unroll
@@ -405,8 +428,8 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.f;
 
-    const int nsteps = K / P::STEP;
 #if BULK_ON
+    if (split.blocks) __trap();  // the ring runs whole row blocks only (the backend never asks otherwise)
     // a contiguous run of steps per warp, SLOT_STEPS per slot of the warp's ring
     __shared__ __align__(8) unsigned long long bars[WARPS][SLOTS];
     static_assert(SLOT_STEPS % P::SLOT_ALIGN == 0, "a slot holds whole runs of SLOT_ALIGN steps");
@@ -432,9 +455,10 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #else
     const typename P::Cursor at = p.cursor(rows, t);
     typename P::Step cur[UNROLL], nxt[UNROLL];
+    const int s_first = s_begin + warp;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-        if (warp + u * WARPS < nsteps) p.load(at, warp + u * WARPS, t, cur[u]);
+        if (s_first + u * WARPS < s_end) p.load(at, s_first + u * WARPS, t, cur[u]);
 #endif
 
     x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
@@ -451,7 +475,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     // the loads of the steps after the first go out too, so the weights stream while the block normalizes x
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u)
-        if (warp + (UNROLL + u) * WARPS < nsteps) p.load(at, warp + (UNROLL + u) * WARPS, t, nxt[u]);
+        if (s_first + (UNROLL + u) * WARPS < s_end) p.load(at, s_first + (UNROLL + u) * WARPS, t, nxt[u]);
 #endif
     extern __shared__ __align__(16) u32 xn[];  // (batch + 1) × K halves, dynamic
     normalize_into(x, norm_w, batch, K, norm_eps, xn);
@@ -497,15 +521,15 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
         }
     }
 #else
-    for (int s0 = warp; s0 < nsteps; s0 += WARPS * UNROLL) {
+    for (int s0 = s_first; s0 < s_end; s0 += WARPS * UNROLL) {
         const int s1 = s0 + WARPS * UNROLL;
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
-            if (s1 + u * WARPS < nsteps && !(NORM && s0 == warp)) p.load(at, s1 + u * WARPS, t, nxt[u]);
+            if (s1 + u * WARPS < s_end && !(NORM && s0 == s_first)) p.load(at, s1 + u * WARPS, t, nxt[u]);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int s = s0 + u * WARPS;
-            if (s < nsteps) p.compute(rows, s, t, cur[u], step_acts(s), acc);
+            if (s < s_end) p.compute(rows, s, t, cur[u], step_acts(s), acc);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) cur[u] = nxt[u];
@@ -527,17 +551,39 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     }
     __syncthreads();
     if (warp != 0) return;
+    float sums[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+        sums[v] = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sums[v] += red[(w * V + v) * 32 + lane];
+    }
+    if (is_part) {  // leave this part's sums; the last part to finish adds them all, in part order, and stores
+        float* slots = split.work + (long long)(blk - whole) * split.q * 32 * V;
+#pragma unroll
+        for (int v = 0; v < V; ++v) slots[(part * 32 + lane) * V + v] = sums[v];
+        __threadfence();
+        __syncwarp();
+        u32 done = 0;
+        if (lane == 0) done = atomicAdd(split.counters + (blk - whole), 1u);
+        if (__shfl_sync(0xffffffffu, done, 0) != (u32)split.q - 1) return;
+        __threadfence();
+        float total[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) total[v] = 0.f;
+        for (int q = 0; q < split.q; ++q)
+#pragma unroll
+            for (int v = 0; v < V; ++v) total[v] += q == part ? sums[v] : __ldcg(slots + (q * 32 + lane) * V + v);
+#pragma unroll
+        for (int v = 0; v < V; ++v) sums[v] = total[v];
+        if (lane == 0) split.counters[blk - whole] = 0;
+    }
 #if GLU
     // y (B × M/2) = silu(gate) · up, gate from m-tile 0, up from m-tile 1 (the same output rows)
     const int F = M / 2;
 #pragma unroll
     for (int v = 0; v < V / 2; ++v) {
-        float gate = 0.f, up = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            gate += red[(w * V + v) * 32 + lane];
-            up += red[(w * V + V / 2 + v) * 32 + lane];
-        }
+        float gate = sums[v], up = sums[V / 2 + v];
         const int nt = (v / 4) % NT, c = v & 3;
         const int row = row0 + g + (c >= 2 ? 8 : 0);
         const int n = 8 * nt + 2 * t + (c & 1);
@@ -550,9 +596,7 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
 #else
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-        float sum = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) sum += red[(w * V + v) * 32 + lane];
+        float sum = sums[v];
         const int mt = v / (NT * 4), nt = (v / 4) % NT, c = v & 3;
         const int row = row0 + 16 * mt + g + (c >= 2 ? 8 : 0);
         const int n = 8 * nt + 2 * t + (c & 1);

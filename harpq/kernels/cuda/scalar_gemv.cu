@@ -289,7 +289,9 @@ struct ScalarPolicy {
 extern "C" __global__ void GEMV_BOUNDS
 harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes, int row_words,
                   const u32* __restrict__ meta, int group_shift, int groups, u16* __restrict__ y,
-                  const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps) {
+                  const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps,
+                  int split_blocks, int split_q, float* __restrict__ work, u32* __restrict__ counters) {
     const ScalarPolicy p{codes, row_words, meta, group_shift, groups};
-    gemv_driver(p, x, batch, y, residual, M, K, 1.0f, nullptr, norm_w, norm_eps);
+    gemv_driver(p, x, batch, y, residual, M, K, 1.0f, TailSplit{split_blocks, split_q, work, counters}, nullptr, norm_w,
+                norm_eps);
 }
