@@ -351,7 +351,8 @@ def force_tail_split(monkeypatch, parts: int) -> list:
 
     monkeypatch.setattr(tuning, "_sm_count", lambda device_index: 5)
     monkeypatch.setitem(tuning.OVERRIDE, "TAIL_SPLIT", 1)  # every format, whatever its default
-    monkeypatch.setattr(tuning, "tail_split", lambda blocks, sms, *rest, **kw: (blocks % sms, parts if blocks % sms else 1))
+    monkeypatch.setattr(tuning, "tail_split",
+                        lambda blocks, sms, *rest, **kw: (blocks % sms, parts if blocks % sms else 1))
     taken = []
     split = nvrtc.gemv_split
     monkeypatch.setattr(nvrtc, "gemv_split", lambda *a, **k: taken.append(split(*a, **k)) or taken[-1])
