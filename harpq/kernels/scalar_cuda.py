@@ -89,7 +89,8 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
     (True), where it also measured faster (None: `tuning.ring_pays`), or not (False)."""
     run = 32 if bits == 3 else nw * 32 // bits
     steps = n // (4 * run)
-    shape = launch_shape(m, steps, nw, batch, device_index, in_flight=4, xearly_many=0, one_wave=True, paired=glu)
+    shape = launch_shape(m, steps, nw, batch, device_index, in_flight=4, xearly_many=0, one_wave=True, paired=glu,
+                         norm=norm)
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
               "FULL_CHUNKS": int(tiled and whole_chunks(bits, n)), "NORM": int(norm), "GLU": int(glu), **shape}
     if bulk is None:
