@@ -83,9 +83,11 @@ def _e8p_configs():
 
 
 def _trellis_configs():
-    return sorted({trellis_cuda.defines(bits, code, m, n, batch)
-                   for bits, code, n, batch, m in itertools.product((2, 3, 4), ("3inst", "1mad"), (1376, 4096, 16 * 43),
-                                                                    BATCHES, ROWS)})
+    plain = {trellis_cuda.defines(bits, code, m, n, batch)
+             for bits, code, n, batch, m in itertools.product((2, 3, 4), ("3inst", "1mad"), (1376, 4096, 16 * 43),
+                                                              BATCHES, ROWS)}
+    preshifted = {tuple(sorted({**dict(d), "PRESHIFT": 1}.items())) for d in plain if dict(d)["BITS"] == 2}
+    return sorted(plain | preshifted)
 
 
 def _all_configs():

@@ -73,6 +73,17 @@ def test_trellis_kernel_matches_reference(bits, code, m, n, batch):
     check(TrellisTiles(bits, 16, code), m, n, batch, seed=bits + m + batch)
 
 
+@pytest.mark.parametrize("code", ["3inst", "1mad"])
+@pytest.mark.parametrize("m,n", [(48, 4096), (272, 512), (11008, 4096)])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_trellis_kernel_with_preshifted_states(code, m, n, batch, monkeypatch):
+    """The 2-bit states taken out of three pre-shifted copies of the lane's window by one prmt each."""
+    from harpq.kernels import tuning
+
+    monkeypatch.setitem(tuning.OVERRIDE, "PRESHIFT", 1)
+    check(TrellisTiles(2, 16, code), m, n, batch, seed=m + batch)
+
+
 def test_trellis_kernel_many_rows():
     """Enough row tiles for the launch shapes of large matrices (one wave, two m-tiles)."""
     for batch in (1, 4):

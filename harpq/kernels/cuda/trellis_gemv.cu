@@ -3,8 +3,8 @@
 // words (most significant bit first), tiles row-block-major; batch 1–16.
 //
 // Compile-time configuration (NVRTC -D): BITS (k: 2, 3, 4), CODE (0: 3INST, 1: 1MAD), G (tiles along K per
-// step), TPL (tiles one warp-wide load covers: 2 for BITS 2, else 1), and the driver's MT, NT, WARPS,
-// UNROLL, XEARLY (gemv_common.cuh).
+// step), TPL (tiles one warp-wide load covers: 2 for BITS 2, else 1), PRESHIFT (below), and the driver's MT, NT,
+// WARPS, UNROLL, XEARLY (gemv_common.cuh).
 //
 // A tile is one m16n8k16 A tile, and its walk visits it in fragment order: lane l = 4g + t holds weights
 // 8l … 8l + 7 (rows g, g + 8; columns 4t … 4t + 3), whose states are the 16-bit windows at bits
@@ -70,6 +70,21 @@ DEVICE void states(u32 hi, u32 lo, u32 magic, u32* v) {
     if constexpr (J + 1 < 8) states<J + 1>(hi, lo, magic, v);
 }
 
+// PRESHIFT (0/1, BITS 2 only): the eight states of a lane all lie in hi, at bits 16 − 2j; in hi shifted right by
+// 2, 4 or 6 every one of them starts on a byte, so one prmt each takes it out: 3 + 8 operations for the eight
+// states instead of 14 (shift and mask for six of them).
+#ifndef PRESHIFT
+#define PRESHIFT 0
+#endif
+DEVICE void states_preshifted(u32 hi, u32 magic, u32* v) {
+    const u32 h[4] = {hi, hi >> 2, hi >> 4, hi >> 6};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int pos = 16 - 2 * j, s = pos % 8, b = (pos - s) / 8;  // copy hi >> s, bytes b and b + 1
+        v[j] = parts(prmt(h[s / 2], 0u, 0x4400u | u32(b + 1) << 4 | u32(b)), magic);
+    }
+}
+
 struct TrellisPolicy {
     static constexpr int RUN = 4;        // a thread's columns of a tile: 4t … 4t + 3
     static constexpr int STEP = 16 * G;  // G tiles along K
@@ -119,7 +134,8 @@ struct TrellisPolicy {
                 const u32 src = d.w[mt][q / TPL];
                 const u32 w0 = shfl(src, base + a), w1 = shfl(src, base + a1);
                 u32 v[8];
-                states<0>(funnel_left(w1, w0, o), w1 << o, magic, v);
+                if (PRESHIFT && BITS == 2) states_preshifted(funnel_left(w1, w0, o), magic, v);
+                else states<0>(funnel_left(w1, w0, o), w1 << o, magic, v);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     mma_into(acc, 2 * q, mt, nt, v[0], v[4], v[1], v[5], dup[nt][0], dup[nt][1]);
