@@ -149,7 +149,8 @@ struct TrellisPolicy {
 extern "C" __global__ void GEMV_BOUNDS
 harpq_trellis_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ codes,
                    const u16* __restrict__ scale, int scale_rows, float factor, u16* __restrict__ y,
-                   const u16* __restrict__ residual, int M, int K, u32 magic, int split_blocks, int split_q, float* __restrict__ work, u32* __restrict__ counters) {
+                   const u16* __restrict__ residual, int M, int K, u32 magic, int split_blocks, int split_q,
+                   float* __restrict__ work, u32* __restrict__ counters) {
     const TrellisPolicy p{codes, K, magic};
     // one scale for the matrix, or one per row (matrices of one scale each, stacked)
     gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? factor : factor * half_to_float(scale[0]),
