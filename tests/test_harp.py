@@ -71,7 +71,34 @@ def test_kron_schedule_at_zero_is_the_rht(n):
     assert (harp.apply_input(hb, x) - rht.apply_input(rb, x)).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("schedule", ["greedy", "kron"])
+@pytest.mark.parametrize("n", [128, 344, 512, 1376, 4096, 11008])
+def test_block_schedule_at_zero_is_rht_block_and_stays_inside_its_runs(n):
+    harp = make_processor({"name": "harp", "seed": 4, "input_seed": 9, "schedule": "block"})
+    block = make_processor({"name": "rht-block", "seed": 4, "input_seed": 9})
+    hb, bb = harp.init_buffers(8, n), block.init_buffers(8, n)
+    x = torch.randn(3, n, dtype=torch.float64)
+    assert (harp.apply_input(hb, x) - block.apply_input(bb, x)).abs().max() < 1e-12
+    side = harp.side("in", n)
+    b = side.block
+    assert b == block.side("in", n).block and n % b == 0 and math.prod(side.schedule) == b
+    learned = {**hb, **side.store_params("v_", random_params(side, seed=3))}
+    q = harp.apply_input(learned, torch.eye(n, dtype=torch.float64))  # rows: Q e_i
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    runs = torch.arange(n) // b
+    assert not q[runs[:, None] != runs[None, :]].any()  # nothing crosses a run
+    assert not torch.allclose(q, block.apply_input(bb, torch.eye(n, dtype=torch.float64)))
+
+
+def test_a_butterfly_run_must_divide_the_width():
+    from harpq.processors.harp import ButterflySide
+
+    with pytest.raises(HarpqError, match="runs of 128 need a width they divide"):
+        ButterflySide(1376, [8, 16], block=128)
+    with pytest.raises(HarpqError, match="does not factor 128"):
+        ButterflySide(512, [8, 8], block=128)
+
+
+@pytest.mark.parametrize("schedule", ["greedy", "kron", "block"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("store", ["fp16", "int8"])
 def test_function_preserved_in_float64_at_zero_and_with_learned_parameters(schedule, n, store):
@@ -88,7 +115,7 @@ def test_function_preserved_in_float64_at_zero_and_with_learned_parameters(sched
     assert not torch.allclose(proc.transform_weight(start, w), proc.transform_weight(learned, w))
 
 
-@pytest.mark.parametrize("schedule", ["greedy", "kron"])
+@pytest.mark.parametrize("schedule", ["greedy", "kron", "block"])
 def test_fitted_model_equals_original_in_float64(tiny_path, schedule):
     model = load_model(tiny_path, dtype=torch.float64)
     x = torch.randint(0, 8192, (2, 40), generator=torch.Generator().manual_seed(0))

@@ -200,9 +200,10 @@ def build_recipe(ctx: click.Context, params: dict[str, Any]) -> tuple[Recipe, di
 @click.option("--harp-budget", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="HARP: seconds of fitting for the whole run, shared by its HARP linears (each fit stops "
                    "when its share is spent, keeping its best iterate, never worse than the RHT start).")
-@click.option("--harp-schedule", type=click.Choice(["greedy", "kron"]), default=None,
-              help="HARP: mixed-radix stages over all of n (greedy), or over 2^j of n = K·2^j times the fixed "
-                   "H_K (kron: starts exactly at the RHT). [default: kron]")
+@click.option("--harp-schedule", type=click.Choice(["greedy", "kron", "block"]), default=None,
+              help="HARP: mixed-radix stages over all of n (greedy), over 2^j of n = K·2^j times the fixed "
+                   "H_K (kron: starts exactly at the RHT), or inside runs of 128 (block: starts exactly at "
+                   "rht-block). [default: kron]")
 @click.option("--harp-store", type=click.Choice(["fp16", "int8"]), default=None,
               help="HARP: storage of the learned parameters (int8: one fp16 scale per block). [default: int8]")
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text (.txt or .jsonl with a text field).")

@@ -7,6 +7,9 @@ whose blocks are Cayley(S)·M (see `butterfly`). Two schedules:
   is exactly the RHT for powers of two, a fixed random orthogonal start otherwise.
 - `kron`: greedy stages over the 2^j part of n = K·2^j, then the fixed H_K of the Hadamard library as
   the last stage; at S = 0 this is exactly the RHT (`rht`) for every size it supports.
+- `block`: greedy stages inside each run of b = 128 entries (or the largest power of two below that divides
+  n), nothing across runs; at S = 0 this is exactly `rht-block`, and every side stays local to its runs (what
+  lets a kernel that holds 128 entries apply it).
 
 `fit` learns S per module on the layer's Hessian and the target codebook (`harp_fit`); the stored
 parameters are the strictly-upper entries of every S (fp16, or int8 with an fp16 scale per block), and
@@ -27,20 +30,25 @@ from ..hadamard import split_order
 from ..hadamard.transform import dense_factor
 from .butterfly import PREFERRED_RADIX, apply_stages, check_schedule, greedy_schedule, stage_kernels
 from .rotations import TwoSided
-from .sides import Buffers, Side, random_signs, side_from_spec
+from .sides import Buffers, Side, block_size, random_signs, side_from_spec
 
-SCHEDULES = ("greedy", "kron")
+SCHEDULES = ("greedy", "kron", "block")
+BLOCK = 128  # run length of the `block` schedule
 STORAGE = ("fp16", "int8")
 
 
 class ButterflySide(Side):
-    """Q = B_T ⋯ B_1 · diag(signs); with `fixed_k` > 1 the last stage is the fixed orthonormal H_K."""
+    """Q = B_T ⋯ B_1 · diag(signs); with `fixed_k` > 1 the last stage is the fixed orthonormal H_K; with `block`
+    > 0 the stages factor `block` and act inside each run of that many entries (a block-diagonal Q)."""
 
     kind = "butterfly"
 
-    def __init__(self, n: int, schedule: list[int], fixed_k: int = 1, store: str = "fp16"):
+    def __init__(self, n: int, schedule: list[int], fixed_k: int = 1, store: str = "fp16", block: int = 0):
         super().__init__(n)
-        check_schedule(n, schedule)
+        if block and (n % block or fixed_k > 1):
+            raise HarpqError(f"butterfly runs of {block} need a width they divide (not {n}) and no fixed stage")
+        check_schedule(block or n, schedule)
+        self.block = block
         if fixed_k > 1 and schedule[-1] != fixed_k:
             raise HarpqError(f"the fixed Hadamard stage of order {fixed_k} must be the last of {schedule}")
         if store not in STORAGE:
@@ -50,7 +58,8 @@ class ButterflySide(Side):
         self._cache: dict[Any, tuple[Any, list[torch.Tensor]]] = {}
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "schedule": self.schedule, "fixed_k": self.fixed_k, "store": self.store}
+        spec = {"kind": self.kind, "schedule": self.schedule, "fixed_k": self.fixed_k, "store": self.store}
+        return {**spec, "block": self.block} if self.block else spec
 
     def param_shape(self, t: int) -> tuple[int, int]:
         b = self.schedule[t]
@@ -142,6 +151,9 @@ def butterfly_side(n: int, schedule: str, store: str = "fp16", radix: int = PREF
         k, p = split[0], n // split[0]
         stages = greedy_schedule(p, radix) if p > 1 else []
         return ButterflySide(n, stages + ([k] if k > 1 else []), fixed_k=k, store=store)
+    if schedule == "block":
+        b = block_size(n, BLOCK)
+        return ButterflySide(n, greedy_schedule(b, radix), store=store, block=b)
     raise HarpqError(f"unknown HARP schedule {schedule!r} (offered: {', '.join(SCHEDULES)})")
 
 
@@ -196,7 +208,7 @@ class HARP(TwoSided):
 
     def side_from_spec(self, n: int, spec: dict[str, Any]) -> Side:
         if spec["kind"] == ButterflySide.kind:
-            return ButterflySide(n, spec["schedule"], spec["fixed_k"], spec["store"])
+            return ButterflySide(n, spec["schedule"], spec["fixed_k"], spec["store"], spec.get("block", 0))
         return side_from_spec(n, spec)
 
     def fit(self, buffers: Buffers, weight: torch.Tensor, hessian: torch.Tensor | None, codebook: Codebook) -> Buffers:

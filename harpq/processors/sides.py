@@ -155,17 +155,23 @@ class BlockHadamardSide(SignedSide):
         return signs, [dense_factor(r, torch.float64, signs.device) / math.sqrt(r) for r in radices], radices
 
 
-def block_hadamard(n: int, block: int) -> BlockHadamardSide:
-    """The block side for size n: blocks of `block` entries, or of the largest power of two dividing n
-    where `block` does not divide it."""
+def block_size(n: int, block: int) -> int:
+    """The run length of a block-diagonal side of size n: `block`, or the largest power of two below it that
+    divides n."""
     b = block
     while b > 1 and n % b:
         b //= 2
     if b < 2:
         raise HarpqError(f"size {n} is odd: no block Hadamard transform exists")
     if b != block:
-        log.info("block Hadamard of %d entries for size %d (%d does not divide it)", b, n, block)
-    return BlockHadamardSide(n, b)
+        log.info("blocks of %d entries for size %d (%d does not divide it)", b, n, block)
+    return b
+
+
+def block_hadamard(n: int, block: int) -> BlockHadamardSide:
+    """The block side for size n: blocks of `block` entries, or of the largest power of two dividing n
+    where `block` does not divide it."""
+    return BlockHadamardSide(n, block_size(n, block))
 
 
 class FourierSide(Side):
