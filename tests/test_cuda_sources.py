@@ -86,8 +86,8 @@ def _trellis_configs():
     plain = {trellis_cuda.defines(bits, code, m, n, batch)
              for bits, code, n, batch, m in itertools.product((2, 3, 4), ("3inst", "1mad"), (1376, 4096, 16 * 43),
                                                               BATCHES, ROWS)}
-    preshifted = {tuple(sorted({**dict(d), "PRESHIFT": 1}.items())) for d in plain if dict(d)["BITS"] == 2}
-    return sorted(plain | preshifted)
+    shifted_one_by_one = {tuple(sorted({**dict(d), "PRESHIFT": 0}.items())) for d in plain if dict(d)["BITS"] == 2}
+    return sorted(plain | shifted_one_by_one)
 
 
 def _all_configs():

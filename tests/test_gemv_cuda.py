@@ -76,11 +76,12 @@ def test_trellis_kernel_matches_reference(bits, code, m, n, batch):
 @pytest.mark.parametrize("code", ["3inst", "1mad"])
 @pytest.mark.parametrize("m,n", [(48, 4096), (272, 512), (11008, 4096)])
 @pytest.mark.parametrize("batch", [1, 16])
-def test_trellis_kernel_with_preshifted_states(code, m, n, batch, monkeypatch):
-    """The 2-bit states taken out of three pre-shifted copies of the lane's window by one prmt each."""
+def test_trellis_kernel_with_states_shifted_one_by_one(code, m, n, batch, monkeypatch):
+    """The 2-bit states each shifted and masked out of the lane's window (the default takes them out of three
+    pre-shifted copies by one prmt each)."""
     from harpq.kernels import tuning
 
-    monkeypatch.setitem(tuning.OVERRIDE, "PRESHIFT", 1)
+    monkeypatch.setitem(tuning.OVERRIDE, "PRESHIFT", 0)
     check(TrellisTiles(2, 16, code), m, n, batch, seed=m + batch)
 
 

@@ -33,8 +33,13 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     zeros (c − z costs that operation either way, and longer runs load more per step), a thread's run
     inside one group, the scale per weight pair (0)."""
     g = fmt.group_len(n)
-    for step_scale in ((1, 0) if fmt.zero == "int" else (0, 1)):
-        for nw in ((3,) if fmt.bits == 3 else (4, 2, 1)):
+    step_scales = (1, 0) if fmt.zero == "int" else (0, 1)
+    nws = (3,) if fmt.bits == 3 else (4, 2, 1)
+    # a benchmark may ask for one of them (`tuning.OVERRIDE`); the shape then has that layout or none
+    step_scales = [s for s in step_scales if tuning.OVERRIDE.get("STEP_SCALE", s) == s]
+    nws = [w for w in nws if tuning.OVERRIDE.get("NW", w) == w]
+    for step_scale in step_scales:
+        for nw in nws:
             run = 32 if fmt.bits == 3 else nw * 32 // fmt.bits  # columns a thread decodes per step
             if n % (4 * run):
                 continue
