@@ -77,15 +77,9 @@ def _bulk_configs():
 
 
 def _e8p_configs():
-    plain = {e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch, tiled=tiled)
-             for s, n, batch, m, tiled in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS,
-                                                            (False, True))}
-    # the other table-copy counts, once per stage-two kind and batch tiling
-    firsts = {}
-    for d in sorted(plain):
-        firsts.setdefault((dict(d)["STAGE2"], dict(d)["NT"]), d)
-    copies = {tuple(sorted({**dict(d), "TABLE_COPIES": c}.items())) for d in firsts.values() for c in (1, 16, 32)}
-    return sorted(plain | copies)
+    return sorted({e8p_cuda.defines(s, e8p_cuda.layout(n, batch), m, n, batch, tiled=tiled)
+                   for s, n, batch, m, tiled in itertools.product((0, 1, 2), (64, 128, 256, 4096), BATCHES, ROWS,
+                                                                  (False, True))})
 
 
 def _trellis_configs():

@@ -55,19 +55,6 @@ def test_scalar_kernel_real_shapes_and_narrow_layouts(bits, n, group, batch, row
     check(ScalarGroups(bits, group, "int", row_tile), 272, n, batch, seed=n + bits)
 
 
-@pytest.mark.parametrize("copies", [4, 16, 32])
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m,n", [(48, 4096), (272, 1088), (12288, 4096)])
-@pytest.mark.parametrize("batch", [1, 16])
-def test_e8p_kernel_with_table_copies(copies, bits, m, n, batch, monkeypatch):
-    """The code tables copied per bank group (lane l reads copy l mod copies; 64 KB of shared memory and more at
-    32 copies, past the 48 KB a kernel gets without opting in)."""
-    from harpq.kernels import tuning
-
-    monkeypatch.setitem(tuning.OVERRIDE, "TABLE_COPIES", copies)
-    check(E8PStages(bits, {2: None, 3: 2.04, 4: 3.45}[bits]), m, n, batch, seed=copies + bits + m + batch)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m,n", [(40, 4096), (33, 11008), (16, 384), (24, 192), (32, 4096), (48, 4160), (272, 1088)])
 @pytest.mark.parametrize("batch", [1, 8, 12, 16])

@@ -89,15 +89,10 @@ def layout(n: int, batch: int = 1) -> int | None:
     return next((nw for nw in ((2, 1) if batch > 8 else (4, 2, 1)) if n % (64 * nw) == 0), None)
 
 
-def table_bytes(defines: dict[str, int]) -> int:
-    """Dynamic shared memory of a block: the code tables (two, three with the 1-bit E8 stage), TABLE_COPIES each."""
-    return (3 if defines["STAGE2"] == 1 else 2) * 256 * defines["TABLE_COPIES"] * 4
-
-
 def defines(stage2: int, nw: int, m: int, n: int, batch: int, device_index: int = 0,
             tiled: bool = False) -> tuple[tuple[str, int], ...]:
     words = nw * (2 if stage2 == 2 else 1)  # 32-bit words a step loads per row (stage-one + stage-two codes)
-    config = {"STAGE2": stage2, "NW": nw, "TILED": int(tiled), "TABLE_COPIES": 1,
+    config = {"STAGE2": stage2, "NW": nw, "TILED": int(tiled),
               **launch_shape(m, n // (64 * nw), words, batch, device_index, in_flight=8, xearly_many=1)}
     return tuple(sorted(config.items()))
 
@@ -115,18 +110,14 @@ def e8p_gemv(x: torch.Tensor, codes: torch.Tensor, codes2: torch.Tensor | None, 
     m = codes.shape[0]
     y = torch.empty(batch, m, dtype=torch.float16, device=x.device)
     d = dict(defines(stage2, layout(n, batch), m, n, batch, x.device.index or 0, tiled))
-    device = x.device.index or 0
-    kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), device)
-    shared = table_bytes(d)
-    nvrtc.opt_in_shared(kern, shared, device)
+    kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     r = int(np.array([resid_inv], dtype=np.float16).view(np.uint16)[0])
     # the tail split measured slower for E8P (its parts each fill the code tables): off unless asked
-    grid, split = nvrtc.gemv_split(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, n // (64 * d["NW"]), shared,
-                                   default=False)
+    grid, split = nvrtc.gemv_split(kern, -(-m // (16 * d["MT"])), d["WARPS"] * 32, n // (64 * d["NW"]), default=False)
     nvrtc.launch(kern, grid, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  nvrtc.ptr(codes2), nvrtc.ptr(tables), nvrtc.ptr(scale),
                  np.int32(scale.numel() > 1), np.uint32(r * 0x10001), nvrtc.ptr(y),
-                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n), *split, shared=shared)
+                 nvrtc.ptr(nvrtc.residual_arg(residual, batch, m)), np.int32(m), np.int32(n), *split)
     return y
 
 

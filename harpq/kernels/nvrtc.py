@@ -248,31 +248,6 @@ def gemv_split(kern: Any, blocks: int, block: int, steps: int, shared: int = 0, 
     return blocks + split * (q - 1), (np.int32(split), np.int32(q), ptr(work), ptr(counters))
 
 
-#: shared memory any kernel may take without opting in (static and dynamic together)
-PORTABLE_SHARED = 48 * 1024
-_opted_in: dict[int, int] = {}
-
-
-def opt_in_shared(kern: Any, shared: int, device_index: int) -> None:
-    """Let `kern` take `shared` bytes of dynamic shared memory where that passes the portable 48 KB with its
-    static shared memory (the driver refuses such a launch unless the kernel's limit is raised first)."""
-    static = kern.attributes.shared_size_bytes  # a property from cuda-core 1.0 on, a method before
-    static = static() if callable(static) else static
-    if shared + static <= PORTABLE_SHARED or _opted_in.get(id(kern), 0) >= shared:
-        return
-    from cuda.bindings import driver
-
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    handle = kern.handle
-    if isinstance(handle, driver.CUkernel):
-        (err,) = driver.cuKernelSetAttribute(attr, shared, handle, driver.CUdevice(device_index))
-    else:
-        (err,) = driver.cuFuncSetAttribute(handle, attr, shared)
-    if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cannot give the kernel {shared} bytes of shared memory: {err.name}")
-    _opted_in[id(kern)] = shared
-
-
 def launch(kern: Any, grid: int, block: int, *args: Any, shared: int = 0) -> None:
     """Launch on torch's current stream (captured by an active CUDA graph), overlapping the kernel before
     it where programmatic dependent launch is on; `shared`: bytes of dynamic shared memory."""

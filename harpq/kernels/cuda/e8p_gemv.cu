@@ -7,7 +7,7 @@
 // UNROLL (gemv_common.cuh).
 //
 // A 16-bit code is byte 0 = entry of the 256 absolute-value vectors, byte 1 = 7 signs and the ±¼ shift.
-// Two 1 KB tables in shared memory (TABLE_COPIES copies each, below) turn it into eight 4-bit fields n = 2k + b, one per coordinate, with
+// Two 1 KB tables in shared memory turn it into eight 4-bit fields n = 2k + b, one per coordinate, with
 // 2·w = n − 7.5 (k = (7 + 2σ|v|)/2, b the shift bit):
 //   magnitudes[byte 0]: the fields of σ = + (b = 0), the eighth coordinate already negated when the
 //                       entry's parity is odd;
@@ -23,14 +23,6 @@
 #ifndef TILED
 #define TILED 0
 #endif
-// TABLE_COPIES (1, 16 or 32): copies of each table, interleaved (entry e's copy c at word e·C + c), lane l reading
-// copy l mod C. A warp's 32 lookups of random entries in one copy meet in the same bank about three ways on
-// average (the profile's 3.1), and the shared-memory pipe serves them one wavefront per way; with 32 copies every
-// lane has a bank of its own (one wavefront), with 16 two lanes share each bank (at most two).
-#ifndef TABLE_COPIES
-#define TABLE_COPIES 1
-#endif
-static_assert(TABLE_COPIES == 1 || (TABLE_COPIES % 4 == 0 && 32 % TABLE_COPIES == 0), "copies: 1, 4, 8, 16, 32");
 constexpr int CHUNK = 32;  // codes of a row per chunk of the tiled layout
 
 constexpr u32 EXP32 = 0x50005000u;    // (32, 32)
@@ -38,31 +30,10 @@ constexpr u32 OFFSET = 0x50785078u;   // (35.75, 35.75)
 constexpr u32 E8_OFFSET = 0x50805080u;  // (36, 36)
 constexpr u32 FIELDS = 0x00F000F0u;
 
-constexpr int TABLES = STAGE2 == 1 ? 3 : 2;  // magnitudes, signs [, the 1-bit E8 points]
-constexpr int TABLE_WORDS = 256 * TABLE_COPIES;
-// the tables in dynamic shared memory (TABLES · TABLE_WORDS words, `e8p_cuda.table_bytes`), filled by each block
-extern __shared__ __align__(16) u32 table_words[];
-
-// this lane's copy of table k, as a shared address
-DEVICE u32 table_base(int k) {
-    return shared_address(table_words) + 4u * u32(k * TABLE_WORDS + (threadIdx.x & 31) % TABLE_COPIES);
-}
-
-// the block's copies of the tables from `tables` (TABLES × 256 words); the loads of each batch go out together
-DEVICE void fill_tables(const u32* __restrict__ tables) {
-    constexpr int THREADS = WARPS * 32;
-    if (TABLE_COPIES == 1) {
-        for (int i = threadIdx.x; i < TABLES * 256; i += THREADS) table_words[i] = tables[i];
-    } else {
-        constexpr int QUADS = TABLES * TABLE_WORDS / 4, PER_ENTRY = TABLE_COPIES / 4;
-#pragma unroll 8
-        for (int q = threadIdx.x; q < QUADS; q += THREADS) {
-            const u32 v = tables[q / PER_ENTRY];
-            *reinterpret_cast<Words4*>(table_words + 4 * q) = Words4{{v, v, v, v}};
-        }
-    }
-    __syncthreads();
-}
+__shared__ u32 mag[256], sgn[256];  // the code tables, filled by each block from `tables`
+#if STAGE2 == 1
+__shared__ u32 e8f[256];
+#endif
 
 // the four weight pairs of a field word q, less `offset`
 DEVICE void field_pairs(u32 q, u32 offset, u32* p) {
@@ -72,31 +43,27 @@ DEVICE void field_pairs(u32 q, u32 offset, u32* p) {
     p[3] = hsub2(lop_and_or(q >> 8, FIELDS, EXP32), offset);
 }
 
-// table word at byte `sel` of w (prmt selector 0x444k picks byte k, zero-extended) of the table copy at `base`
+// table word at byte `sel` of w (prmt selector 0x444k picks byte k, zero-extended) of the table at `base`
 DEVICE u32 lookup(u32 base, u32 w, u32 sel) {
     u32 r;
-    asm("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(base + prmt(w, 0u, sel) * (4u * TABLE_COPIES)));
+    asm("ld.shared.u32 %0, [%1];" : "=r"(r) : "r"(base + prmt(w, 0u, sel) * 4u));
     return r;
 }
 
 // the 8 weight pairs of the two E8P codes in word w
 DEVICE void e8p_word(u32 w, u32* p) {
-    const u32 m = table_base(0), g = table_base(1);
+    const u32 m = shared_address(mag), g = shared_address(sgn);
     field_pairs(lookup(m, w, 0x4440) ^ lookup(g, w, 0x4441), OFFSET, p);
     field_pairs(lookup(m, w, 0x4442) ^ lookup(g, w, 0x4443), OFFSET, p + 4);
 }
 
-struct E8PPolicy : PolicyBase {
+struct E8PPolicy {
     static constexpr int RUN = NW * 16;  // 8 columns per code
     static constexpr int STEP = 4 * RUN;
     const u32* codes;
     const u32* codes2;
-    const u32* tables;
     int K;
     u32 resid_inv;  // (1/resid, 1/resid) in fp16
-
-    // the code tables into shared memory, while the first steps' weights are in flight
-    DEVICE void before_steps() const { fill_tables(tables); }
 
     struct Step {
         u32 w[2 * MT][NW];
@@ -156,7 +123,7 @@ struct E8PPolicy : PolicyBase {
 #elif STAGE2 == 1
                     const u32 c2 = d.w2[r][i / 2] >> (16 * (i & 1));
                     u32 q[8];
-                    const u32 e = table_base(2);
+                    const u32 e = shared_address(e8f);
                     field_pairs(lookup(e, c2, 0x4440), E8_OFFSET, q);
                     field_pairs(lookup(e, c2, 0x4441), E8_OFFSET, q + 4);
 #pragma unroll
@@ -179,7 +146,15 @@ harpq_e8p_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ cod
                const u32* __restrict__ codes2, const u32* __restrict__ tables, const u16* __restrict__ scale,
                int scale_rows, u32 resid_inv, u16* __restrict__ y, const u16* __restrict__ residual, int M, int K,
                int split_blocks, int split_q, float* __restrict__ work, u32* __restrict__ counters) {
-    const E8PPolicy p{{}, codes, codes2, tables, K, resid_inv};
+    for (int i = threadIdx.x; i < 256; i += WARPS * 32) {
+        mag[i] = tables[i];
+        sgn[i] = tables[256 + i];
+#if STAGE2 == 1
+        e8f[i] = tables[512 + i];
+#endif
+    }
+    __syncthreads();
+    const E8PPolicy p{codes, codes2, K, resid_inv};
     // one scale for the matrix, or one per row (matrices of one scale each, stacked)
     gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? 1.0f : half_to_float(scale[0]),
                 TailSplit{split_blocks, split_q, work, counters}, scale_rows ? scale : nullptr);

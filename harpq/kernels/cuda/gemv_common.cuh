@@ -204,12 +204,6 @@ DEVICE void fence_barrier_init() { asm volatile("fence.mbarrier_init.release.clu
 DEVICE void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" : : : "memory"); }
 #endif
 
-// What a format policy need not define: work of its own before the first step (each thread of the block calls it
-// once, after the first steps' loads are issued and before the wait for the kernel before).
-struct PolicyBase {
-    DEVICE void before_steps() const {}
-};
-
 // c += A · B for one 16×16 weight tile (a0..a3, rows g/g+8) and one 16×8 activation tile (b0, b1)
 DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm(
@@ -232,7 +226,6 @@ DEVICE void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 //   P::Cursor, p.cursor(rows, t)   what the thread's loads need that no step changes (its rows' addresses)
 //   p.load(cursor, s, t, step) issue those loads
 //   p.compute(rows, s, t, step, xs, acc)   decode + mma; xs (Acts): the thread's activations of step s
-//   p.before_steps()         (PolicyBase: nothing) the block's own set-up, such as tables in shared memory
 // and, for BULK:
 //   P::SLOT_WORDS            shared-memory words of one slot (SLOT_STEPS steps) for one m-tile
 //   P::SLOT_ALIGN            steps whose bytes are one stretch (a slot starts at a multiple of it)
@@ -475,7 +468,6 @@ DEVICE void gemv_driver(const P& p, const u32* __restrict__ x, int batch, u16* _
     for (int u = 0; u < UNROLL; ++u)
         if (s_first + u * WARPS < s_end) p.load(at, s_first + u * WARPS, t, cur[u]);
 #endif
-    p.before_steps();
 
     x = after_producer(x);  // the weights above needed nothing from the kernel before; x does
     asm("" : "+l"(residual) : "l"(x));  // so does the residual: its pointer now comes after the wait

@@ -99,7 +99,7 @@ DEVICE u32 xpair(const u32* xr, int j, int half) {
     return prmt(xr[j / 2], xr[(j + half) / 2], (j & 1) ? 0x7632 : 0x5410);
 }
 
-struct ScalarPolicy : PolicyBase {
+struct ScalarPolicy {
     static constexpr int RUN = RUN_;
     static constexpr int STEP = 4 * RUN_;
     const u32* codes;
@@ -291,7 +291,7 @@ harpq_scalar_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__ 
                   const u32* __restrict__ meta, int group_shift, int groups, u16* __restrict__ y,
                   const u16* __restrict__ residual, int M, int K, const u32* __restrict__ norm_w, float norm_eps,
                   int split_blocks, int split_q, float* __restrict__ work, u32* __restrict__ counters) {
-    const ScalarPolicy p{{}, codes, row_words, meta, group_shift, groups};
+    const ScalarPolicy p{codes, row_words, meta, group_shift, groups};
     gemv_driver(p, x, batch, y, residual, M, K, 1.0f, TailSplit{split_blocks, split_q, work, counters}, nullptr, norm_w,
                 norm_eps);
 }

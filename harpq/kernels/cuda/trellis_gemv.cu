@@ -85,7 +85,7 @@ DEVICE void states_preshifted(u32 hi, u32 magic, u32* v) {
     }
 }
 
-struct TrellisPolicy : PolicyBase {
+struct TrellisPolicy {
     static constexpr int RUN = 4;        // a thread's columns of a tile: 4t … 4t + 3
     static constexpr int STEP = 16 * G;  // G tiles along K
     const u32* codes;
@@ -151,7 +151,7 @@ harpq_trellis_gemv(const u32* __restrict__ x, int batch, const u32* __restrict__
                    const u16* __restrict__ scale, int scale_rows, float factor, u16* __restrict__ y,
                    const u16* __restrict__ residual, int M, int K, u32 magic, int split_blocks, int split_q,
                    float* __restrict__ work, u32* __restrict__ counters) {
-    const TrellisPolicy p{{}, codes, K, magic};
+    const TrellisPolicy p{codes, K, magic};
     // one scale for the matrix, or one per row (matrices of one scale each, stacked)
     gemv_driver(p, x, batch, y, residual, M, K, scale_rows ? factor : factor * half_to_float(scale[0]),
                 TailSplit{split_blocks, split_q, work, counters}, scale_rows ? scale : nullptr);
