@@ -32,6 +32,21 @@ def side(n: int, block: int | None, seed: int, output: bool = False):
     return ref, buffers, kernel
 
 
+def learned_side(n: int, seed: int, output: bool = False):
+    """A HARP side of the `block` schedule with random learned stages (not the S = 0 start), and the kernels'
+    view of it in the direction it is applied."""
+    from harpq.kernels.block_sides import BlockSide
+    from harpq.processors.harp import butterfly_side
+
+    ref = butterfly_side(n, "block")
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(ref.param_shape(t), generator=gen) * 0.3 for t in ref.learned]
+    buffers = {k: v.to(DEV) for k, v in {**ref.init("s_", gen), **ref.store_params("s_", params)}.items()}
+    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output), ref.run_stages(buffers, "s_"))
+    assert kernel is not None and kernel.learned
+    return ref, buffers, kernel
+
+
 def rand(*shape, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(DEV)
 
@@ -132,6 +147,65 @@ def test_rope_rotated_is_sides_then_rope(heads, hkv, d, block):
     close(vc, vc_ref)
 
 
+@pytest.mark.parametrize("n,rows", [(512, 3), (384, 1), (96, 2), (4096, 1), (1376, 2), (11008, 1)])
+def test_learned_runs_are_the_harp_side(n, rows):
+    """HARP's block schedule in the kernels (runs of 128, or 32 at 96 and 1,376 and 64 at 11,008: radices 8·8·2,
+    8·4, 8·8) equals the processor's side, input and output, with and without the residual."""
+    from harpq.kernels.block_sides import rotate
+
+    ref, b, s = learned_side(n, 1)
+    _, _, s_out = learned_side(n, 1, output=True)
+    x = rand(rows, n, seed=2).half()
+    close(rotate(x, s, input_side=True), ref.forward(b, "s_", x.double()))
+    res = rand(rows, n, seed=3).half()
+    close(rotate(x, s_out, input_side=False, residual=res),
+          ref.backward(b, "s_", x.double()).half().double() + res.double())
+    wide = rand(rows, 2 * n, seed=4).half()[:, :n]
+    close(rotate(wide, s_out, input_side=False), ref.backward(b, "s_", wide.double()))
+
+
+def test_learned_runs_in_the_norm_and_silu_kernels():
+    from harpq.kernels.block_sides import mlp_sides_fuse, norm_rotate, silu_mul_rotate
+
+    ref, b, s = learned_side(384, 5)
+    x, w = rand(2, 1, 384, seed=6, scale=30).half(), rand(384, seed=7).half()
+    close(norm_rotate(x, w, 1e-5, s), ref.forward(b, "s_", rms_norm_reference(x, w, 1e-5).double()))
+    (rg, bg, sg), (ru, bu, su), (rd, bd, sd) = learned_side(1376, 8, True), learned_side(1376, 9, True), \
+        learned_side(1376, 10)
+    assert mlp_sides_fuse(sg, su, sd) == "all"
+    zg, zu = rand(3, 1376, seed=11, scale=3).half(), rand(3, 1376, seed=12, scale=3).half()
+    g, u = rg.backward(bg, "s_", zg.double()).half(), ru.backward(bu, "s_", zu.double()).half()
+    a = torch.nn.functional.silu(g.float()).half() * u
+    close(silu_mul_rotate(zg, zu, sg, su, None), a.double())
+    close(silu_mul_rotate(zg, zu, sg, su, sd), rd.forward(bd, "s_", a.double()))
+    plain = side(1376, 32, 10)[2]
+    assert mlp_sides_fuse(sg, su, plain) == "outputs"  # down's runs hold H_32, gate's learned stages: not one form
+
+
+@pytest.mark.parametrize("heads,hkv,d", [(4, 4, 32), (2, 1, 128), (3, 3, 32), (2, 2, 64)])
+def test_rope_rotated_with_learned_runs(heads, hkv, d):
+    """Units of max(block, head) entries: four heads per run of 128, a head per run, a head per run of 32 (96
+    wide), two heads per run; q, k and v of one block (else the kernel does not take them)."""
+    from harpq.kernels.block_sides import rope_into_cache_rotated, rope_sides_fuse
+
+    b, t, length = 2, 3, 8
+    sides = [learned_side(heads * d, 13, True), learned_side(hkv * d, 14, True), learned_side(hkv * d, 15, True)]
+    assert rope_sides_fuse(tuple(s[2] for s in sides), d)
+    qkv = rand(b, t, (heads + 2 * hkv) * d, seed=16).half()
+    q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
+    cos, sin = rand(t, d, seed=17), rand(t, d, seed=18)
+    pos = torch.tensor([1, 4, 6], device=DEV)
+    kc, vc = rand(b, hkv, length, d, seed=19).half(), rand(b, hkv, length, d, seed=20).half()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    got = rope_into_cache_rotated(q, k, v, tuple(s[2] for s in sides), cos, sin, pos, kc, vc)
+    uq, uk, uv = (r.backward(bb, "s_", z.double()).half() for (r, bb, _), z in zip(sides, (q, k, v), strict=True))
+    close(got, _rope(uq.float().view(b, t, heads, d), cos, sin).transpose(1, 2))
+    kc_ref.index_copy_(2, pos, _rope(uk.float().view(b, t, hkv, d), cos, sin).transpose(1, 2).half())
+    vc_ref.index_copy_(2, pos, uv.view(b, t, hkv, d).transpose(1, 2))
+    close(kc, kc_ref)
+    close(vc, vc_ref)
+
+
 def test_rope_takes_full_sides_only_with_heads_as_runs():
     from harpq.kernels.block_sides import rope_sides_fuse
 
@@ -147,6 +221,8 @@ LAYERS = {  # what fuses: every side (blocks; full RHT with A), or some (the res
     "full RHT: A = H_2, H_12": ("quipsharp2", DecoderShape(256, 2, 2, 2, 384, 64)),
     "full RHT, GQA, 4 bits": ("quipsharp4", DecoderShape(512, 2, 4, 2, 768, 64)),
     "full RHT, MLP of 76 runs": ("quipsharp2", DecoderShape(256, 1, 2, 2, 1216, 64)),  # H_76 ⊗ H_16: split
+    "HARP runs, heads in a unit": ("harp2-block", DecoderShape(128, 2, 4, 4, 384, 64)),
+    "HARP runs of a head, MLP runs of 32": ("harp4-block", DecoderShape(256, 1, 2, 2, 352, 64)),
 }
 
 
@@ -204,24 +280,36 @@ def test_fused_layers_in_a_cuda_graph_equal_eager():
     assert torch.equal(DecodeRunner(decoder, 2, 32, graph=True).generate(ids, 8), eager)
 
 
+NO_STAGES, STAGES_128 = {"S1": 0, "S2": 0, "S3": 0}, {"S1": 8, "S2": 8, "S3": 2}
 KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time values it is built with
-    "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 3 + ["*i64"] + ["*fp16"] * 3
-                            + ["i32"] * 4, [{"D": 32, "U": 128}, {"D": 128, "U": 128}]),
+    "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 6 + ["*i64"] + ["*fp16"] * 3
+                            + ["i32"] * 4, [{"D": d, "U": 128, "B": b, "S1": s1, "S2": s2, "S3": s3}
+                                            for d, b, s1, s2, s3 in ((32, 128, 0, 0, 0), (128, 128, 0, 0, 0),
+                                                                     (32, 128, 8, 8, 2), (128, 128, 8, 8, 2))]),
     "_rope_cache_mixed": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 7 + ["*fp32"] * 2 + ["*i64"] + ["*fp16"] * 3
                           + ["i32"] * 4 + ["fp32"] * 3,
                           [{"D": 128, "RQ": 32, "RKV": 32}, {"D": 128, "RQ": 64, "RKV": 16}]),
     "_norm_rotate": (["*fp16"] * 6 + ["i32"] + ["fp32"] * 3,
-                     [{"NP": 4096, "B": 128, "RIN": r, "ROUT": r, "MIX": r == 32} for r in (16, 32)]
-                     + [{"NP": 16384, "B": 64, "RIN": 256, "ROUT": 16, "MIX": True, "num_warps": 8}]),
+                     [{"NP": 4096, "B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES} for r in (16, 32)]
+                     + [{"NP": 16384, "B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "num_warps": 8}]),
+    "_norm_rotate#learned": (["*fp16"] * 4 + ["*fp32", "*fp16", "i32"] + ["fp32"] * 3,
+                             [{"NP": 4096, "B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128}]),
     "_rotate": (["*fp16", "i32"] + ["*fp16"] * 5 + ["i32"] + ["fp32"] * 2,
-                [{"B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, "SIGNS_FIRST": f, "RESIDUAL": not f}
+                [{"B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f}
                  for f in (True, False) for r in (16, 32)]
-                + [{"B": b, "RIN": 256, "ROUT": 16, "MIX": True, "SIGNS_FIRST": f, "RESIDUAL": not f, "num_warps": 8}
-                   for f in (True, False) for b in (64, 128)]),
+                + [{"B": b, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f,
+                    "num_warps": 8} for f in (True, False) for b in (64, 128)]),
+    "_rotate#learned": (["*fp16", "i32"] + ["*fp16"] * 2 + ["*fp32"] + ["*fp16"] * 2 + ["i32"] + ["fp32"] * 2,
+                        [{"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "SIGNS_FIRST": f,
+                          "RESIDUAL": not f} for f in (True, False)]),
     "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 8 + ["i32"] + ["fp32"] * 2,
-                         [{"B": 128, "RIN": 16, "ROUT": 16, "MIX": False, "DOWN": True},
-                          {"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, "DOWN": True},
-                          {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, "DOWN": False, "num_warps": 8}]),
+                         [{"B": 128, "RIN": 16, "ROUT": 16, "MIX": False, **NO_STAGES, "DOWN": True},
+                          {"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, **NO_STAGES, "DOWN": True},
+                          {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "DOWN": False, "num_warps": 8}]),
+    "_silu_mul_rotate#learned": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 4 + ["*fp32"] * 3 + ["*fp16", "i32"]
+                                 + ["fp32"] * 2,
+                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, "S1": 8, "S2": 8, "S3": 0, "DOWN": True},
+                                  {"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "DOWN": False}]),
 }
 
 
@@ -232,7 +320,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import harpq.kernels.block_sides as bs
 name, types, variants = json.loads(sys.argv[1])
-fn = getattr(bs, name)
+fn = getattr(bs, name.partition("#")[0])
 for consts in variants:
     options = {"num_warps": consts.pop("num_warps", 4)}
     sig = dict(zip(fn.arg_names, types)) | {k: "constexpr" for k in consts}

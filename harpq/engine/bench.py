@@ -44,6 +44,8 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "harp2": ("harp", {"bits": 2, "harp_schedule": "kron"}),
     "harp3": ("harp", {"bits": 3, "harp_schedule": "kron"}),
     "harp4": ("harp", {"bits": 4, "harp_schedule": "kron"}),
+    "harp2-block": ("harp", {"bits": 2, "harp_schedule": "block"}),
+    "harp4-block": ("harp", {"bits": 4, "harp_schedule": "block"}),
     "qtip2": ("qtip", {"bits": 2}),
     "qtip3": ("qtip", {"bits": 3}),
     "qtip4": ("qtip", {"bits": 4}),

@@ -1,5 +1,5 @@
-"""A decoder layer whose linears have Hadamard sides (`rht`, `rht-block`), run with the sides inside the
-step's own kernels (`kernels.block_sides`).
+"""A decoder layer whose linears have Hadamard sides (`rht`, `rht-block`) or HARP's runs of learned stages
+(`harp` with the `block` schedule), run with the sides inside the step's own kernels (`kernels.block_sides`).
 
 Unfused, each quantized linear applies its input and output side as launches of their own (two per
 side with the stage kernels). Here the layer's launches are the fp16 path's, with the sides folded in:

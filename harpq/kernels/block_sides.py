@@ -11,10 +11,12 @@ per token; but the kernels that produce a linear's input or consume its output h
 - o's input side, and o's and down's output sides with the residual add: one launch each (`rotate`).
 
 A tile of runs times H_b is one `tl.dot` ([runs, b] · [b, b], fp16 in, fp32 out: the ±1 entries make every
-product exact), then 1/√b in fp32. Without A a program takes 16 runs; with A it takes a whole row and A
-multiplies the fp32 result as two fp16 dots (high and low halves: ~22 bits), then 1/√(runs). Rounding
-follows the unfused path: an output side's result is rounded to fp16 before its consumer, as the separate
-launch would store it. Activations are fp16.
+product exact), then 1/√b in fp32. HARP's `block` schedule puts learned stages in place of H_b (each run its own
+blocks, `ButterflySide`): a tile of 4 runs goes through them in fp32 registers, stage by stage (transposed and
+in reverse order for an output side), each stage one broadcast product over its digit.
+Without A a program takes 16 runs; with A it takes a whole row and A multiplies the fp32 result as two fp16
+dots (high and low halves: ~22 bits), then 1/√(runs). Rounding follows the unfused path: an output side's result
+is rounded to fp16 before its consumer, as the separate launch would store it. Activations are fp16.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import triton.language as tl
 from ..hadamard.construct import sylvester
 
 RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
+LEARNED_RUNS = 4  # runs a program takes through learned stages (a [runs, b, radix] product tile each)
+MAX_STAGES = 3  # learned stages inside a run: radix 8, 8, 2 for runs of 128
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
 WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
 MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 runs of it (rows of A)
@@ -38,11 +42,15 @@ MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 ru
 @dataclass(frozen=True)
 class BlockSide:
     """One side as the kernels take it: its n signs (fp16 ±1), its block b, and A (fp16 ±1, zero-padded to
-    a power of two ≥ 16 runs) or None."""
+    a power of two ≥ 16 runs) or None; or, for learned runs, the stages inside each run in place of H_b:
+    their radices and blocks (float32, stage after stage, each (n / radix, radix, radix) as
+    `processors.butterfly.apply_stages` takes them)."""
 
     signs: torch.Tensor
     block: int
     outer: torch.Tensor | None = None
+    stages: torch.Tensor | None = None
+    radices: tuple[int, ...] = ()
 
     @property
     def n(self) -> int:
@@ -53,8 +61,14 @@ class BlockSide:
         return self.n // self.block
 
     @property
+    def learned(self) -> bool:
+        return self.stages is not None
+
+    @property
     def padded_runs(self) -> int:
-        """Runs a program reads: 16 without A, all of the row (padded) with it."""
+        """Runs a program reads: 16 without A (4 through learned stages), all of the row (padded) with it."""
+        if self.learned:
+            return LEARNED_RUNS
         return RUNS if self.outer is None else self.outer.shape[0]
 
     @property
@@ -68,10 +82,18 @@ class BlockSide:
         return RUNS if self.split else self.padded_runs
 
     @classmethod
-    def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None) -> BlockSide | None:
-        """The kernels' view of a side, or None where they cannot take it (block under 16, A over 256 runs)."""
+    def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None,
+              stages: tuple[list[int], torch.Tensor] | None = None) -> BlockSide | None:
+        """The kernels' view of a side, or None where they cannot take it (block under 16, A over 256 runs,
+        learned runs of more than three stages or of a first radix under 4)."""
         if block < MIN_BLOCK or signs.dtype != torch.float16:
             return None
+        if stages is not None:
+            radices, blocks = stages
+            if outer is not None or len(radices) > MAX_STAGES or radices[0] < 4 or math.prod(radices) != block:
+                return None
+            return cls(signs, block, stages=blocks.to(device=signs.device, dtype=torch.float32).contiguous(),
+                       radices=tuple(radices))
         if outer is None:
             return cls(signs, block)
         runs = outer.shape[0]
@@ -125,10 +147,56 @@ def _mix_outer(y, a_ptr, R: tl.constexpr):
 
 
 @triton.jit
-def _side(tile, h_ptr, a_ptr, chunk, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr,
-          MIX: tl.constexpr):
+def _stage_runs(x, k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
+                LO: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """One learned stage (radix RADIX at stride LO) on runs first_run … first_run + R − 1, x (R, B) fp32: each
+    position's block (at k_ptr + offset, (n / RADIX, RADIX, RADIX)) times its digit, or the block's transpose."""
+    HI: tl.constexpr = B // (RADIX * LO)
+    x5 = tl.reshape(x, [R, HI, 1, RADIX, LO])  # entry h·RADIX·LO + c·LO + l, the input digit c on axis 3
+    r = first_run + tl.arange(0, R)
+    h = tl.arange(0, HI)
+    d = tl.arange(0, RADIX)
+    lo = tl.arange(0, LO)
+    block = (r[:, None, None, None, None] * HI + h[None, :, None, None, None]) * LO + lo[None, None, None, None, :]
+    out_digit, in_digit = d[None, None, :, None, None], d[None, None, None, :, None]
+    if TRANSPOSE:
+        at = (block * RADIX + in_digit) * RADIX + out_digit
+    else:
+        at = (block * RADIX + out_digit) * RADIX + in_digit
+    k = tl.load(k_ptr + offset + at, mask=(r < runs)[:, None, None, None, None], other=0.0)
+    return tl.reshape(tl.sum(k * x5, axis=3), [R, B])
+
+
+@triton.jit
+def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+             S3: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
+    B_3 B_2 B_1 x, or with TRANSPOSE B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's blocks start after the n·radix of those before."""
+    runs = n // B
+    if TRANSPOSE:
+        if S3 > 0:
+            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, True)
+        if S2 > 0:
+            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, True)
+        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, True)
+    else:
+        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, False)
+        if S2 > 0:
+            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, False)
+        if S3 > 0:
+            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, False)
+    return x
+
+
+@triton.jit
+def _side(tile, h_ptr, a_ptr, chunk, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr,
+          MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, TRANSPOSE: tl.constexpr):
     """(A ⊗ H_b) on a tile (RIN, B) fp16 of runs, normalised, fp32: without A the tile's runs; with A its
-    runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all of them where ROUT = RIN), the tile being the whole row."""
+    runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all of them where ROUT = RIN), the tile being the whole row.
+    With learned stages (S1 > 0, their blocks at a_ptr) the tile's runs through them instead of H_b, transposed
+    for an output side (TRANSPOSE)."""
+    if S1 > 0:
+        return _learned(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE)
     y = _mix(tile, h_ptr, B) * scale
     if MIX:
         i = chunk * ROUT + tl.arange(0, ROUT)
@@ -150,7 +218,8 @@ def _tiles(n, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.co
 
 @triton.jit
 def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_runs, NP: tl.constexpr,
-                 B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr):
+                 B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr,
+                 S2: tl.constexpr, S3: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
@@ -159,22 +228,23 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     normed = (x * inv).to(tl.float16)  # rounded before the weight, as Llama does
     h = tl.load(w_ptr + offs, mask=mask, other=0.0) * normed
-    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT,
-              MIX)
+    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN,
+              ROUT, MIX, S1, S2, S3, False)
     tl.store(y_ptr + row * n + offs_out, y.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
 def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr,
-            ROUT: tl.constexpr, MIX: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
+            ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+            SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
         x = x * tl.load(s_ptr + offs, mask=mask, other=0.0)
-        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, False)
     else:  # an output side: U z = s ⊙ H z, rounded as its own launch would store it
-        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
         y = (y * tl.load(s_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     if RESIDUAL:
         y += tl.load(r_ptr + row * n + offs_out, mask=mask_out, other=0.0).to(tl.float32)
@@ -184,26 +254,45 @@ def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, 
 @triton.jit
 def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_ptr, au_ptr, ad_ptr, y_ptr, n, scale,
                      scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr,
-                     DOWN: tl.constexpr):
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, DOWN: tl.constexpr):
     row = tl.program_id(0)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
-    g = _side(zg, h_ptr, ag_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
-    u = _side(zu, h_ptr, au_ptr, chunk, scale, scale_runs, B, RIN, ROUT, MIX)
+    g = _side(zg, h_ptr, ag_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
+    u = _side(zu, h_ptr, au_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
     g = (g * tl.load(sg_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     u = (u * tl.load(su_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
     a = (silu * u).to(tl.float16)
     if DOWN:  # down's input side too (the program holds the runs it needs: ROUT = RIN)
-        a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, scale, scale_runs,
-                  B, ROUT, ROUT, MIX)
+        a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, n, scale,
+                  scale_runs, B, ROUT, ROUT, MIX, S1, S2, S3, False)
     tl.store(y_ptr + row * n + offs_out, a.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
-def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, m_ptr, cos_ptr, sin_ptr, pos_ptr,
-                        qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L, D: tl.constexpr, U: tl.constexpr):
+def _unit_learned(x, k_ptr, unit, n, U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                  S3: tl.constexpr):
+    """Output side's learned stages (transposed) on one unit x (U,) fp32 of a row of n: its U / B runs."""
+    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True),
+                      [U])
+
+
+@triton.jit
+def _halves(y, U: tl.constexpr, D: tl.constexpr):
+    """The first and the second half of each head of a unit y (U,): two (U / 2,) vectors, head after head."""
+    y3 = tl.reshape(y, [U // D, 2, D // 2])
+    which = tl.arange(0, 2)[None, :, None]
+    first = tl.sum(tl.where(which == 0, y3, 0.0), axis=1)
+    second = tl.sum(tl.where(which == 1, y3, 0.0), axis=1)
+    return tl.reshape(first, [U // 2]), tl.reshape(second, [U // 2])
+
+
+@triton.jit
+def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, m_ptr, kq_ptr, kk_ptr, kv_ptr,
+                        cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L, D: tl.constexpr,
+                        U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr):
     bt = tl.program_id(0)  # b·T + t
     unit = tl.program_id(1)  # units of U columns: q's, then k's, then v's
     b, t = bt // T, bt % T
@@ -216,10 +305,15 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         signs = tl.where(is_q, uq_ptr, uk_ptr) + j * U
         half = tl.arange(0, U // 2)
         first = (half // (D // 2)) * D + half % (D // 2)  # the unit's entries in the first half of a head
-        m1 = tl.load(m_ptr + first[:, None] * U + c[None, :])
-        m2 = tl.load(m_ptr + (first + D // 2)[:, None] * U + c[None, :])
-        y1 = (tl.sum(m1 * x[None, :], axis=1) * tl.load(signs + first)).to(tl.float16).to(tl.float32)
-        y2 = (tl.sum(m2 * x[None, :], axis=1) * tl.load(signs + first + D // 2)).to(tl.float16).to(tl.float32)
+        if S1 > 0:  # learned runs: the unit through its stages, then its heads' halves
+            y = _unit_learned(x, tl.where(is_q, kq_ptr, kk_ptr), j, tl.where(is_q, H, HKV) * D, U, B, S1, S2, S3)
+            y = (y * tl.load(signs + c)).to(tl.float16).to(tl.float32)
+            y1, y2 = _halves(y, U, D)
+        else:
+            m1 = tl.load(m_ptr + first[:, None] * U + c[None, :])
+            m2 = tl.load(m_ptr + (first + D // 2)[:, None] * U + c[None, :])
+            y1 = (tl.sum(m1 * x[None, :], axis=1) * tl.load(signs + first)).to(tl.float16).to(tl.float32)
+            y2 = (tl.sum(m2 * x[None, :], axis=1) * tl.load(signs + first + D // 2)).to(tl.float16).to(tl.float32)
         i = half % (D // 2)
         c1, c2 = tl.load(cos_ptr + t * D + i), tl.load(cos_ptr + t * D + D // 2 + i)
         s1, s2 = tl.load(sin_ptr + t * D + i), tl.load(sin_ptr + t * D + D // 2 + i)
@@ -234,8 +328,11 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
     else:
         jv = unit - qu - ku  # (names apart from the branch above: Triton types them per branch)
         xv = tl.load(v_ptr + bt * sv + jv * U + c).to(tl.float32)
-        m = tl.load(m_ptr + c[:, None] * U + c[None, :])
-        yv = tl.sum(m * xv[None, :], axis=1) * tl.load(uv_ptr + jv * U + c)
+        if S1 > 0:
+            yv = _unit_learned(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3) * tl.load(uv_ptr + jv * U + c)
+        else:
+            m = tl.load(m_ptr + c[:, None] * U + c[None, :])
+            yv = tl.sum(m * xv[None, :], axis=1) * tl.load(uv_ptr + jv * U + c)
         hv = jv * (U // D) + c // D
         tl.store(vc_ptr + ((b * HKV + hv) * L + tl.load(pos_ptr + t)) * D + c % D, yv.to(tl.float16))
 
@@ -294,11 +391,12 @@ def _rope_cache_mixed(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, a
 
 def rope_sides_fuse(sides: tuple[BlockSide | None, ...], head_dim: int) -> bool:
     """Whether `rope_into_cache_rotated` takes q/k/v's output sides: without A, one block (a program per
-    unit of max(block, head) entries); with A, heads as runs (block = head size), k and v alike."""
+    unit of max(block, head) entries) and, for learned runs, one schedule; with A, heads as runs (block = head
+    size), k and v alike."""
     if any(s is None for s in sides):
         return False
     if all(s.outer is None for s in sides):
-        return len({s.block for s in sides}) == 1
+        return len({(s.block, s.radices) for s in sides}) == 1
     return all(s.outer is not None and s.block == head_dim and not s.split for s in sides) \
         and sides[1].padded_runs == sides[2].padded_runs
 
@@ -307,15 +405,27 @@ def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
     return rows, triton.cdiv(side.runs, side.written_runs)
 
 
+def _second(side: BlockSide | None, h: torch.Tensor) -> torch.Tensor:
+    """The kernels' second operand of a side: its learned stages, its A, or (never read) H_b."""
+    if side is not None and side.learned:
+        return side.stages
+    return h if side is None or side.outer is None else side.outer
+
+
 def _args(side: BlockSide, device: torch.device) -> tuple:
-    """H_b, A (H_b again where there is none: never read), 1/√b, 1/√runs."""
+    """H_b, the second operand (`_second`), 1/√b, 1/√runs."""
     h = hadamard_tile(side.block, device)
-    return h, h if side.outer is None else side.outer, 1.0 / math.sqrt(side.block), 1.0 / math.sqrt(side.runs)
+    return h, _second(side, h), 1.0 / math.sqrt(side.block), 1.0 / math.sqrt(side.runs)
+
+
+def _radices(side: BlockSide) -> dict:
+    r = (*side.radices, 0, 0, 0)
+    return {"S1": r[0], "S2": r[1], "S3": r[2]}
 
 
 def _shape(side: BlockSide) -> dict:
     return {"B": side.block, "RIN": side.padded_runs, "ROUT": side.written_runs, "MIX": side.outer is not None,
-            "num_warps": 8 if side.split else 4}
+            **_radices(side), "num_warps": 8 if side.split else 4}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
@@ -346,8 +456,7 @@ def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, gate_out: BlockSide, u
     where given (`mlp_sides_fuse`: one block and form for the three; else the caller applies it)."""
     y = torch.empty(gate.shape, dtype=torch.float16, device=gate.device)
     h, ag, scale, scale_runs = _args(gate_out, gate.device)
-    au = h if up_out.outer is None else up_out.outer
-    ad = h if down_in is None or down_in.outer is None else down_in.outer
+    au, ad = _second(up_out, h), _second(down_in, h)
     sd = gate_out.signs if down_in is None else down_in.signs
     _silu_mul_rotate[_grid(gate.shape[0], gate_out)](gate, up, gate.stride(0), up.stride(0), gate_out.signs,
                                                      up_out.signs, sd, h, ag, au, ad, y, gate_out.n, scale,
@@ -356,7 +465,7 @@ def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, gate_out: BlockSide, u
 
 
 def _form(side: BlockSide) -> tuple:
-    return side.block, side.outer is None, side.padded_runs, side.written_runs, side.n
+    return side.block, side.outer is None, side.radices, side.padded_runs, side.written_runs, side.n
 
 
 def mlp_sides_fuse(gate_out: BlockSide | None, up_out: BlockSide | None, down_in: BlockSide | None) -> str | None:
@@ -388,7 +497,9 @@ def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     unit = max(block, d)
     q_out = torch.empty(b, heads, t, d, dtype=torch.float16, device=q.device)
     grid = (b * t, (heads + 2 * hkv) * d // unit)
-    _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides),
-                              _unit_matrix(block, d, q.device), cos.contiguous(), sin.contiguous(), pos, q_out,
-                              k_cache, v_cache, t, heads, hkv, length, D=d, U=unit)
+    m = _unit_matrix(block, d, q.device)
+    _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides), m,
+                              *(m if s.stages is None else s.stages for s in sides), cos.contiguous(),
+                              sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length, D=d, U=unit,
+                              B=block, **_radices(sides[0]))
     return q_out

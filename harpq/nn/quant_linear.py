@@ -286,8 +286,9 @@ class QuantLinear(nn.Module):
         if hit is None or hit[0] != version:
             from ..kernels.block_sides import BlockSide
 
-            forms = self.processor.kernel_sides(self.out_features, self.in_features)
-            sides = tuple(None if f is None else BlockSide.build(getattr(self, f[0]).to(device), f[1], f[2])
+            forms = self.processor.kernel_sides(self._buffers_of(self._processor_names), self.out_features,
+                                                self.in_features)
+            sides = tuple(None if f is None else BlockSide.build(getattr(self, f[0]).to(device), *f[1:])
                           for f in forms)
             hit = self._fused_sides[device] = (version, sides)
         return hit[1]

@@ -15,7 +15,8 @@ from ..codebooks import Codebook
 from ..formats import BufferSpec
 
 #: (signs buffer name, block b, A: the ±1 matrix over runs of b entries, or None for the identity)
-KernelForm = tuple[str, int, "torch.Tensor | None"]
+#: (signs buffer, block b, A or None, learned stages inside the runs or None): see `Processor.kernel_sides`
+KernelForm = tuple[str, int, "torch.Tensor | None", "tuple[list[int], torch.Tensor] | None"]
 
 
 class Processor(ABC):
@@ -68,10 +69,12 @@ class Processor(ABC):
         apply the same Vᵀ x, so linears reading one input can apply it once. None: no input side."""
         return None
 
-    def kernel_sides(self, out_features: int, in_features: int) -> tuple[KernelForm | None, KernelForm | None]:
-        """(output side U, input side Vᵀ) each as (signs buffer, block b, A or None) with the side =
-        (A ⊗ H_b)·diag(signs) in the direction it is applied (`Side.kernel_form`), where it has that form:
-        the decode engine then applies it inside its own kernels. None for a side that has not."""
+    def kernel_sides(self, buffers: dict[str, torch.Tensor], out_features: int,
+                     in_features: int) -> tuple[KernelForm | None, KernelForm | None]:
+        """(output side U, input side Vᵀ) each as (signs buffer, block b, A or None, stages or None) with the
+        side = (A ⊗ H_b)·diag(signs) in the direction it is applied (`Side.kernel_form`), or, where stages are
+        given (`Side.run_stages`: radices and blocks), diag(signs) then those stages inside each run of b in
+        place of H_b: the decode engine then applies it inside its own kernels. None for a side of neither form."""
         return None, None
 
     def stage_plans(self, buffers: dict[str, torch.Tensor], out_features: int, in_features: int):

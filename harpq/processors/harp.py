@@ -140,6 +140,16 @@ class ButterflySide(Side):
         signs = b[prefix + "signs"]
         return signs, self._stored_kernels(b, prefix, signs.new_empty(0, dtype=torch.float64)), self.schedule
 
+    def kernel_form(self, transpose: bool) -> tuple[int, None] | None:
+        """Runs of `block` entries, each through its own stages (`run_stages`); None for the full-width schedules."""
+        return (self.block, None) if self.block else None
+
+    def run_stages(self, b: Buffers, prefix: str) -> tuple[list[int], torch.Tensor] | None:
+        if not self.block:
+            return None
+        _, kernels, schedule = self.stages(b, prefix)
+        return list(schedule), torch.cat([k.float().reshape(-1) for k in kernels])
+
 
 def butterfly_side(n: int, schedule: str, store: str = "fp16", radix: int = PREFERRED_RADIX) -> ButterflySide:
     if schedule == "greedy":

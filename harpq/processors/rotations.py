@@ -70,10 +70,13 @@ class TwoSided(Processor):
         side = self.side("in", in_features)
         return {"processor": self.name, **side.spec()}, list(side.buffer_specs("v_"))
 
-    def kernel_sides(self, out_features: int, in_features: int):
-        out = self.side("out", out_features).kernel_form(transpose=True)  # applied as U = Q_outᵀ
-        inp = self.side("in", in_features).kernel_form(transpose=False)
-        return (None if out is None else ("u_signs", *out)), (None if inp is None else ("v_signs", *inp))
+    def kernel_sides(self, buffers: Buffers, out_features: int, in_features: int):
+        forms = []
+        for which, n, prefix, transpose in (("out", out_features, "u_", True), ("in", in_features, "v_", False)):
+            side = self.side(which, n)
+            form = side.kernel_form(transpose)  # the output side is applied as U = Q_outᵀ
+            forms.append(None if form is None else (prefix + "signs", *form, side.run_stages(buffers, prefix)))
+        return tuple(forms)
 
     def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
         from ..kernels.stages import StagePlan
