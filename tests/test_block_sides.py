@@ -293,8 +293,7 @@ KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time val
                      [{"NP": 4096, "B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES} for r in (16, 32)]
                      + [{"NP": 16384, "B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "num_warps": 8}]),
     "_norm_rotate#learned": (["*fp16"] * 4 + ["*fp32", "*fp16", "i32"] + ["fp32"] * 3,
-                             [{"NP": 4096, "B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128,
-                               "num_warps": 8}]),
+                             [{"NP": 4096, "B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128}]),
     "_rotate": (["*fp16", "i32"] + ["*fp16"] * 5 + ["i32"] + ["fp32"] * 2,
                 [{"B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f}
                  for f in (True, False) for r in (16, 32)]
@@ -302,17 +301,15 @@ KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time val
                     "num_warps": 8} for f in (True, False) for b in (64, 128)]),
     "_rotate#learned": (["*fp16", "i32"] + ["*fp16"] * 2 + ["*fp32"] + ["*fp16"] * 2 + ["i32"] + ["fp32"] * 2,
                         [{"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "SIGNS_FIRST": f,
-                          "RESIDUAL": not f, "num_warps": 8} for f in (True, False)]),
+                          "RESIDUAL": not f} for f in (True, False)]),
     "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 8 + ["i32"] + ["fp32"] * 2,
                          [{"B": 128, "RIN": 16, "ROUT": 16, "MIX": False, **NO_STAGES, "DOWN": True},
                           {"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, **NO_STAGES, "DOWN": True},
                           {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "DOWN": False, "num_warps": 8}]),
     "_silu_mul_rotate#learned": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 4 + ["*fp32"] * 3 + ["*fp16", "i32"]
                                  + ["fp32"] * 2,
-                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, "S1": 8, "S2": 8, "S3": 0, "DOWN": True,
-                                   "num_warps": 8},
-                                  {"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "DOWN": True,
-                                   "num_warps": 8}]),
+                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, "S1": 8, "S2": 8, "S3": 0, "DOWN": True},
+                                  {"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "DOWN": False}]),
 }
 
 

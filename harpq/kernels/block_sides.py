@@ -147,11 +147,12 @@ def _mix_outer(y, a_ptr, R: tl.constexpr):
 
 
 @triton.jit
-def _stage_index(first_run, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr, LO: tl.constexpr,
-                 TRANSPOSE: tl.constexpr):
-    """Offsets (R, HI, RADIX, RADIX, LO) into one stage's blocks ((n / RADIX, RADIX, RADIX): the block of each
-    position, out digit then in digit, or the transpose) for runs first_run … first_run + R − 1, and the runs."""
+def _stage_runs(x, k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
+                LO: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """One learned stage (radix RADIX at stride LO) on runs first_run … first_run + R − 1, x (R, B) fp32: each
+    position's block (at k_ptr + offset, (n / RADIX, RADIX, RADIX)) times its digit, or the block's transpose."""
     HI: tl.constexpr = B // (RADIX * LO)
+    x5 = tl.reshape(x, [R, HI, 1, RADIX, LO])  # entry h·RADIX·LO + c·LO + l, the input digit c on axis 3
     r = first_run + tl.arange(0, R)
     h = tl.arange(0, HI)
     d = tl.arange(0, RADIX)
@@ -159,74 +160,43 @@ def _stage_index(first_run, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexp
     block = (r[:, None, None, None, None] * HI + h[None, :, None, None, None]) * LO + lo[None, None, None, None, :]
     out_digit, in_digit = d[None, None, :, None, None], d[None, None, None, :, None]
     if TRANSPOSE:
-        return (block * RADIX + in_digit) * RADIX + out_digit, r
-    return (block * RADIX + out_digit) * RADIX + in_digit, r
-
-
-@triton.jit
-def _stage_blocks(k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
-                  LO: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """One learned stage's blocks (radix RADIX at stride LO, at k_ptr + offset) for R runs, as `_stage_apply`
-    takes them; runs past the row read zeros."""
-    at, r = _stage_index(first_run, R, B, RADIX, LO, TRANSPOSE)
-    return tl.load(k_ptr + offset + at, mask=(r < runs)[:, None, None, None, None], other=0.0)
-
-
-@triton.jit
-def _stage_apply(x, k, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr, LO: tl.constexpr):
-    """x (R, B) fp32 with each position's digit through its block k (`_stage_blocks`)."""
-    HI: tl.constexpr = B // (RADIX * LO)
-    x5 = tl.reshape(x, [R, HI, 1, RADIX, LO])  # entry h·RADIX·LO + c·LO + l, the input digit c on axis 3
+        at = (block * RADIX + in_digit) * RADIX + out_digit
+    else:
+        at = (block * RADIX + out_digit) * RADIX + in_digit
+    k = tl.load(k_ptr + offset + at, mask=(r < runs)[:, None, None, None, None], other=0.0)
     return tl.reshape(tl.sum(k * x5, axis=3), [R, B])
 
 
 @triton.jit
-def _learned_blocks(k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                    S3: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """The blocks of the learned stages (radices S1, S2, S3; 0: none, then a placeholder) of runs first_run …
-    first_run + R − 1 of a row of n: stage t's blocks start after the n·radix of those before. Kernels request
-    them first, so that these loads overlap their activations'."""
+def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+             S3: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
+    B_3 B_2 B_1 x, or with TRANSPOSE B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's blocks start after the n·radix of those before."""
     runs = n // B
-    k1 = _stage_blocks(k_ptr, 0, first_run, runs, R, B, S1, 1, TRANSPOSE)
-    k2 = k1
-    k3 = k1
-    if S2 > 0:
-        k2 = _stage_blocks(k_ptr, n * S1, first_run, runs, R, B, S2, S1, TRANSPOSE)
-    if S3 > 0:
-        k3 = _stage_blocks(k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, TRANSPOSE)
-    return k1, k2, k3
-
-
-@triton.jit
-def _learned(x, k1, k2, k3, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-             TRANSPOSE: tl.constexpr):
-    """x (R, B) fp32 through the learned stages whose blocks `_learned_blocks` loaded: B_3 B_2 B_1 x, or with
-    TRANSPOSE B_1ᵀ B_2ᵀ B_3ᵀ x."""
     if TRANSPOSE:
         if S3 > 0:
-            x = _stage_apply(x, k3, R, B, S3, S1 * S2)
+            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, True)
         if S2 > 0:
-            x = _stage_apply(x, k2, R, B, S2, S1)
-        x = _stage_apply(x, k1, R, B, S1, 1)
+            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, True)
+        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, True)
     else:
-        x = _stage_apply(x, k1, R, B, S1, 1)
+        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, False)
         if S2 > 0:
-            x = _stage_apply(x, k2, R, B, S2, S1)
+            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, False)
         if S3 > 0:
-            x = _stage_apply(x, k3, R, B, S3, S1 * S2)
+            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, False)
     return x
 
 
 @triton.jit
-def _side(tile, h_ptr, a_ptr, chunk, scale, scale_runs, blocks, B: tl.constexpr, RIN: tl.constexpr,
-          ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-          TRANSPOSE: tl.constexpr):
+def _side(tile, h_ptr, a_ptr, chunk, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr,
+          MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, TRANSPOSE: tl.constexpr):
     """(A ⊗ H_b) on a tile (RIN, B) fp16 of runs, normalised, fp32: without A the tile's runs; with A its
     runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all of them where ROUT = RIN), the tile being the whole row.
-    With learned stages (S1 > 0; `blocks` from `_learned_blocks`) the tile's runs through them instead of H_b,
-    transposed for an output side (TRANSPOSE)."""
+    With learned stages (S1 > 0, their blocks at a_ptr) the tile's runs through them instead of H_b, transposed
+    for an output side (TRANSPOSE)."""
     if S1 > 0:
-        return _learned(tile.to(tl.float32), blocks[0], blocks[1], blocks[2], RIN, B, S1, S2, S3, TRANSPOSE)
+        return _learned(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE)
     y = _mix(tile, h_ptr, B) * scale
     if MIX:
         i = chunk * ROUT + tl.arange(0, ROUT)
@@ -235,16 +205,6 @@ def _side(tile, h_ptr, a_ptr, chunk, scale, scale_runs, blocks, B: tl.constexpr,
         hi = y.to(tl.float16)
         y = (tl.dot(a, hi) + tl.dot(a, (y - hi.to(tl.float32)).to(tl.float16))) * scale_runs
     return y
-
-
-@triton.jit
-def _blocks_of(a_ptr, n, B: tl.constexpr, RIN: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-               TRANSPOSE: tl.constexpr):
-    """This program's learned blocks (`_learned_blocks`, its RIN runs) where the side has them, else placeholders."""
-    blocks = (0.0, 0.0, 0.0)
-    if S1 > 0:
-        blocks = _learned_blocks(a_ptr, tl.program_id(1) * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE)
-    return blocks
 
 
 @triton.jit
@@ -261,7 +221,6 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_
                  B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr,
                  S2: tl.constexpr, S3: tl.constexpr):
     row = tl.program_id(0)
-    blocks = _blocks_of(a_ptr, n, B, RIN, S1, S2, S3, False)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / n + eps)
@@ -269,8 +228,8 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_
     x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
     normed = (x * inv).to(tl.float16)  # rounded before the weight, as Llama does
     h = tl.load(w_ptr + offs, mask=mask, other=0.0) * normed
-    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, scale, scale_runs, blocks, B,
-              RIN, ROUT, MIX, S1, S2, S3, False)
+    y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN,
+              ROUT, MIX, S1, S2, S3, False)
     tl.store(y_ptr + row * n + offs_out, y.to(tl.float16), mask=mask_out)
 
 
@@ -279,14 +238,13 @@ def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, 
             ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
             SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
-    blocks = _blocks_of(a_ptr, n, B, RIN, S1, S2, S3, not SIGNS_FIRST)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
         x = x * tl.load(s_ptr + offs, mask=mask, other=0.0)
-        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, blocks, B, RIN, ROUT, MIX, S1, S2, S3, False)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, False)
     else:  # an output side: U z = s ⊙ H z, rounded as its own launch would store it
-        y = _side(x, h_ptr, a_ptr, chunk, scale, scale_runs, blocks, B, RIN, ROUT, MIX, S1, S2, S3, True)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
         y = (y * tl.load(s_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     if RESIDUAL:
         y += tl.load(r_ptr + row * n + offs_out, mask=mask_out, other=0.0).to(tl.float32)
@@ -298,21 +256,18 @@ def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_p
                      scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr,
                      S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, DOWN: tl.constexpr):
     row = tl.program_id(0)
-    gate_blocks = _blocks_of(ag_ptr, n, B, RIN, S1, S2, S3, True)
-    up_blocks = _blocks_of(au_ptr, n, B, RIN, S1, S2, S3, True)
-    down_blocks = _blocks_of(ad_ptr, n, B, RIN, S1 * DOWN, S2, S3, False)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
-    g = _side(zg, h_ptr, ag_ptr, chunk, scale, scale_runs, gate_blocks, B, RIN, ROUT, MIX, S1, S2, S3, True)
-    u = _side(zu, h_ptr, au_ptr, chunk, scale, scale_runs, up_blocks, B, RIN, ROUT, MIX, S1, S2, S3, True)
+    g = _side(zg, h_ptr, ag_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
+    u = _side(zu, h_ptr, au_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
     g = (g * tl.load(sg_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     u = (u * tl.load(su_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
     a = (silu * u).to(tl.float16)
     if DOWN:  # down's input side too (the program holds the runs it needs: ROUT = RIN)
-        a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, scale,
-                  scale_runs, down_blocks, B, ROUT, ROUT, MIX, S1, S2, S3, False)
+        a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, n, scale,
+                  scale_runs, B, ROUT, ROUT, MIX, S1, S2, S3, False)
     tl.store(y_ptr + row * n + offs_out, a.to(tl.float16), mask=mask_out)
 
 
@@ -320,8 +275,8 @@ def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_p
 def _unit_learned(x, k_ptr, unit, n, U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
                   S3: tl.constexpr):
     """Output side's learned stages (transposed) on one unit x (U,) fp32 of a row of n: its U / B runs."""
-    k1, k2, k3 = _learned_blocks(k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True)
-    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k1, k2, k3, U // B, B, S1, S2, S3, True), [U])
+    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True),
+                      [U])
 
 
 @triton.jit
@@ -470,7 +425,7 @@ def _radices(side: BlockSide) -> dict:
 
 def _shape(side: BlockSide) -> dict:
     return {"B": side.block, "RIN": side.padded_runs, "ROUT": side.written_runs, "MIX": side.outer is not None,
-            **_radices(side), "num_warps": 8 if side.split or side.learned else 4}
+            **_radices(side), "num_warps": 8 if side.split else 4}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
