@@ -280,10 +280,10 @@ def test_fused_layers_in_a_cuda_graph_equal_eager():
     assert torch.equal(DecodeRunner(decoder, 2, 32, graph=True).generate(ids, 8), eager)
 
 
-NO_STAGES, STAGES_128 = {"S1": 0, "S2": 0, "S3": 0, "PREFETCH": True}, {"S1": 8, "S2": 8, "S3": 2, "PREFETCH": True}
+NO_STAGES, STAGES_128 = {"S1": 0, "S2": 0, "S3": 0}, {"S1": 8, "S2": 8, "S3": 2}
 KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time values it is built with
     "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 6 + ["*i64"] + ["*fp16"] * 3
-                            + ["i32"] * 4, [{"D": d, "U": 128, "B": b, "S1": s1, "S2": s2, "S3": s3, "PREFETCH": True}
+                            + ["i32"] * 4, [{"D": d, "U": 128, "B": b, "S1": s1, "S2": s2, "S3": s3}
                                             for d, b, s1, s2, s3 in ((32, 128, 0, 0, 0), (128, 128, 0, 0, 0),
                                                                      (32, 128, 8, 8, 2), (128, 128, 8, 8, 2))]),
     "_rope_cache_mixed": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 7 + ["*fp32"] * 2 + ["*i64"] + ["*fp16"] * 3
@@ -308,7 +308,7 @@ KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time val
                           {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "DOWN": False, "num_warps": 8}]),
     "_silu_mul_rotate#learned": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 4 + ["*fp32"] * 3 + ["*fp16", "i32"]
                                  + ["fp32"] * 2,
-                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "S3": 0, "DOWN": True},
+                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, "S1": 8, "S2": 8, "S3": 0, "DOWN": True},
                                   {"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "DOWN": False}]),
 }
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +34,6 @@ from ..hadamard.construct import sylvester
 RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
 LEARNED_RUNS = 4  # runs a program takes through learned stages (a [runs, b, radix] product tile each)
 MAX_STAGES = 3  # learned stages inside a run: radix 8, 8, 2 for runs of 128
-#: a program asks L2 for all of its learned blocks at its start (`prefetch.global.L2`), so that its stages, which run
-#: one after the other, do not wait on DRAM one after the other; not under the interpreter (no inline assembly)
-PREFETCH = os.environ.get("TRITON_INTERPRET") != "1"
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
 WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
 MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 runs of it (rows of A)
@@ -172,29 +168,6 @@ def _stage_runs(x, k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.conste
 
 
 @triton.jit
-def _prefetch_stage(k_ptr, offset, first_run, n, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr):
-    """Ask L2 for one stage's blocks of runs first_run … first_run + R − 1: R·B·RADIX floats from
-    offset + first_run·B·RADIX, in 128-byte lines (none past the stage's end)."""
-    LINES: tl.constexpr = R * B * RADIX // 32
-    start = offset + first_run * B * RADIX
-    at = tl.minimum(start + tl.arange(0, LINES) * 32, offset + n * RADIX - 1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [k_ptr + at], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_learned(k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                      S3: tl.constexpr, PREFETCH: tl.constexpr):
-    """`_prefetch_stage` for every learned stage of these runs (nothing without learned stages or PREFETCH)."""
-    if PREFETCH and S1 > 0:
-        _prefetch_stage(k_ptr, 0, first_run, n, R, B, S1)
-        if S2 > 0:
-            _prefetch_stage(k_ptr, n * S1, first_run, n, R, B, S2)
-        if S3 > 0:
-            _prefetch_stage(k_ptr, n * (S1 + S2), first_run, n, R, B, S3)
-
-
-@triton.jit
 def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
              S3: tl.constexpr, TRANSPOSE: tl.constexpr):
     """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
@@ -246,9 +219,8 @@ def _tiles(n, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.co
 @triton.jit
 def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_runs, NP: tl.constexpr,
                  B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr,
-                 S2: tl.constexpr, S3: tl.constexpr, PREFETCH: tl.constexpr):
+                 S2: tl.constexpr, S3: tl.constexpr):
     row = tl.program_id(0)
-    _prefetch_learned(a_ptr, tl.program_id(1) * RIN, n, RIN, B, S1, S2, S3, PREFETCH)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / n + eps)
@@ -264,9 +236,8 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_
 @triton.jit
 def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr,
             ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-            PREFETCH: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
+            SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
-    _prefetch_learned(a_ptr, tl.program_id(1) * RIN, n, RIN, B, S1, S2, S3, PREFETCH)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
@@ -283,11 +254,8 @@ def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, 
 @triton.jit
 def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_ptr, au_ptr, ad_ptr, y_ptr, n, scale,
                      scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr,
-                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, PREFETCH: tl.constexpr, DOWN: tl.constexpr):
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, DOWN: tl.constexpr):
     row = tl.program_id(0)
-    _prefetch_learned(ag_ptr, tl.program_id(1) * RIN, n, RIN, B, S1, S2, S3, PREFETCH)
-    _prefetch_learned(au_ptr, tl.program_id(1) * RIN, n, RIN, B, S1, S2, S3, PREFETCH)
-    _prefetch_learned(ad_ptr, tl.program_id(1) * RIN, n, RIN, B, S1 * DOWN, S2, S3, PREFETCH)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
@@ -324,8 +292,7 @@ def _halves(y, U: tl.constexpr, D: tl.constexpr):
 @triton.jit
 def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, m_ptr, kq_ptr, kk_ptr, kv_ptr,
                         cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L, D: tl.constexpr,
-                        U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr):
     bt = tl.program_id(0)  # b·T + t
     unit = tl.program_id(1)  # units of U columns: q's, then k's, then v's
     b, t = bt // T, bt % T
@@ -334,8 +301,6 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
     if unit < qu + ku:
         is_q = unit < qu
         j = tl.where(is_q, unit, unit - qu)
-        _prefetch_learned(tl.where(is_q, kq_ptr, kk_ptr), j * (U // B), tl.where(is_q, H, HKV) * D, U // B, B, S1, S2,
-                          S3, PREFETCH)
         x = tl.load(tl.where(is_q, q_ptr + bt * sq, k_ptr + bt * sk) + j * U + c).to(tl.float32)
         signs = tl.where(is_q, uq_ptr, uk_ptr) + j * U
         half = tl.arange(0, U // 2)
@@ -362,7 +327,6 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         tl.store(dst + D // 2, o2.to(tl.float16))
     else:
         jv = unit - qu - ku  # (names apart from the branch above: Triton types them per branch)
-        _prefetch_learned(kv_ptr, jv * (U // B), HKV * D, U // B, B, S1, S2, S3, PREFETCH)
         xv = tl.load(v_ptr + bt * sv + jv * U + c).to(tl.float32)
         if S1 > 0:
             yv = _unit_learned(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3) * tl.load(uv_ptr + jv * U + c)
@@ -461,7 +425,7 @@ def _radices(side: BlockSide) -> dict:
 
 def _shape(side: BlockSide) -> dict:
     return {"B": side.block, "RIN": side.padded_runs, "ROUT": side.written_runs, "MIX": side.outer is not None,
-            **_radices(side), "PREFETCH": PREFETCH, "num_warps": 8 if side.split else 4}
+            **_radices(side), "num_warps": 8 if side.split else 4}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
@@ -537,5 +501,5 @@ def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides), m,
                               *(m if s.stages is None else s.stages for s in sides), cos.contiguous(),
                               sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length, D=d, U=unit,
-                              B=block, **_radices(sides[0]), PREFETCH=PREFETCH)
+                              B=block, **_radices(sides[0]))
     return q_out
