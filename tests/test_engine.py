@@ -83,6 +83,27 @@ def test_bench_models_are_valid(fmt):
     assert nbytes["linears"] > 0 and (nbytes["linears"] == fp16) == (fmt == "fp16")
 
 
+def test_step_bytes_count_the_learned_runs_once_per_side():
+    """A fused HARP layer's kernels read each side's learned blocks (float32, n·Σ radices entries): every output side,
+    and the input sides of q/k/v (shared), o, gate/up (shared) and down."""
+    from harpq.engine.bench import learned_side_bytes
+    from harpq.processors.butterfly import greedy_schedule
+    from harpq.processors.sides import block_size
+
+    shape = DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=384, vocab=64)
+    blk = build(shape, "harp2-block", "cpu").blocks[0]
+    assert blk.fused_sides is not None
+
+    def floats(n):
+        return n * sum(greedy_schedule(block_size(n, 128)))
+
+    dims = shape.linear_shapes()
+    want = sum(floats(o) for o, _ in dims.values()) + sum(floats(dims[n][1]) for n in
+                                                          ("q_proj", "o_proj", "gate_proj", "down_proj"))
+    assert learned_side_bytes(blk) == 4 * want
+    assert learned_side_bytes(build(shape, "quipsharp2-block", "cpu").blocks[0]) == 0
+
+
 def test_bench_refuses_a_shape_its_format_cannot_store():
     with pytest.raises(HarpqError, match=r"model.layers.0.gate_proj is 344×128: qtip codes 16×16 tiles"):
         build(DecoderShape(dim=128, layers=1, heads=4, kv_heads=2, ffn=344, vocab=64), "qtip2", "cpu")

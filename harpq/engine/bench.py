@@ -123,6 +123,24 @@ def build(shape: DecoderShape, fmt: str, device: torch.device | str = "cuda", se
                    fp16(shape.vocab, shape.dim))
 
 
+#: the linears whose input side a fused layer applies (q/k/v and gate/up share the first member's)
+_INPUT_SIDES_READ = ("q_proj", "o_proj", "gate_proj", "down_proj")
+
+
+def learned_side_bytes(blk: Block) -> int:
+    """Bytes of the learned-run blocks (float32) a fused layer's kernels read for its sides, each side once."""
+    sides = getattr(blk, "fused_sides", None)
+    if sides is None:
+        return 0
+    total = 0
+    for name, mod in sides.mods.items():
+        out, inp = mod.kernel_sides(mod.codes_device())
+        for side in (out, inp if name in _INPUT_SIDES_READ else None):
+            if side is not None and side.learned:
+                total += side.stages.numel() * side.stages.element_size()
+    return total
+
+
 def step_bytes(decoder: Decoder) -> dict[str, int]:
     """Bytes one decode step reads: linears (codes, scales, processor tables), norms, KV cache."""
     linear = 0
@@ -136,6 +154,7 @@ def step_bytes(decoder: Decoder) -> dict[str, int]:
                     # the kernels read run-time copies (fp16 scales, float32 stage blocks), not the stored ones
                     linear += sum(t.numel() * t.element_size() for t in meta)
                     linear += sum(p.blocks.numel() * 4 + p.signs.numel() * 4 for p in plans or ())
+        linear += learned_side_bytes(blk)
     head = decoder.lm_head.weight.numel() * 2
     return {"linears": linear, "lm_head": head, "kv_cache": decoder.cache_bytes(),
             "total": linear + head + decoder.cache_bytes()}
