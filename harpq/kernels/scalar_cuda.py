@@ -53,6 +53,11 @@ def layout(fmt: ScalarGroups, n: int) -> tuple[int, int, int] | None:
     return None
 
 
+def steps_per_row(bits: int, nw: int, n: int) -> int:
+    """K-steps of a row of n codes: each covers 4 threads' runs (32 codes at 3 bits, else nw words' worth)."""
+    return n // (4 * (32 if bits == 3 else nw * 32 // bits))
+
+
 def whole_chunks(bits: int, n: int) -> bool:
     """Whether a row of n codes is whole chunks of the row-tiled layout (12 words at 3 bits, else 16)."""
     return (n * bits // 32) % (12 if bits == 3 else 16) == 0
@@ -92,8 +97,7 @@ def defines(bits: int, int_zero: bool, nw: int, step_scale: int, m: int, n: int,
             group_shift: int = 31, bulk: bool | None = False) -> tuple[tuple[str, int], ...]:
     """The kernel's compile-time configuration; `bulk`: the TMA ring (sm_90 on) where the layout allows it
     (True), where it also measured faster (None: `tuning.ring_pays`), or not (False)."""
-    run = 32 if bits == 3 else nw * 32 // bits
-    steps = n // (4 * run)
+    steps = steps_per_row(bits, nw, n)
     shape = launch_shape(m, steps, nw, batch, device_index, in_flight=4, xearly_many=0, one_wave=True, paired=glu,
                          norm=norm)
     config = {"BITS": bits, "INT_ZERO": int(int_zero), "NW": nw, "STEP_SCALE": step_scale, "TILED": int(tiled),
@@ -134,8 +138,8 @@ def scalar_gemv(x: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, bits: 
     kern = nvrtc.kernel(SOURCE, ENTRY, tuple(sorted(d.items())), x.device.index or 0)
     blocks = m // 32 if glu else -(-m // (16 * d["MT"]))
     shared = 0 if norm_weight is None else nvrtc.norm_shared(batch, n)
-    steps = n // (4 * (32 if bits == 3 else nw * 32 // bits))
-    grid, split = nvrtc.gemv_split(kern, blocks, d["WARPS"] * 32, steps, shared, allowed=not d.get("BULK", 0))
+    grid, split = nvrtc.gemv_split(kern, blocks, d["WARPS"] * 32, steps_per_row(bits, nw, n), shared,
+                                   allowed=not d.get("BULK", 0))
     nvrtc.launch(kern, grid, d["WARPS"] * 32, nvrtc.ptr(x), np.int32(batch), nvrtc.ptr(codes),
                  np.int32(codes.shape[1]), nvrtc.ptr(meta), np.int32(group_shift), np.int32(meta.shape[1]),
                  nvrtc.ptr(y),
