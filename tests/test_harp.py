@@ -71,7 +71,7 @@ def test_kron_schedule_at_zero_is_the_rht(n):
     assert (harp.apply_input(hb, x) - rht.apply_input(rb, x)).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("n", [128, 344, 512, 1376, 4096, 11008])
+@pytest.mark.parametrize("n", [128, 344, 512, 1376, 4096, 192])  # runs of 128, 8, 128, 32, 128, 64 (as 11008's)
 def test_block_schedule_at_zero_is_rht_block_and_stays_inside_its_runs(n):
     harp = make_processor({"name": "harp", "seed": 4, "input_seed": 9, "schedule": "block"})
     block = make_processor({"name": "rht-block", "seed": 4, "input_seed": 9})
