@@ -152,9 +152,12 @@ def test_every_kernel_configuration_compiles_for_sm_90():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_the_tma_ring_configurations_compile(arch):
-    """sm_90 builds the ring; sm_80 has no TMA and compiles the same configurations to the register loads."""
+    """sm_90 builds the ring, every configuration; sm_80 has no TMA and compiles them to the register loads, where
+    one per bit width and zero kind covers what differs."""
     configs = _bulk_configs()
     assert len(configs) > 20 and all(dict(d)["SLOTS"] >= 1 for d in configs)
+    if arch == "sm_80":
+        configs = sorted({(dict(d)["BITS"], dict(d)["INT_ZERO"]): d for d in configs}.values())
     _compiles([("scalar_gemv.cu", d) for d in configs], arch)
 
 
