@@ -127,10 +127,16 @@ def test_silu_mul_rotate_is_the_sides_around_silu_mul(n, block, how):
 @pytest.mark.parametrize("heads,hkv,d,block", [(4, 2, 32, 64), (2, 2, 64, 32), (2, 1, 128, 128),
                                                (2, 2, 128, None), (32, 4, 128, None)])  # full RHT: heads as runs
 def test_rope_rotated_is_sides_then_rope(heads, hkv, d, block):
+    check_rope([side(heads * d, block, 13, True), side(hkv * d, block, 14, True), side(hkv * d, block, 15, True)],
+               heads, hkv, d)
+
+
+def check_rope(sides, heads: int, hkv: int, d: int) -> None:
+    """`rope_into_cache_rotated` with q/k/v's output sides (processor side, buffers, kernels' view) against the
+    sides applied by the processor, then the rotary embedding and the cache write."""
     from harpq.kernels.block_sides import rope_into_cache_rotated, rope_sides_fuse
 
     b, t, length = 2, 3, 8
-    sides = [side(heads * d, block, 13, True), side(hkv * d, block, 14, True), side(hkv * d, block, 15, True)]
     assert rope_sides_fuse(tuple(s[2] for s in sides), d)
     qkv = rand(b, t, (heads + 2 * hkv) * d, seed=16).half()  # one stacked output: strided slices
     q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
@@ -186,24 +192,8 @@ def test_learned_runs_in_the_norm_and_silu_kernels():
 def test_rope_rotated_with_learned_runs(heads, hkv, d):
     """Units of max(block, head) entries: four heads per run of 128, a head per run, a head per run of 32 (96
     wide), two heads per run; q, k and v of one block (else the kernel does not take them)."""
-    from harpq.kernels.block_sides import rope_into_cache_rotated, rope_sides_fuse
-
-    b, t, length = 2, 3, 8
-    sides = [learned_side(heads * d, 13, True), learned_side(hkv * d, 14, True), learned_side(hkv * d, 15, True)]
-    assert rope_sides_fuse(tuple(s[2] for s in sides), d)
-    qkv = rand(b, t, (heads + 2 * hkv) * d, seed=16).half()
-    q, k, v = qkv.split([heads * d, hkv * d, hkv * d], dim=-1)
-    cos, sin = rand(t, d, seed=17), rand(t, d, seed=18)
-    pos = torch.tensor([1, 4, 6], device=DEV)
-    kc, vc = rand(b, hkv, length, d, seed=19).half(), rand(b, hkv, length, d, seed=20).half()
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    got = rope_into_cache_rotated(q, k, v, tuple(s[2] for s in sides), cos, sin, pos, kc, vc)
-    uq, uk, uv = (r.backward(bb, "s_", z.double()).half() for (r, bb, _), z in zip(sides, (q, k, v), strict=True))
-    close(got, _rope(uq.float().view(b, t, heads, d), cos, sin).transpose(1, 2))
-    kc_ref.index_copy_(2, pos, _rope(uk.float().view(b, t, hkv, d), cos, sin).transpose(1, 2).half())
-    vc_ref.index_copy_(2, pos, uv.view(b, t, hkv, d).transpose(1, 2))
-    close(kc, kc_ref)
-    close(vc, vc_ref)
+    check_rope([learned_side(heads * d, 13, True), learned_side(hkv * d, 14, True), learned_side(hkv * d, 15, True)],
+               heads, hkv, d)
 
 
 def test_rope_takes_full_sides_only_with_heads_as_runs():
