@@ -85,12 +85,12 @@ class BlockSide:
     def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None,
               stages: tuple[list[int], torch.Tensor] | None = None) -> BlockSide | None:
         """The kernels' view of a side, or None where they cannot take it (block under 16, A over 256 runs,
-        learned runs of more than three stages or of a first radix under 4)."""
+        learned runs of more than three stages)."""
         if block < MIN_BLOCK or signs.dtype != torch.float16:
             return None
         if stages is not None:
             radices, blocks = stages
-            if outer is not None or len(radices) > MAX_STAGES or radices[0] < 4 or math.prod(radices) != block:
+            if outer is not None or len(radices) > MAX_STAGES or math.prod(radices) != block:
                 return None
             return cls(signs, block, stages=blocks.to(device=signs.device, dtype=torch.float32).contiguous(),
                        radices=tuple(radices))
