@@ -42,7 +42,7 @@ def learned_side(n: int, seed: int, output: bool = False):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(ref.param_shape(t), generator=gen) * 0.3 for t in ref.learned]
     buffers = {k: v.to(DEV) for k, v in {**ref.init("s_", gen), **ref.store_params("s_", params)}.items()}
-    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output), ref.run_stages(buffers, "s_"))
+    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output), ref.run_stages(buffers, "s_", output))
     assert kernel is not None and kernel.learned
     return ref, buffers, kernel
 

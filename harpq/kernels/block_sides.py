@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,9 @@ import triton.language as tl
 from ..hadamard.construct import sylvester
 
 RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
-LEARNED_RUNS = 4  # runs a program takes through learned stages (a [runs, b, radix] product tile each)
+#: runs a program takes through learned stages (a [runs, b, radix] product tile each); `HARPQ_LEARNED_RUNS` for
+#: measurements
+LEARNED_RUNS = int(os.environ.get("HARPQ_LEARNED_RUNS", "1"))
 MAX_STAGES = 3  # learned stages inside a run: radix 8, 8, 2 for runs of 128
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
 WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
@@ -43,8 +46,8 @@ MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 ru
 class BlockSide:
     """One side as the kernels take it: its n signs (fp16 ±1), its block b, and A (fp16 ±1, zero-padded to
     a power of two ≥ 16 runs) or None; or, for learned runs, the stages inside each run in place of H_b:
-    their radices and blocks (float32, stage after stage, each (n / radix, radix, radix) as
-    `processors.butterfly.apply_stages` takes them)."""
+    their radices and blocks (float32, in the order of `kernel_stages`; an output side's blocks transposed,
+    `Side.run_stages`)."""
 
     signs: torch.Tensor
     block: int
@@ -92,7 +95,7 @@ class BlockSide:
             radices, blocks = stages
             if outer is not None or len(radices) > MAX_STAGES or math.prod(radices) != block:
                 return None
-            return cls(signs, block, stages=blocks.to(device=signs.device, dtype=torch.float32).contiguous(),
+            return cls(signs, block, stages=kernel_stages(blocks, radices, block).to(signs.device),
                        radices=tuple(radices))
         if outer is None:
             return cls(signs, block)
@@ -100,6 +103,19 @@ class BlockSide:
         if runs > MAX_RUNS:
             return None
         return cls(signs, block, _padded(outer, max(RUNS, triton.next_power_of_2(runs)), signs.device))
+
+
+def kernel_stages(blocks: torch.Tensor, radices: list[int], block: int) -> torch.Tensor:
+    """Stage blocks (stage after stage, each (n / radix, radix, radix), the block of run r, high digits h and
+    low digits l at (r·HI + h)·LO + l) reordered so that a run's blocks of a stage are one contiguous
+    (HI, radix, radix, LO) stretch: the layout `_stage_blocks` loads flat into its product's shape. float32."""
+    n = blocks.numel() // sum(radices)
+    parts, at, lo = [], 0, 1
+    for radix in radices:
+        stage = blocks[at:at + n * radix].reshape(n // block, block // (radix * lo), lo, radix, radix)
+        parts.append(stage.permute(0, 1, 3, 4, 2).reshape(-1))
+        at, lo = at + n * radix, lo * radix
+    return torch.cat(parts).to(torch.float32).contiguous()
 
 
 def _padded(outer: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -147,23 +163,22 @@ def _mix_outer(y, a_ptr, R: tl.constexpr):
 
 
 @triton.jit
-def _stage_runs(x, k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
-                LO: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """One learned stage (radix RADIX at stride LO) on runs first_run … first_run + R − 1, x (R, B) fp32: each
-    position's block (at k_ptr + offset, (n / RADIX, RADIX, RADIX)) times its digit, or the block's transpose."""
+def _stage_blocks(k_ptr, offset, first_run, n, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
+                  LO: tl.constexpr):
+    """One learned stage's blocks (radix RADIX at stride LO, at k_ptr + offset in the order of `kernel_stages`)
+    for runs first_run … first_run + R − 1, as (R, HI, out digit, in digit, LO): one flat load, contiguous,
+    so that it vectorizes, and requested before any product so that the stages' loads overlap."""
+    HI: tl.constexpr = B // (RADIX * LO)
+    i = tl.arange(0, R * B * RADIX)
+    k = tl.load(k_ptr + offset + first_run * (B * RADIX) + i, mask=first_run + i // (B * RADIX) < n // B, other=0.0)
+    return tl.reshape(k, [R, HI, RADIX, RADIX, LO])
+
+
+@triton.jit
+def _stage_apply(x, k, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr, LO: tl.constexpr):
+    """x (R, B) fp32 through one stage's blocks k (`_stage_blocks`): each position's block times its digit."""
     HI: tl.constexpr = B // (RADIX * LO)
     x5 = tl.reshape(x, [R, HI, 1, RADIX, LO])  # entry h·RADIX·LO + c·LO + l, the input digit c on axis 3
-    r = first_run + tl.arange(0, R)
-    h = tl.arange(0, HI)
-    d = tl.arange(0, RADIX)
-    lo = tl.arange(0, LO)
-    block = (r[:, None, None, None, None] * HI + h[None, :, None, None, None]) * LO + lo[None, None, None, None, :]
-    out_digit, in_digit = d[None, None, :, None, None], d[None, None, None, :, None]
-    if TRANSPOSE:
-        at = (block * RADIX + in_digit) * RADIX + out_digit
-    else:
-        at = (block * RADIX + out_digit) * RADIX + in_digit
-    k = tl.load(k_ptr + offset + at, mask=(r < runs)[:, None, None, None, None], other=0.0)
     return tl.reshape(tl.sum(k * x5, axis=3), [R, B])
 
 
@@ -171,20 +186,30 @@ def _stage_runs(x, k_ptr, offset, first_run, runs, R: tl.constexpr, B: tl.conste
 def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
              S3: tl.constexpr, TRANSPOSE: tl.constexpr):
     """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
-    B_3 B_2 B_1 x, or with TRANSPOSE B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's blocks start after the n·radix of those before."""
-    runs = n // B
-    if TRANSPOSE:
+    B_3 B_2 B_1 x, or with TRANSPOSE (blocks stored transposed, `kernel_stages`) B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's
+    blocks start after the n·radix of those before."""
+    if TRANSPOSE:  # every stage's blocks requested first, in the order of use, so that their loads overlap
         if S3 > 0:
-            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, True)
+            k3 = _stage_blocks(k_ptr, n * (S1 + S2), first_run, n, R, B, S3, S1 * S2)
         if S2 > 0:
-            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, True)
-        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, True)
+            k2 = _stage_blocks(k_ptr, n * S1, first_run, n, R, B, S2, S1)
+        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1)
+        if S3 > 0:
+            x = _stage_apply(x, k3, R, B, S3, S1 * S2)
+        if S2 > 0:
+            x = _stage_apply(x, k2, R, B, S2, S1)
+        x = _stage_apply(x, k1, R, B, S1, 1)
     else:
-        x = _stage_runs(x, k_ptr, 0, first_run, runs, R, B, S1, 1, False)
+        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1)
         if S2 > 0:
-            x = _stage_runs(x, k_ptr, n * S1, first_run, runs, R, B, S2, S1, False)
+            k2 = _stage_blocks(k_ptr, n * S1, first_run, n, R, B, S2, S1)
         if S3 > 0:
-            x = _stage_runs(x, k_ptr, n * (S1 + S2), first_run, runs, R, B, S3, S1 * S2, False)
+            k3 = _stage_blocks(k_ptr, n * (S1 + S2), first_run, n, R, B, S3, S1 * S2)
+        x = _stage_apply(x, k1, R, B, S1, 1)
+        if S2 > 0:
+            x = _stage_apply(x, k2, R, B, S2, S1)
+        if S3 > 0:
+            x = _stage_apply(x, k3, R, B, S3, S1 * S2)
     return x
 
 

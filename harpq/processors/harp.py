@@ -144,10 +144,12 @@ class ButterflySide(Side):
         """Runs of `block` entries, each through its own stages (`run_stages`); None for the full-width schedules."""
         return (self.block, None) if self.block else None
 
-    def run_stages(self, b: Buffers, prefix: str) -> tuple[list[int], torch.Tensor] | None:
+    def run_stages(self, b: Buffers, prefix: str, transpose: bool = False) -> tuple[list[int], torch.Tensor] | None:
         if not self.block:
             return None
         _, kernels, schedule = self.stages(b, prefix)
+        if transpose:
+            kernels = [k.transpose(-1, -2) for k in kernels]
         return list(schedule), torch.cat([k.float().reshape(-1) for k in kernels])
 
 

@@ -53,10 +53,11 @@ class Side(ABC):
         side is not of that form."""
         return None
 
-    def run_stages(self, b: Buffers, prefix: str) -> tuple[list[int], torch.Tensor] | None:
+    def run_stages(self, b: Buffers, prefix: str, transpose: bool = False) -> tuple[list[int], torch.Tensor] | None:
         """For a side whose `kernel_form` is runs of b entries with learned stages in place of H_b: the radices
-        of those stages and their blocks (float32, stage after stage, each (n / radix, radix, radix)); None
-        where the runs hold H_b."""
+        of those stages and their blocks (float32, stage after stage, each (n / radix, radix, radix); each
+        block transposed with `transpose`, the stages then applied in reverse order); None where the runs hold
+        H_b."""
         return None
 
     def stages(self, b: Buffers, prefix: str) -> tuple[torch.Tensor, list[torch.Tensor], list[int]] | None:
