@@ -42,7 +42,8 @@ def learned_side(n: int, seed: int, output: bool = False):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(ref.param_shape(t), generator=gen) * 0.3 for t in ref.learned]
     buffers = {k: v.to(DEV) for k, v in {**ref.init("s_", gen), **ref.store_params("s_", params)}.items()}
-    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output), ref.run_stages(buffers, "s_", output))
+    stages = ref.run_stages(buffers, "s_", output)
+    kernel = BlockSide.build(buffers["s_signs"], *ref.kernel_form(transpose=output), stages)
     assert kernel is not None and kernel.learned
     return ref, buffers, kernel
 
@@ -270,36 +271,36 @@ def test_fused_layers_in_a_cuda_graph_equal_eager():
     assert torch.equal(DecodeRunner(decoder, 2, 32, graph=True).generate(ids, 8), eager)
 
 
-NO_STAGES, STAGES_128 = {"S1": 0, "S2": 0, "S3": 0}, {"S1": 8, "S2": 8, "S3": 2}
+NO_STAGES = {"S1": 0, "S2": 0, "S3": 0, "SHARED": False}
+STAGED = [{"S1": 8, "S2": 8, "S3": 2, "SHARED": shared} for shared in (True, False)]  # H_128's factors, learned
 KERNEL_SIGNATURES = {  # argument types of each kernel, and the compile-time values it is built with
-    "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 6 + ["*i64"] + ["*fp16"] * 3
-                            + ["i32"] * 4, [{"D": d, "U": 128, "B": b, "S1": s1, "S2": s2, "S3": s3}
-                                            for d, b, s1, s2, s3 in ((32, 128, 0, 0, 0), (128, 128, 0, 0, 0),
-                                                                     (32, 128, 8, 8, 2), (128, 128, 8, 8, 2))]),
+    "_rope_cache_rotated": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 3 + ["*fp32"] * 5 + ["*i64"] + ["*fp16"] * 3
+                            + ["i32"] * 4, [{"D": d, "U": 128, "B": 128, **st} for d in (32, 128) for st in STAGED]),
     "_rope_cache_mixed": (["*fp16"] * 3 + ["i32"] * 3 + ["*fp16"] * 7 + ["*fp32"] * 2 + ["*i64"] + ["*fp16"] * 3
                           + ["i32"] * 4 + ["fp32"] * 3,
                           [{"D": 128, "RQ": 32, "RKV": 32}, {"D": 128, "RQ": 64, "RKV": 16}]),
     "_norm_rotate": (["*fp16"] * 6 + ["i32"] + ["fp32"] * 3,
-                     [{"NP": 4096, "B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES} for r in (16, 32)]
+                     [{"NP": 4096, "B": 128, "RIN": 32, "ROUT": 32, "MIX": True, **NO_STAGES}]
                      + [{"NP": 16384, "B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "num_warps": 8}]),
-    "_norm_rotate#learned": (["*fp16"] * 4 + ["*fp32", "*fp16", "i32"] + ["fp32"] * 3,
-                             [{"NP": 4096, "B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128}]),
+    "_norm_rotate#staged": (["*fp16"] * 4 + ["*fp32", "*fp16", "i32"] + ["fp32"] * 3,
+                            [{"NP": 4096, "B": 128, "RIN": 1, "ROUT": 1, "MIX": False, **st} for st in STAGED]),
     "_rotate": (["*fp16", "i32"] + ["*fp16"] * 5 + ["i32"] + ["fp32"] * 2,
-                [{"B": 128, "RIN": r, "ROUT": r, "MIX": r == 32, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f}
-                 for f in (True, False) for r in (16, 32)]
+                [{"B": 128, "RIN": 32, "ROUT": 32, "MIX": True, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f}
+                 for f in (True, False)]
                 + [{"B": b, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "SIGNS_FIRST": f, "RESIDUAL": not f,
                     "num_warps": 8} for f in (True, False) for b in (64, 128)]),
-    "_rotate#learned": (["*fp16", "i32"] + ["*fp16"] * 2 + ["*fp32"] + ["*fp16"] * 2 + ["i32"] + ["fp32"] * 2,
-                        [{"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "SIGNS_FIRST": f,
-                          "RESIDUAL": not f} for f in (True, False)]),
+    "_rotate#staged": (["*fp16", "i32"] + ["*fp16"] * 2 + ["*fp32"] + ["*fp16"] * 2 + ["i32"] + ["fp32"] * 2,
+                       [{"B": 128, "RIN": 1, "ROUT": 1, "MIX": False, **st, "SIGNS_FIRST": f, "RESIDUAL": not f}
+                        for f in (True, False) for st in STAGED]),
     "_silu_mul_rotate": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 8 + ["i32"] + ["fp32"] * 2,
-                         [{"B": 128, "RIN": 16, "ROUT": 16, "MIX": False, **NO_STAGES, "DOWN": True},
-                          {"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, **NO_STAGES, "DOWN": True},
+                         [{"B": 64, "RIN": 64, "ROUT": 64, "MIX": True, **NO_STAGES, "DOWN": True},
                           {"B": 64, "RIN": 256, "ROUT": 16, "MIX": True, **NO_STAGES, "DOWN": False, "num_warps": 8}]),
-    "_silu_mul_rotate#learned": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 4 + ["*fp32"] * 3 + ["*fp16", "i32"]
-                                 + ["fp32"] * 2,
-                                 [{"B": 64, "RIN": 4, "ROUT": 4, "MIX": False, "S1": 8, "S2": 8, "S3": 0, "DOWN": True},
-                                  {"B": 128, "RIN": 4, "ROUT": 4, "MIX": False, **STAGES_128, "DOWN": False}]),
+    "_silu_mul_rotate#staged": (["*fp16"] * 2 + ["i32"] * 2 + ["*fp16"] * 4 + ["*fp32"] * 3 + ["*fp16", "i32"]
+                                + ["fp32"] * 2,
+                                [{"B": 64, "RIN": 1, "ROUT": 1, "MIX": False, "S1": 8, "S2": 8, "S3": 0,
+                                  "SHARED": False, "DOWN": True}]
+                                + [{"B": 128, "RIN": 1, "ROUT": 1, "MIX": False, **st, "DOWN": d}
+                                   for st in STAGED for d in (True, False)]),
 }
 
 

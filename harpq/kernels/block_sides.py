@@ -33,9 +33,9 @@ import triton.language as tl
 from ..hadamard.construct import sylvester
 
 RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
-#: runs a program takes through learned stages (a [runs, b, radix] product tile each); `HARPQ_LEARNED_RUNS` for
-#: measurements
-LEARNED_RUNS = int(os.environ.get("HARPQ_LEARNED_RUNS", "1"))
+#: runs a program takes through the stages (a [runs, b, radix] product tile each): one puts the most programs on
+#: the GPU's SMs; `HARPQ_STAGE_RUNS` for measurements
+STAGE_RUNS = int(os.environ.get("HARPQ_STAGE_RUNS", "1"))
 MAX_STAGES = 3  # learned stages inside a run: radix 8, 8, 2 for runs of 128
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
 WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
@@ -45,15 +45,16 @@ MAX_RUNS = 256  # up to this many a program reads the whole row and writes 16 ru
 @dataclass(frozen=True)
 class BlockSide:
     """One side as the kernels take it: its n signs (fp16 ±1), its block b, and A (fp16 ±1, zero-padded to
-    a power of two ≥ 16 runs) or None; or, for learned runs, the stages inside each run in place of H_b:
-    their radices and blocks (float32, in the order of `kernel_stages`; an output side's blocks transposed,
-    `Side.run_stages`)."""
+    a power of two ≥ 16 runs) or None. Without A the runs go through stages: their radices and blocks
+    (float32), either learned (each run its own, in the order of `kernel_stages`; an output side's blocks
+    transposed, `Side.run_stages`) or `shared`, H_b's Sylvester factors, one (radix, radix) block a stage."""
 
     signs: torch.Tensor
     block: int
     outer: torch.Tensor | None = None
     stages: torch.Tensor | None = None
     radices: tuple[int, ...] = ()
+    shared: bool = False
 
     @property
     def n(self) -> int:
@@ -65,14 +66,12 @@ class BlockSide:
 
     @property
     def learned(self) -> bool:
-        return self.stages is not None
+        return self.stages is not None and not self.shared
 
     @property
     def padded_runs(self) -> int:
-        """Runs a program reads: 16 without A (4 through learned stages), all of the row (padded) with it."""
-        if self.learned:
-            return LEARNED_RUNS
-        return RUNS if self.outer is None else self.outer.shape[0]
+        """Runs a program reads: `STAGE_RUNS` through stages, all of the row (padded) with A."""
+        return STAGE_RUNS if self.outer is None else self.outer.shape[0]
 
     @property
     def split(self) -> bool:
@@ -88,7 +87,7 @@ class BlockSide:
     def build(cls, signs: torch.Tensor, block: int, outer: torch.Tensor | None,
               stages: tuple[list[int], torch.Tensor] | None = None) -> BlockSide | None:
         """The kernels' view of a side, or None where they cannot take it (block under 16, A over 256 runs,
-        learned runs of more than three stages)."""
+        runs of more than three stages)."""
         if block < MIN_BLOCK or signs.dtype != torch.float16:
             return None
         if stages is not None:
@@ -98,7 +97,10 @@ class BlockSide:
             return cls(signs, block, stages=kernel_stages(blocks, radices, block).to(signs.device),
                        radices=tuple(radices))
         if outer is None:
-            return cls(signs, block)
+            radices = _factors(block)
+            if len(radices) > MAX_STAGES:
+                return None
+            return cls(signs, block, stages=_sylvester_factors(radices, signs.device), radices=radices, shared=True)
         runs = outer.shape[0]
         if runs > MAX_RUNS:
             return None
@@ -118,6 +120,23 @@ def kernel_stages(blocks: torch.Tensor, radices: list[int], block: int) -> torch
     return torch.cat(parts).to(torch.float32).contiguous()
 
 
+def _factors(block: int) -> tuple[int, ...]:
+    """Radices of H_b's stages: 8 while it divides, then the rest (128 = 8·8·2)."""
+    radices = []
+    while block > 8:
+        radices.append(8)
+        block //= 8
+    return tuple(radices + [block])
+
+
+@functools.cache
+def _sylvester_factors(radices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """H_r / √r for each radix, flat (float32): H_b / √b = their Kronecker product, the same at every digit
+    (Sylvester's H_{2^k} is H_2's k-fold Kronecker power, so any grouping of its digits factors it)."""
+    return torch.cat([torch.from_numpy(sylvester(r)).double().reshape(-1) / math.sqrt(r) for r in radices]) \
+        .to(device=device, dtype=torch.float32)
+
+
 def _padded(outer: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
     a = torch.zeros(size, size, dtype=torch.float16)
     a[:outer.shape[0], :outer.shape[1]] = outer
@@ -128,14 +147,6 @@ def _padded(outer: torch.Tensor, size: int, device: torch.device) -> torch.Tenso
 def hadamard_tile(block: int, device: torch.device) -> torch.Tensor:
     """The unnormalised Sylvester H_b (±1) in fp16, the `tl.dot` operand of every kernel here."""
     return torch.from_numpy(sylvester(block)).to(device=device, dtype=torch.float16)
-
-
-@functools.cache
-def _unit_matrix(block: int, head_dim: int, device: torch.device) -> torch.Tensor:
-    """(I ⊗ H_b)/√b over a unit of max(b, head_dim) entries, float32 (the RoPE kernel's mat-vec)."""
-    unit = max(block, head_dim)
-    h = torch.from_numpy(sylvester(block)).double() / math.sqrt(block)
-    return torch.block_diag(*[h] * (unit // block)).to(device=device, dtype=torch.float32)
 
 
 @triton.jit
@@ -164,11 +175,16 @@ def _mix_outer(y, a_ptr, R: tl.constexpr):
 
 @triton.jit
 def _stage_blocks(k_ptr, offset, first_run, n, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr,
-                  LO: tl.constexpr):
-    """One learned stage's blocks (radix RADIX at stride LO, at k_ptr + offset in the order of `kernel_stages`)
-    for runs first_run … first_run + R − 1, as (R, HI, out digit, in digit, LO): one flat load, contiguous,
-    so that it vectorizes, and requested before any product so that the stages' loads overlap."""
+                  LO: tl.constexpr, SHARED: tl.constexpr):
+    """One stage's blocks (radix RADIX at stride LO, at k_ptr + offset) for runs first_run … first_run + R − 1,
+    as (R, HI, out digit, in digit, LO): learned ones in the order of `kernel_stages`, one flat contiguous load
+    (it vectorizes, and it is requested before any product so that the stages' loads overlap); with SHARED the
+    stage's one block, broadcast."""
     HI: tl.constexpr = B // (RADIX * LO)
+    if SHARED:
+        d = tl.arange(0, RADIX * RADIX)
+        k = tl.reshape(tl.load(k_ptr + offset + d), [1, 1, RADIX, RADIX, 1])
+        return tl.broadcast_to(k, [R, HI, RADIX, RADIX, LO])
     i = tl.arange(0, R * B * RADIX)
     k = tl.load(k_ptr + offset + first_run * (B * RADIX) + i, mask=first_run + i // (B * RADIX) < n // B, other=0.0)
     return tl.reshape(k, [R, HI, RADIX, RADIX, LO])
@@ -184,27 +200,29 @@ def _stage_apply(x, k, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr, LO
 
 @triton.jit
 def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-             S3: tl.constexpr, TRANSPOSE: tl.constexpr):
+             S3: tl.constexpr, TRANSPOSE: tl.constexpr, SHARED: tl.constexpr):
     """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
     B_3 B_2 B_1 x, or with TRANSPOSE (blocks stored transposed, `kernel_stages`) B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's
-    blocks start after the n·radix of those before."""
+    blocks start after the n·radix of those before (SHARED: after the radix² of those before)."""
+    at2 = S1 * S1 if SHARED else n * S1
+    at3 = at2 + (S2 * S2 if SHARED else n * S2)
     if TRANSPOSE:  # every stage's blocks requested first, in the order of use, so that their loads overlap
         if S3 > 0:
-            k3 = _stage_blocks(k_ptr, n * (S1 + S2), first_run, n, R, B, S3, S1 * S2)
+            k3 = _stage_blocks(k_ptr, at3, first_run, n, R, B, S3, S1 * S2, SHARED)
         if S2 > 0:
-            k2 = _stage_blocks(k_ptr, n * S1, first_run, n, R, B, S2, S1)
-        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1)
+            k2 = _stage_blocks(k_ptr, at2, first_run, n, R, B, S2, S1, SHARED)
+        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1, SHARED)
         if S3 > 0:
             x = _stage_apply(x, k3, R, B, S3, S1 * S2)
         if S2 > 0:
             x = _stage_apply(x, k2, R, B, S2, S1)
         x = _stage_apply(x, k1, R, B, S1, 1)
     else:
-        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1)
+        k1 = _stage_blocks(k_ptr, 0, first_run, n, R, B, S1, 1, SHARED)
         if S2 > 0:
-            k2 = _stage_blocks(k_ptr, n * S1, first_run, n, R, B, S2, S1)
+            k2 = _stage_blocks(k_ptr, at2, first_run, n, R, B, S2, S1, SHARED)
         if S3 > 0:
-            k3 = _stage_blocks(k_ptr, n * (S1 + S2), first_run, n, R, B, S3, S1 * S2)
+            k3 = _stage_blocks(k_ptr, at3, first_run, n, R, B, S3, S1 * S2, SHARED)
         x = _stage_apply(x, k1, R, B, S1, 1)
         if S2 > 0:
             x = _stage_apply(x, k2, R, B, S2, S1)
@@ -215,15 +233,15 @@ def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.co
 
 @triton.jit
 def _side(tile, h_ptr, a_ptr, chunk, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr,
-          MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """(A ⊗ H_b) on a tile (RIN, B) fp16 of runs, normalised, fp32: without A the tile's runs; with A its
-    runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all of them where ROUT = RIN), the tile being the whole row.
-    With learned stages (S1 > 0, their blocks at a_ptr) the tile's runs through them instead of H_b, transposed
-    for an output side (TRANSPOSE)."""
+          MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, SHARED: tl.constexpr,
+          TRANSPOSE: tl.constexpr):
+    """A side on a tile (RIN, B) fp16 of runs, normalised, fp32. Without A (S1 > 0) the tile's runs through
+    their stages (blocks at a_ptr; transposed, in reverse, for an output side: TRANSPOSE); with A (MIX), (A ⊗ H_b)
+    on the whole row (the tile), giving its runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all where ROUT = RIN)."""
     if S1 > 0:
-        return _learned(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE)
-    y = _mix(tile, h_ptr, B) * scale
-    if MIX:
+        y = _learned(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE, SHARED)
+    else:
+        y = _mix(tile, h_ptr, B) * scale
         i = chunk * ROUT + tl.arange(0, ROUT)
         j = tl.arange(0, RIN)
         a = tl.load(a_ptr + i[:, None] * RIN + j[None, :])
@@ -244,7 +262,7 @@ def _tiles(n, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.co
 @triton.jit
 def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_runs, NP: tl.constexpr,
                  B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr,
-                 S2: tl.constexpr, S3: tl.constexpr):
+                 S2: tl.constexpr, S3: tl.constexpr, SHARED: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, NP)
     whole = tl.load(x_ptr + row * n + cols, mask=cols < n, other=0.0).to(tl.float32)
@@ -254,22 +272,22 @@ def _norm_rotate(x_ptr, w_ptr, s_ptr, h_ptr, a_ptr, y_ptr, n, eps, scale, scale_
     normed = (x * inv).to(tl.float16)  # rounded before the weight, as Llama does
     h = tl.load(w_ptr + offs, mask=mask, other=0.0) * normed
     y = _side(h * tl.load(s_ptr + offs, mask=mask, other=0.0), h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN,
-              ROUT, MIX, S1, S2, S3, False)
+              ROUT, MIX, S1, S2, S3, SHARED, False)
     tl.store(y_ptr + row * n + offs_out, y.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
 def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, B: tl.constexpr, RIN: tl.constexpr,
             ROUT: tl.constexpr, MIX: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-            SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
+            SHARED: tl.constexpr, SIGNS_FIRST: tl.constexpr, RESIDUAL: tl.constexpr):
     row = tl.program_id(0)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     x = tl.load(x_ptr + row * sx + offs, mask=mask, other=0.0)
     if SIGNS_FIRST:  # an input side: Vᵀ x = H (s ⊙ x)
         x = x * tl.load(s_ptr + offs, mask=mask, other=0.0)
-        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, False)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, SHARED, False)
     else:  # an output side: U z = s ⊙ H z, rounded as its own launch would store it
-        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
+        y = _side(x, h_ptr, a_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, SHARED, True)
         y = (y * tl.load(s_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     if RESIDUAL:
         y += tl.load(r_ptr + row * n + offs_out, mask=mask_out, other=0.0).to(tl.float32)
@@ -279,28 +297,29 @@ def _rotate(x_ptr, sx, s_ptr, h_ptr, a_ptr, r_ptr, y_ptr, n, scale, scale_runs, 
 @triton.jit
 def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_ptr, au_ptr, ad_ptr, y_ptr, n, scale,
                      scale_runs, B: tl.constexpr, RIN: tl.constexpr, ROUT: tl.constexpr, MIX: tl.constexpr,
-                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, DOWN: tl.constexpr):
+                     S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, SHARED: tl.constexpr, DOWN: tl.constexpr):
     row = tl.program_id(0)
     chunk, offs, mask, offs_out, mask_out = _tiles(n, B, RIN, ROUT, MIX)
     zg = tl.load(g_ptr + row * sgr + offs, mask=mask, other=0.0)
     zu = tl.load(u_ptr + row * sur + offs, mask=mask, other=0.0)
-    g = _side(zg, h_ptr, ag_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
-    u = _side(zu, h_ptr, au_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, True)
+    g = _side(zg, h_ptr, ag_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, SHARED, True)
+    u = _side(zu, h_ptr, au_ptr, chunk, n, scale, scale_runs, B, RIN, ROUT, MIX, S1, S2, S3, SHARED, True)
     g = (g * tl.load(sg_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     u = (u * tl.load(su_ptr + offs_out, mask=mask_out, other=0.0)).to(tl.float16).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(tl.float16).to(tl.float32)
     a = (silu * u).to(tl.float16)
     if DOWN:  # down's input side too (the program holds the runs it needs: ROUT = RIN)
         a = _side(a * tl.load(sd_ptr + offs_out, mask=mask_out, other=0.0), h_ptr, ad_ptr, chunk, n, scale,
-                  scale_runs, B, ROUT, ROUT, MIX, S1, S2, S3, False)
+                  scale_runs, B, ROUT, ROUT, MIX, S1, S2, S3, SHARED, False)
     tl.store(y_ptr + row * n + offs_out, a.to(tl.float16), mask=mask_out)
 
 
 @triton.jit
 def _unit_learned(x, k_ptr, unit, n, U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                  S3: tl.constexpr):
+                  S3: tl.constexpr, SHARED: tl.constexpr):
     """Output side's learned stages (transposed) on one unit x (U,) fp32 of a row of n: its U / B runs."""
-    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True),
+    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True,
+                               SHARED),
                       [U])
 
 
@@ -315,9 +334,10 @@ def _halves(y, U: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, m_ptr, kq_ptr, kk_ptr, kv_ptr,
+def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr, kq_ptr, kk_ptr, kv_ptr,
                         cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, H, HKV, L, D: tl.constexpr,
-                        U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr):
+                        U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                        SHARED: tl.constexpr):
     bt = tl.program_id(0)  # b·T + t
     unit = tl.program_id(1)  # units of U columns: q's, then k's, then v's
     b, t = bt // T, bt % T
@@ -329,16 +349,9 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         x = tl.load(tl.where(is_q, q_ptr + bt * sq, k_ptr + bt * sk) + j * U + c).to(tl.float32)
         signs = tl.where(is_q, uq_ptr, uk_ptr) + j * U
         half = tl.arange(0, U // 2)
-        first = (half // (D // 2)) * D + half % (D // 2)  # the unit's entries in the first half of a head
-        if S1 > 0:  # learned runs: the unit through its stages, then its heads' halves
-            y = _unit_learned(x, tl.where(is_q, kq_ptr, kk_ptr), j, tl.where(is_q, H, HKV) * D, U, B, S1, S2, S3)
-            y = (y * tl.load(signs + c)).to(tl.float16).to(tl.float32)
-            y1, y2 = _halves(y, U, D)
-        else:
-            m1 = tl.load(m_ptr + first[:, None] * U + c[None, :])
-            m2 = tl.load(m_ptr + (first + D // 2)[:, None] * U + c[None, :])
-            y1 = (tl.sum(m1 * x[None, :], axis=1) * tl.load(signs + first)).to(tl.float16).to(tl.float32)
-            y2 = (tl.sum(m2 * x[None, :], axis=1) * tl.load(signs + first + D // 2)).to(tl.float16).to(tl.float32)
+        # the unit through its runs' stages, then its heads' halves
+        y = _unit_learned(x, tl.where(is_q, kq_ptr, kk_ptr), j, tl.where(is_q, H, HKV) * D, U, B, S1, S2, S3, SHARED)
+        y1, y2 = _halves((y * tl.load(signs + c)).to(tl.float16).to(tl.float32), U, D)
         i = half % (D // 2)
         c1, c2 = tl.load(cos_ptr + t * D + i), tl.load(cos_ptr + t * D + D // 2 + i)
         s1, s2 = tl.load(sin_ptr + t * D + i), tl.load(sin_ptr + t * D + D // 2 + i)
@@ -353,11 +366,7 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
     else:
         jv = unit - qu - ku  # (names apart from the branch above: Triton types them per branch)
         xv = tl.load(v_ptr + bt * sv + jv * U + c).to(tl.float32)
-        if S1 > 0:
-            yv = _unit_learned(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3) * tl.load(uv_ptr + jv * U + c)
-        else:
-            m = tl.load(m_ptr + c[:, None] * U + c[None, :])
-            yv = tl.sum(m * xv[None, :], axis=1) * tl.load(uv_ptr + jv * U + c)
+        yv = _unit_learned(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3, SHARED) * tl.load(uv_ptr + jv * U + c)
         hv = jv * (U // D) + c // D
         tl.store(vc_ptr + ((b * HKV + hv) * L + tl.load(pos_ptr + t)) * D + c % D, yv.to(tl.float16))
 
@@ -421,7 +430,7 @@ def rope_sides_fuse(sides: tuple[BlockSide | None, ...], head_dim: int) -> bool:
     if any(s is None for s in sides):
         return False
     if all(s.outer is None for s in sides):
-        return len({(s.block, s.radices) for s in sides}) == 1
+        return len({(s.block, s.radices, s.shared) for s in sides}) == 1
     return all(s.outer is not None and s.block == head_dim and not s.split for s in sides) \
         and sides[1].padded_runs == sides[2].padded_runs
 
@@ -431,8 +440,8 @@ def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
 
 
 def _second(side: BlockSide | None, h: torch.Tensor) -> torch.Tensor:
-    """The kernels' second operand of a side: its learned stages, its A, or (never read) H_b."""
-    if side is not None and side.learned:
+    """The kernels' second operand of a side: its stages, its A, or (never read) H_b."""
+    if side is not None and side.stages is not None:
         return side.stages
     return h if side is None or side.outer is None else side.outer
 
@@ -445,7 +454,7 @@ def _args(side: BlockSide, device: torch.device) -> tuple:
 
 def _radices(side: BlockSide) -> dict:
     r = (*side.radices, 0, 0, 0)
-    return {"S1": r[0], "S2": r[1], "S3": r[2]}
+    return {"S1": r[0], "S2": r[1], "S3": r[2], "SHARED": side.shared}
 
 
 def _shape(side: BlockSide) -> dict:
@@ -490,7 +499,7 @@ def silu_mul_rotate(gate: torch.Tensor, up: torch.Tensor, gate_out: BlockSide, u
 
 
 def _form(side: BlockSide) -> tuple:
-    return side.block, side.outer is None, side.radices, side.padded_runs, side.written_runs, side.n
+    return side.block, side.outer is None, side.radices, side.shared, side.padded_runs, side.written_runs, side.n
 
 
 def mlp_sides_fuse(gate_out: BlockSide | None, up_out: BlockSide | None, down_in: BlockSide | None) -> str | None:
@@ -522,9 +531,8 @@ def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     unit = max(block, d)
     q_out = torch.empty(b, heads, t, d, dtype=torch.float16, device=q.device)
     grid = (b * t, (heads + 2 * hkv) * d // unit)
-    m = _unit_matrix(block, d, q.device)
-    _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides), m,
-                              *(m if s.stages is None else s.stages for s in sides), cos.contiguous(),
+    _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides),
+                              *(s.stages for s in sides), cos.contiguous(),
                               sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length, D=d, U=unit,
                               B=block, **_radices(sides[0]))
     return q_out
