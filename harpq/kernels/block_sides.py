@@ -47,7 +47,7 @@ class BlockSide:
     """One side as the kernels take it: its n signs (fp16 ±1), its block b, and A (fp16 ±1, zero-padded to
     a power of two ≥ 16 runs) or None. Without A the runs go through stages: their radices and blocks
     (float32), either learned (each run its own, in the order of `kernel_stages`; an output side's blocks
-    transposed, `Side.run_stages`) or `shared`, H_b's Sylvester factors, one (radix, radix) block a stage."""
+    transposed, `Side.run_stages`) or `shared`: H_b's Sylvester factors, one run's blocks that every run reads."""
 
     signs: torch.Tensor
     block: int
@@ -100,7 +100,8 @@ class BlockSide:
             radices = _factors(block)
             if len(radices) > MAX_STAGES:
                 return None
-            return cls(signs, block, stages=_sylvester_factors(radices, signs.device), radices=radices, shared=True)
+            stages = _sylvester_factors(block, radices, signs.device)
+            return cls(signs, block, stages=stages, radices=radices, shared=True)
         runs = outer.shape[0]
         if runs > MAX_RUNS:
             return None
@@ -130,11 +131,15 @@ def _factors(block: int) -> tuple[int, ...]:
 
 
 @functools.cache
-def _sylvester_factors(radices: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """H_r / √r for each radix, flat (float32): H_b / √b = their Kronecker product, the same at every digit
-    (Sylvester's H_{2^k} is H_2's k-fold Kronecker power, so any grouping of its digits factors it)."""
-    return torch.cat([torch.from_numpy(sylvester(r)).double().reshape(-1) / math.sqrt(r) for r in radices]) \
-        .to(device=device, dtype=torch.float32)
+def _sylvester_factors(block: int, radices: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One run's stage blocks of H_b / √b in the order of `kernel_stages`: H_r / √r at every position of each
+    stage (Sylvester's H_{2^k} is H_2's k-fold Kronecker power, so any grouping of its digits factors it). Every
+    run reads these same blocks, from L1 or L2."""
+    stages = []
+    for radix in radices:
+        h = torch.from_numpy(sylvester(radix)).double() / math.sqrt(radix)
+        stages.append(h.reshape(1, radix, radix).expand(block // radix, radix, radix).reshape(-1))
+    return kernel_stages(torch.cat(stages), list(radices), block).to(device)
 
 
 def _padded(outer: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
@@ -178,15 +183,15 @@ def _stage_blocks(k_ptr, offset, first_run, n, R: tl.constexpr, B: tl.constexpr,
                   LO: tl.constexpr, SHARED: tl.constexpr):
     """One stage's blocks (radix RADIX at stride LO, at k_ptr + offset) for runs first_run … first_run + R − 1,
     as (R, HI, out digit, in digit, LO): learned ones in the order of `kernel_stages`, one flat contiguous load
-    (it vectorizes, and it is requested before any product so that the stages' loads overlap); with SHARED the
-    stage's one block, broadcast."""
+    (it vectorizes, and it is requested before any product so that the stages' loads overlap); with SHARED
+    every run's are the one run's at k_ptr."""
     HI: tl.constexpr = B // (RADIX * LO)
-    if SHARED:
-        d = tl.arange(0, RADIX * RADIX)
-        k = tl.reshape(tl.load(k_ptr + offset + d), [1, 1, RADIX, RADIX, 1])
-        return tl.broadcast_to(k, [R, HI, RADIX, RADIX, LO])
     i = tl.arange(0, R * B * RADIX)
-    k = tl.load(k_ptr + offset + first_run * (B * RADIX) + i, mask=first_run + i // (B * RADIX) < n // B, other=0.0)
+    if SHARED:
+        k = tl.load(k_ptr + offset + i % (B * RADIX))
+    else:
+        k = tl.load(k_ptr + offset + first_run * (B * RADIX) + i, mask=first_run + i // (B * RADIX) < n // B,
+                    other=0.0)
     return tl.reshape(k, [R, HI, RADIX, RADIX, LO])
 
 
@@ -203,9 +208,9 @@ def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.co
              S3: tl.constexpr, TRANSPOSE: tl.constexpr, SHARED: tl.constexpr):
     """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
     B_3 B_2 B_1 x, or with TRANSPOSE (blocks stored transposed, `kernel_stages`) B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's
-    blocks start after the n·radix of those before (SHARED: after the radix² of those before)."""
-    at2 = S1 * S1 if SHARED else n * S1
-    at3 = at2 + (S2 * S2 if SHARED else n * S2)
+    blocks start after the n·radix of those before (SHARED: one run's, B·radix)."""
+    at2 = B * S1 if SHARED else n * S1
+    at3 = at2 + (B * S2 if SHARED else n * S2)
     if TRANSPOSE:  # every stage's blocks requested first, in the order of use, so that their loads overlap
         if S3 > 0:
             k3 = _stage_blocks(k_ptr, at3, first_run, n, R, B, S3, S1 * S2, SHARED)
