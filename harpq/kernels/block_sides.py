@@ -10,12 +10,15 @@ per token; but the kernels that produce a linear's input or consume its output h
 - gate/up's output sides and down's input side: in the SiLU·up kernel (`silu_mul_rotate`);
 - o's input side, and o's and down's output sides with the residual add: one launch each (`rotate`).
 
-A tile of runs times H_b is one `tl.dot` ([runs, b] · [b, b], fp16 in, fp32 out: the ±1 entries make every
-product exact), then 1/√b in fp32. HARP's `block` schedule puts learned stages in place of H_b (each run its own
-blocks, `ButterflySide`): a tile of 4 runs goes through them in fp32 registers, stage by stage (transposed and
-in reverse order for an output side), each stage one broadcast product over its digit.
-Without A a program takes 16 runs; with A it takes a whole row and A multiplies the fp32 result as two fp16
-dots (high and low halves: ~22 bits), then 1/√(runs). Rounding follows the unfused path: an output side's result
+Without A (`rht-block`, and HARP's `block` schedule, whose learned stages take H_b's place in each run,
+`ButterflySide`) a program takes one run (`STAGE_RUNS`) through its stages in fp32 registers, each stage one
+broadcast product over its digit (transposed and in reverse order for an output side): H_b as its Sylvester
+factors (radix 8, 8, 2 for b = 128; one run's blocks that every program reads from cache), or the run's own
+learned blocks. Every stage's blocks are requested before the first product, as flat contiguous loads, so that
+the stages wait on memory once, not once each; and one run per program spreads a row over many SMs.
+With A a program takes a whole row: each run times H_b is one `tl.dot` ([runs, b] · [b, b], fp16 in, fp32 out:
+the ±1 entries make every product exact), then 1/√b in fp32; A multiplies the fp32 result as two fp16 dots
+(high and low halves: ~22 bits), then 1/√(runs). Rounding follows the unfused path: an output side's result
 is rounded to fp16 before its consumer, as the separate launch would store it. Activations are fp16.
 """
 
