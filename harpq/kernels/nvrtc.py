@@ -232,7 +232,7 @@ def gemv_split(kern: Any, blocks: int, block: int, steps: int, shared: int = 0, 
     """The grid of a decode GEMV of `blocks` row blocks and its tail-split arguments (split blocks, parts, slots,
     counters): the split `tuning.tail_split` picks where `allowed` (not with the TMA ring) and switched on: by
     `default` (the format measured faster with it) unless HARPQ_TAIL_SPLIT=0 or tuning.OVERRIDE["TAIL_SPLIT"]
-    says otherwise."""
+    says otherwise; tuning.OVERRIDE["SPLIT_K"] = q splits every row block into q parts (up to 256 blocks)."""
     from . import tuning
 
     device = torch.cuda.current_device()
@@ -242,6 +242,8 @@ def gemv_split(kern: Any, blocks: int, block: int, steps: int, shared: int = 0, 
     if buffers is not None:
         split, q = tuning.tail_split(blocks, tuning._sm_count(device), _resident(kern, block, shared), steps,
                                      block // 32, most=SPLIT_MAX_PARTS)
+        if "SPLIT_K" in tuning.OVERRIDE:  # every row block in parts (a measurement's setting)
+            split, q = blocks, tuning.OVERRIDE["SPLIT_K"]
         if split > SPLIT_MAX_BLOCKS or q > SPLIT_MAX_PARTS:
             split, q = 0, 1
     work, counters = buffers if buffers is not None else (None, None)
