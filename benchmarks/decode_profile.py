@@ -26,6 +26,7 @@ FAMILIES = [  # (family, substrings of the kernel name), first match wins
     ("transforms: Hadamard, one launch", ("harpq_hadamard",)),
     ("transforms: stages", ("_stage",)),
     ("attention", ("flash", "fmha", "attention", "softmax", "sdpa")),
+    ("sides in the step's kernels (norm / RoPE / SiLU·up / residual)", ("_rotate", "_rope_cache_mixed")),
     ("norm / rope / silu", ("_rms_norm", "_rope", "_silu")),
     ("cuBLAS (fp16 linears, lm_head)", ("gemv", "gemm", "sm90", "cutlass", "xmma", "splitK", "cublas")),
 ]
