@@ -79,7 +79,8 @@ def test_kernel_form_is_the_side(n, k, transpose):
     assert (y - want).abs().max() < 1e-12
 
 
-SIDES = [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1),  # blocks
+SIDES = [(512, 128, 3), (384, 128, 1), (96, 32, 2), (4096, 128, 1),  # blocks (H_b as radix 8, 8, 2 / 8, 4 factors)
+         (48, 16, 1), (768, 256, 2),  # H_16 = H_8 ⊗ H_2, H_256 = H_8 ⊗ H_8 ⊗ H_4
          (4096, None, 2), (768, None, 1), (256, None, 3),  # the full RHT: H_32 ⊗ H_128, H_12 ⊗ H_64, H_2 ⊗ H_128
          (11008, None, 2)]  # H_172 ⊗ H_64: 172 runs, a program writes 16 of them
 
