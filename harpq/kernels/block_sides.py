@@ -39,6 +39,7 @@ RUNS = 16  # runs of b entries a program writes without A, or with a split A: th
 #: runs a program takes through the stages (a [runs, b, radix] product tile each): one puts the most programs on
 #: the GPU's SMs; `HARPQ_STAGE_RUNS` for measurements
 STAGE_RUNS = int(os.environ.get("HARPQ_STAGE_RUNS", "1"))
+STAGE_WARPS = int(os.environ.get("HARPQ_STAGE_WARPS", "4"))  # warps of a program that takes runs through stages
 MAX_STAGES = 3  # learned stages inside a run: radix 8, 8, 2 for runs of 128
 MIN_BLOCK = 16  # the smallest K and N of tl.dot
 WHOLE_RUNS = 64  # up to this many runs a program applies all of A (writes the whole row)
@@ -467,7 +468,7 @@ def _radices(side: BlockSide) -> dict:
 
 def _shape(side: BlockSide) -> dict:
     return {"B": side.block, "RIN": side.padded_runs, "ROUT": side.written_runs, "MIX": side.outer is not None,
-            **_radices(side), "num_warps": 8 if side.split else 4}
+            **_radices(side), "num_warps": 8 if side.split else (4 if side.outer is not None else STAGE_WARPS)}
 
 
 def norm_rotate(x: torch.Tensor, weight: torch.Tensor, eps: float, side: BlockSide) -> torch.Tensor:
@@ -542,5 +543,5 @@ def rope_into_cache_rotated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     _rope_cache_rotated[grid](q, k, v, q.stride(1), k.stride(1), v.stride(1), *(s.signs for s in sides),
                               *(s.stages for s in sides), cos.contiguous(),
                               sin.contiguous(), pos, q_out, k_cache, v_cache, t, heads, hkv, length, D=d, U=unit,
-                              B=block, **_radices(sides[0]))
+                              B=block, **_radices(sides[0]), num_warps=STAGE_WARPS)
     return q_out
