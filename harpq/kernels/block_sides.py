@@ -208,9 +208,9 @@ def _stage_apply(x, k, R: tl.constexpr, B: tl.constexpr, RADIX: tl.constexpr, LO
 
 
 @triton.jit
-def _learned(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-             S3: tl.constexpr, TRANSPOSE: tl.constexpr, SHARED: tl.constexpr):
-    """The learned stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
+def _run_stages(x, k_ptr, first_run, n, R: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                S3: tl.constexpr, TRANSPOSE: tl.constexpr, SHARED: tl.constexpr):
+    """The stages of runs first_run … first_run + R − 1 (radices S1, S2, S3; 0: none) on x (R, B) fp32:
     B_3 B_2 B_1 x, or with TRANSPOSE (blocks stored transposed, `kernel_stages`) B_1ᵀ B_2ᵀ B_3ᵀ x. Stage t's
     blocks start after the n·radix of those before (SHARED: one run's, B·radix)."""
     at2 = B * S1 if SHARED else n * S1
@@ -248,7 +248,7 @@ def _side(tile, h_ptr, a_ptr, chunk, n, scale, scale_runs, B: tl.constexpr, RIN:
     their stages (blocks at a_ptr; transposed, in reverse, for an output side: TRANSPOSE); with A (MIX), (A ⊗ H_b)
     on the whole row (the tile), giving its runs chunk·ROUT … chunk·ROUT + ROUT − 1 (all where ROUT = RIN)."""
     if S1 > 0:
-        y = _learned(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE, SHARED)
+        y = _run_stages(tile.to(tl.float32), a_ptr, chunk * RIN, n, RIN, B, S1, S2, S3, TRANSPOSE, SHARED)
     else:
         y = _mix(tile, h_ptr, B) * scale
         i = chunk * ROUT + tl.arange(0, ROUT)
@@ -324,12 +324,11 @@ def _silu_mul_rotate(g_ptr, u_ptr, sgr, sur, sg_ptr, su_ptr, sd_ptr, h_ptr, ag_p
 
 
 @triton.jit
-def _unit_learned(x, k_ptr, unit, n, U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                  S3: tl.constexpr, SHARED: tl.constexpr):
-    """Output side's learned stages (transposed) on one unit x (U,) fp32 of a row of n: its U / B runs."""
-    return tl.reshape(_learned(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True,
-                               SHARED),
-                      [U])
+def _unit_stages(x, k_ptr, unit, n, U: tl.constexpr, B: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                 S3: tl.constexpr, SHARED: tl.constexpr):
+    """An output side's stages (transposed) on one unit x (U,) fp32 of a row of n: its U / B runs."""
+    y = _run_stages(tl.reshape(x, [U // B, B]), k_ptr, unit * (U // B), n, U // B, B, S1, S2, S3, True, SHARED)
+    return tl.reshape(y, [U])
 
 
 @triton.jit
@@ -359,7 +358,7 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
         signs = tl.where(is_q, uq_ptr, uk_ptr) + j * U
         half = tl.arange(0, U // 2)
         # the unit through its runs' stages, then its heads' halves
-        y = _unit_learned(x, tl.where(is_q, kq_ptr, kk_ptr), j, tl.where(is_q, H, HKV) * D, U, B, S1, S2, S3, SHARED)
+        y = _unit_stages(x, tl.where(is_q, kq_ptr, kk_ptr), j, tl.where(is_q, H, HKV) * D, U, B, S1, S2, S3, SHARED)
         y1, y2 = _halves((y * tl.load(signs + c)).to(tl.float16).to(tl.float32), U, D)
         i = half % (D // 2)
         c1, c2 = tl.load(cos_ptr + t * D + i), tl.load(cos_ptr + t * D + D // 2 + i)
@@ -375,7 +374,7 @@ def _rope_cache_rotated(q_ptr, k_ptr, v_ptr, sq, sk, sv, uq_ptr, uk_ptr, uv_ptr,
     else:
         jv = unit - qu - ku  # (names apart from the branch above: Triton types them per branch)
         xv = tl.load(v_ptr + bt * sv + jv * U + c).to(tl.float32)
-        yv = _unit_learned(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3, SHARED) * tl.load(uv_ptr + jv * U + c)
+        yv = _unit_stages(xv, kv_ptr, jv, HKV * D, U, B, S1, S2, S3, SHARED) * tl.load(uv_ptr + jv * U + c)
         hv = jv * (U // D) + c // D
         tl.store(vc_ptr + ((b * HKV + hv) * L + tl.load(pos_ptr + t)) * D + c % D, yv.to(tl.float16))
 
