@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..hadamard.construct import sylvester
 
-RUNS = 16  # runs of b entries a program writes without A, or with a split A: the smallest M of tl.dot
+RUNS = 16  # runs of b entries a program writes with a split A: the smallest M of tl.dot
 #: runs a program takes through the stages (a [runs, b, radix] product tile each): one puts the most programs on
 #: the GPU's SMs; `HARPQ_STAGE_RUNS` for measurements
 STAGE_RUNS = int(os.environ.get("HARPQ_STAGE_RUNS", "1"))
