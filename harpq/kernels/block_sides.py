@@ -448,10 +448,11 @@ def _grid(rows: int, side: BlockSide) -> tuple[int, int]:
 
 
 def _second(side: BlockSide | None, h: torch.Tensor) -> torch.Tensor:
-    """The kernels' second operand of a side: its stages, its A, or (never read) H_b."""
-    if side is not None and side.stages is not None:
-        return side.stages
-    return h if side is None or side.outer is None else side.outer
+    """The kernels' second operand of a side: its stages, or its A (every side has one or the other); without a
+    side (never read) H_b."""
+    if side is None:
+        return h
+    return side.stages if side.stages is not None else side.outer
 
 
 def _args(side: BlockSide, device: torch.device) -> tuple:

@@ -75,8 +75,9 @@ class TwoSided(Processor):
         for which, n, prefix, transpose in (("out", out_features, "u_", True), ("in", in_features, "v_", False)):
             side = self.side(which, n)
             form = side.kernel_form(transpose)  # the output side is applied as U = Q_outᵀ
-            stages = side.run_stages(buffers, prefix, transpose)
-            forms.append(None if form is None else (prefix + "signs", *form, stages))
+            if form is not None:
+                form = (prefix + "signs", *form, side.run_stages(buffers, prefix, transpose))
+            forms.append(form)
         return tuple(forms)
 
     def stage_plans(self, buffers: Buffers, out_features: int, in_features: int):
